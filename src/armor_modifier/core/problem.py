@@ -1,0 +1,128 @@
+"""Input checks, NoWag normalisation, the calibration statistic and the wrapper block size.
+
+Glossary (ARMOR_SPEC.md section 1): ``W [m, n]`` weight (``m`` outputs, ``n`` inputs), ``h [n]``
+mean of ``x_j^2`` over calibration tokens, ``b`` wrapper block size, ``r [m]`` / ``c [n]`` the row
+and column norms of the normalisation, ``Wbar [m, n]`` the normalised weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "NormalizedWeight",
+    "check_weight",
+    "sanitize_h",
+    "normalize",
+    "choose_wrapper_block_size",
+    "wrapper_overhead",
+]
+
+NORM_EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class NormalizedWeight:
+    """``W = r[:, None] * Wbar * c[None, :]`` (all fp32).
+
+    :ivar Wbar: ``[m, n]``
+    :ivar r: ``[m]`` row norms (second)
+    :ivar c: ``[n]`` column norms (first)
+    """
+
+    Wbar: torch.Tensor
+    r: torch.Tensor
+    c: torch.Tensor
+
+
+def check_weight(weight: object, name: str = "weight") -> torch.Tensor:
+    """Validate a Linear weight and return an fp32 copy (the caller's tensor is never modified).
+
+    :param weight: ``[m, n]`` floating tensor, ``4 | m`` and ``4 | n``, all finite
+    :return: ``[m, n]`` float32, a new tensor
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(
+            f"{name} must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}; "
+            "reshape convolution or fused weights to 2-D first"
+        )
+    if not weight.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor, got dtype {weight.dtype}")
+    m, n = weight.shape
+    if m % 4 or n % 4:
+        raise ValueError(
+            f"{name} has shape {m}x{n}; ARMOR 2:4 needs both dimensions to be multiples of 4. "
+            "Leave this layer out with `ignore`."
+        )
+    w = weight.detach().to(torch.float32).clone()
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"{name} holds {bad} NaN/Inf entries; fix the model before pruning")
+    return w
+
+
+def sanitize_h(h: object, n: int) -> tuple[torch.Tensor, int]:
+    """Return an fp32 copy of ``h`` with non-finite or non-positive entries replaced.
+
+    Replaced entries get the mean of the valid ones (ARMOR_SPEC.md section 7); if none is valid,
+    every entry becomes 1 (plain, unweighted Frobenius loss).
+
+    :param h: ``[n]`` per-input-channel mean of ``x^2``
+    :param n: the weight's ``in_features``
+    :return: (``h [n]`` float32, number of entries replaced)
+    """
+    if not isinstance(h, torch.Tensor):
+        raise TypeError(f"h must be a torch.Tensor, got {type(h).__name__}")
+    if h.dim() != 1 or h.numel() != n:
+        raise ValueError(
+            f"h must have shape [{n}] (one value per input column of the weight), "
+            f"got {tuple(h.shape)}"
+        )
+    h = h.detach().to(torch.float32).clone()
+    valid = torch.isfinite(h) & (h > 0)
+    replaced = int((~valid).sum())
+    if replaced:
+        fill = h[valid].mean() if valid.any() else torch.tensor(1.0, device=h.device)
+        h = torch.where(valid, h, fill)
+    return h, replaced
+
+
+def normalize(W: torch.Tensor) -> NormalizedWeight:
+    """NoWag normalisation: columns first, then rows (ARMOR_SPEC.md section 2).
+
+    :param W: ``[m, n]`` float32
+    """
+    c = W.norm(dim=0) + NORM_EPS
+    W1 = W / c[None, :]
+    r = W1.norm(dim=1) + NORM_EPS
+    return NormalizedWeight(Wbar=W1 / r[:, None], r=r, c=c)
+
+
+def choose_wrapper_block_size(m: int, n: int, requested: int) -> int:
+    """The largest ``b <= requested`` with ``4 | b``, ``b | m`` and ``b | n``.
+
+    SmolLM2's 576-wide layers do not admit 128; this picks 96 (or 64 for 64, ...) instead of
+    failing. ``4`` always qualifies once ``4 | m`` and ``4 | n``.
+    """
+    if not isinstance(requested, int) or isinstance(requested, bool) or requested < 4:
+        raise ValueError(
+            f"wrapper_block_size must be a positive multiple of 4, got {requested!r}; try 128 or 64"
+        )
+    if requested % 4:
+        raise ValueError(
+            f"wrapper_block_size must be a multiple of 4 (2:4 groups must not straddle blocks), "
+            f"got {requested}; try {max(4, requested - requested % 4)}"
+        )
+    for b in range(min(requested, m, n) // 4 * 4, 3, -4):
+        if m % b == 0 and n % b == 0:
+            return b
+    raise ValueError(f"no wrapper block size divides {m}x{n}; both must be multiples of 4")
+
+
+def wrapper_overhead(m: int, n: int, b: int) -> float:
+    """Extra parameters of the two wrappers relative to the dense weight: ``(m + n) b / (m n)``."""
+    return (m + n) * b / (m * n)

@@ -1,0 +1,184 @@
+"""The paper's objective: NoWag's diagonal proxy loss and its block updates.
+
+    L(A, B, W', M) = sum_ij h_j (A S B - Wbar)_ij^2 / sum_ij h_j Wbar_ij^2,   S = W' * M
+
+(ARMOR_SPEC.md sections 3-5). Glossary: ``Wbar [m, n]`` normalised weight, ``h [n]``,
+``A [p, b, b]``, ``B [q, b, b]``, ``R = A S B - Wbar [m, n]`` the residual. Tile ``(I, K)`` of the
+loss depends only on ``A_I``, ``S_IK`` and ``B_K``; every update below is batched over blocks or
+tiles, and each one cannot raise the loss: block solves are accepted only where they lower it, the
+core step is an exact line search, the discrete step keeps the old group when it is better.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .blockdiag import left_blockdiag, right_blockdiag
+from .discrete import best_two_of_four
+from .iterate import Iterate, reconstruct
+from .linalg import damped_block_solve
+from .sparsity import top2_of_4_mask
+
+__all__ = ["DiagonalProxy"]
+
+
+class DiagonalProxy:
+    """NoWag's proxy for one normalised weight.
+
+    :param Wbar: ``[m, n]`` float32 normalised weight
+    :param h: ``[n]`` float32, positive
+    :param b: wrapper block size (``b | m``, ``b | n``, ``4 | b``)
+    """
+
+    def __init__(self, Wbar: torch.Tensor, h: torch.Tensor, b: int) -> None:
+        self.Wbar, self.h, self.b = Wbar, h, b
+        self.m, self.n = Wbar.shape
+        self.p, self.q = self.m // b, self.n // b
+        self.denom = float((h * Wbar.square()).sum())
+
+    # ----------------------------------------------------------------------------- evaluation
+    def initial_iterate(self) -> Iterate:
+        """NoWag-P: identity wrappers, ``W' = Wbar``, keep the top 2 of ``Wbar^2 h`` per group."""
+        b, dev = self.b, self.Wbar.device
+        eye = torch.eye(b, device=dev)
+        M = top2_of_4_mask(self.Wbar.square() * self.h)
+        return Iterate(eye.repeat(self.p, 1, 1), eye.repeat(self.q, 1, 1), self.Wbar.clone(), M)
+
+    def residual(self, it: Iterate) -> torch.Tensor:
+        """``A S B - Wbar``, ``[m, n]``."""
+        return reconstruct(it.A, it.S, it.B) - self.Wbar
+
+    def loss_of_residual(self, R: torch.Tensor) -> float:
+        if self.denom <= 0:
+            return 0.0
+        return float((self.h * R.square()).sum()) / self.denom
+
+    def loss(self, it: Iterate) -> float:
+        return self.loss_of_residual(self.residual(it))
+
+    def gradient_S(self, R: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """``A^T (R D) B^T`` (``dL/dS`` up to the factor ``2 / denom``), dense ``[m, n]``."""
+        return right_blockdiag(left_blockdiag(A.transpose(1, 2), R * self.h), B.transpose(1, 2))
+
+    # ----------------------------------------------------------------------- continuous steps
+    def update_A(self, it: Iterate) -> int:
+        """Exact ``A_I = Wbar_I D P_I^T (P_I D P_I^T)^-1``, ``P_I`` the rows of ``S B``.
+
+        :return: number of blocks kept at their old value (failed or non-improving solves are not
+            counted; only numerical failures are)
+        """
+        p, b, n = self.p, self.b, self.n
+        P = right_blockdiag(it.S, it.B).reshape(p, b, n)
+        Ph = P * self.h
+        G = torch.bmm(Ph, P.transpose(1, 2))  # [p, b, b]
+        C = torch.bmm(self.Wbar.reshape(p, b, n) * self.h, P.transpose(1, 2))  # [p, b, b]
+        X, ok = damped_block_solve(G, C.transpose(1, 2))
+        A_new = X.transpose(1, 2)
+
+        def block_loss(A: torch.Tensor) -> torch.Tensor:  # up to a constant, [p]
+            return (torch.bmm(A, G) * A).sum((1, 2)) - 2 * (A * C).sum((1, 2))
+
+        better = ok & (block_loss(A_new) < block_loss(it.A))
+        it.A = torch.where(better[:, None, None], A_new, it.A)
+        return int((~ok).sum())
+
+    def update_B(self, it: Iterate) -> int:
+        """Exact ``B_K = (Q_K^T Q_K)^-1 Q_K^T Wbar_K``, ``Q_K`` the ``K``-th column slab of ``A S``.
+
+        ``D`` drops out: it scales columns, and each column of ``B_K`` is its own least squares.
+        """
+        m, q, b = self.m, self.q, self.b
+        Q = left_blockdiag(it.A, it.S).reshape(m, q, b).transpose(0, 1)  # [q, m, b]
+        Wk = self.Wbar.reshape(m, q, b).transpose(0, 1)  # [q, m, b]
+        G = torch.bmm(Q.transpose(1, 2), Q)  # [q, b, b]
+        C = torch.bmm(Q.transpose(1, 2), Wk)  # [q, b, b]
+        B_new, ok = damped_block_solve(G, C)
+        hK = self.h.reshape(q, 1, b)
+
+        def block_loss(B: torch.Tensor) -> torch.Tensor:  # h-weighted, up to a constant, [q]
+            return ((torch.bmm(G, B) * B - 2 * C * B) * hK).sum((1, 2))
+
+        better = ok & (block_loss(B_new) < block_loss(it.B))
+        it.B = torch.where(better[:, None, None], B_new, it.B)
+        return int((~ok).sum())
+
+    def update_core(self, it: Iterate, steps: int) -> None:
+        """``steps`` conjugate-gradient steps on the masked core with exact line search."""
+        R = self.residual(it)
+        grad = self.gradient_S(R, it.A, it.B) * it.M
+        direction = -grad
+        grad_sq = float(grad.square().sum())
+        for _ in range(steps):
+            if grad_sq == 0.0:
+                return
+            AdB = reconstruct(it.A, direction, it.B)
+            curvature = float((self.h * AdB.square()).sum())
+            if not curvature > 0.0:
+                return
+            alpha = -float((self.h * R * AdB).sum()) / curvature
+            it.Wp = it.Wp + alpha * direction
+            R = R + alpha * AdB
+            grad = self.gradient_S(R, it.A, it.B) * it.M
+            new_sq = float(grad.square().sum())
+            direction = -grad + (new_sq / grad_sq) * direction
+            grad_sq = new_sq
+
+    # ----------------------------------------------------------------------------- discrete
+    def discrete_step(self, it: Iterate, generator: torch.Generator) -> tuple[int, torch.Tensor]:
+        """Resample one 4-group per tile and give it its best 2:4 support (section 5b).
+
+        :return: (fallback count, bool ``[m, n]`` of entries whose group changed)
+        """
+        p, q, b, m, n = self.p, self.q, self.b, self.m, self.n
+        T, gpt = p * q, b // 4  # tiles, groups per tile row
+        R = self.residual(it)
+        score = self.gradient_S(R, it.A, it.B).abs().reshape(p, b, q, gpt, 4).sum(-1)
+        score = score.permute(0, 2, 1, 3).reshape(T, b * gpt)
+        empty = ~(score.sum(-1) > 0) | ~torch.isfinite(score).all(-1)
+        score = torch.where(empty[:, None], torch.ones_like(score), score)
+        pick = torch.multinomial(score, 1, generator=generator).squeeze(-1)  # [T]
+
+        tile = torch.arange(T, device=pick.device)
+        I, K = tile // q, tile % q
+        rho, grp = pick // gpt, pick % gpt
+        rows = I * b + rho  # [T]
+        cols = (K * b + 4 * grp)[:, None] + torch.arange(4, device=pick.device)  # [T, 4]
+        old_values = it.S[rows[:, None], cols]
+        old_mask = it.M[rows[:, None], cols]
+
+        a = it.A[I, :, rho]  # [T, b]
+        Braw = it.B[K[:, None], (4 * grp)[:, None] + torch.arange(4, device=pick.device)]  # [T,4,b]
+        sqrt_h = self.h.sqrt().reshape(q, b)[K]  # [T, b]
+        R_tiles = R.reshape(p, b, q, b).permute(0, 2, 1, 3).reshape(T, b, b)
+        # Residual with the selected groups zeroed: remove a (s_old^T Braw) from each tile.
+        R_red = R_tiles - a[:, :, None] * torch.bmm(old_values[:, None, :], Braw)
+        Bt = Braw * sqrt_h[:, None, :]
+        Rw = R_red * sqrt_h[:, None, :]
+        g = torch.bmm(Bt, torch.bmm(Rw.transpose(1, 2), a[:, :, None])).squeeze(-1)  # [T, 4]
+        G4 = torch.bmm(Bt, Bt.transpose(1, 2))
+        upd = best_two_of_four(g, G4, a.square().sum(-1), old_values, old_mask)
+
+        it.Wp = it.Wp.clone()
+        it.M = it.M.clone()
+        it.Wp[rows[:, None], cols] = torch.where(upd.mask, upd.values, it.Wp[rows[:, None], cols])
+        it.M[rows[:, None], cols] = upd.mask
+        touched = torch.zeros(m, n, dtype=torch.bool, device=it.M.device)
+        changed_rows, changed_cols = rows[upd.changed], cols[upd.changed]
+        touched[changed_rows[:, None], changed_cols] = True
+        return upd.fallbacks, touched
+
+    # --------------------------------------------------------------------------------- adam
+    def gradients(self, it: Iterate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """``dL/dA [p,b,b]``, ``dL/dB [q,b,b]``, ``dL/dW' [m,n]`` (masked) and the loss."""
+        p, q, b, m, n = self.p, self.q, self.b, self.m, self.n
+        S = it.S
+        AS = left_blockdiag(it.A, S)
+        SB = right_blockdiag(S, it.B)
+        R = right_blockdiag(AS, it.B) - self.Wbar
+        scale = 2.0 / self.denom if self.denom > 0 else 0.0
+        Rh = R * self.h * scale
+        gA = torch.bmm(Rh.reshape(p, b, n), SB.reshape(p, b, n).transpose(1, 2))
+        ASk = AS.reshape(m, q, b).transpose(0, 1)
+        gB = torch.bmm(ASk.transpose(1, 2), Rh.reshape(m, q, b).transpose(0, 1))
+        gW = right_blockdiag(left_blockdiag(it.A.transpose(1, 2), Rh), it.B.transpose(1, 2))
+        return gA, gB, gW * it.M, self.loss_of_residual(R)

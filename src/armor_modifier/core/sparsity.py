@@ -1,0 +1,44 @@
+"""2:4 masks: in every row, every 4 consecutive input columns keep exactly 2 entries.
+
+Shapes: masks and scores are ``[m, n]`` with ``4 | n``; groups are ``reshape(m, n // 4, 4)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["SUPPORTS", "top2_of_4_mask", "is_2_of_4", "count_broken_groups"]
+
+#: The 6 two-element supports of a 4-group, in a fixed order, ``[6, 2]``.
+SUPPORTS = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
+
+
+def top2_of_4_mask(score: torch.Tensor) -> torch.Tensor:
+    """Keep, in every row and 4-column group, the 2 entries with the largest score.
+
+    :param score: ``[m, n]``, ``4 | n``
+    :return: bool ``[m, n]``, exactly 2 ``True`` per group (ties broken by ``topk``)
+    """
+    m, n = score.shape
+    groups = score.reshape(m, n // 4, 4)
+    keep = groups.topk(2, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+    return mask.reshape(m, n)
+
+
+def count_broken_groups(mask_or_weight: torch.Tensor) -> int:
+    """Number of 4-groups holding more than 2 non-zeros (a bool mask or a weight).
+
+    :param mask_or_weight: ``[m, n]``, ``4 | n``
+    """
+    m, n = mask_or_weight.shape
+    nonzero = (mask_or_weight != 0).reshape(m, n // 4, 4).sum(-1)
+    return int((nonzero > 2).sum())
+
+
+def is_2_of_4(mask: torch.Tensor) -> bool:
+    """Whether a bool mask holds exactly 2 ``True`` in every row's 4-groups."""
+    m, n = mask.shape
+    if n % 4:
+        return False
+    return bool((mask.reshape(m, n // 4, 4).sum(-1) == 2).all())
