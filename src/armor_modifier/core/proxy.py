@@ -40,7 +40,7 @@ class DiagonalProxy:
     def initial_iterate(self) -> Iterate:
         """NoWag-P: identity wrappers, ``W' = Wbar``, keep the top 2 of ``Wbar^2 h`` per group."""
         b, dev = self.b, self.Wbar.device
-        eye = torch.eye(b, device=dev)
+        eye = torch.eye(b, device=dev, dtype=self.Wbar.dtype)
         M = top2_of_4_mask(self.Wbar.square() * self.h)
         return Iterate(eye.repeat(self.p, 1, 1), eye.repeat(self.q, 1, 1), self.Wbar.clone(), M)
 

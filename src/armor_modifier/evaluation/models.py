@@ -66,6 +66,12 @@ def _is_checkpoint(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _write_default_cache(folder: Path) -> None:
     """Dequantize the GGUF model and save it, with its tokenizer, as a plain fp32 checkpoint.
 
@@ -89,6 +95,7 @@ def _write_default_cache(folder: Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
+        staging.chmod(0o777 & ~_umask())
         plain.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         try:
