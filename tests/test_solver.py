@@ -47,7 +47,8 @@ def test_nowag_p_mask_is_the_exhaustive_optimum_with_identity_wrappers():
     for row, grp in itertools.product(range(8), range(2)):
         cols = slice(4 * grp, 4 * grp + 4)
         err = obj.Wbar[row, cols] ** 2 * h[cols]  # pruning an entry costs its own term
-        best = min(itertools.combinations(range(4), 2), key=lambda P: err.sum() - err[list(P)].sum())
+        supports = itertools.combinations(range(4), 2)
+        best = min(supports, key=lambda P: err.sum() - err[list(P)].sum())
         assert it.M[row, cols].nonzero().flatten().tolist() == list(best)
     pruned = nowag_p(W, h)
     assert is_2_of_4(pruned != 0)
@@ -145,7 +146,8 @@ def test_discrete_step_gives_the_changed_group_its_exhaustive_best_support():
             ]
             design = torch.stack(cols_design, 1)
             sol = torch.linalg.lstsq(design, -R0.flatten()[:, None]).solution
-            best = min(best, float((R0.flatten()[:, None] + design @ sol).square().sum()) / obj.denom)
+            residual = R0.flatten()[:, None] + design @ sol
+            best = min(best, float(residual.square().sum()) / obj.denom)
             assert base >= best - 1e-12
         # observed relative gap ~1e-12 (float64)
         assert obj.loss(it) == pytest.approx(best, rel=1e-6)

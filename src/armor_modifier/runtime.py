@@ -88,7 +88,10 @@ def attach_wrappers(linear: nn.Linear, A: torch.Tensor, B: torch.Tensor) -> None
         dtype = torch.float32
     linear.register_buffer(ARMOR_A, A.detach().to(device=device, dtype=dtype).contiguous())
     linear.register_buffer(ARMOR_B, B.detach().to(device=device, dtype=dtype).contiguous())
-    handles = [linear.register_forward_pre_hook(_pre_hook), linear.register_forward_hook(_post_hook)]
+    handles = [
+        linear.register_forward_pre_hook(_pre_hook),
+        linear.register_forward_hook(_post_hook),
+    ]
     setattr(linear, _HOOKS, handles)
 
 

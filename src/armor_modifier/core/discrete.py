@@ -65,7 +65,8 @@ def best_two_of_four(
     safe_det = torch.where(det > 0, det, torch.ones_like(det))
     xi = -(gjj * vi - gij * vj) / safe_det
     xj = -(gii * vj - gij * vi) / safe_det
-    cost = (vi * xi + vj * xj) / aa.clamp_min(torch.finfo(g.dtype).tiny)[:, None]  # -g^T G^-1 g / aa
+    # cost_P = -g_P^T G_P^-1 g_P / aa
+    cost = (vi * xi + vj * xj) / aa.clamp_min(torch.finfo(g.dtype).tiny)[:, None]
     valid = (det > 0) & torch.isfinite(cost)
     cost = torch.where(valid, cost, torch.full_like(cost, float("inf")))
     best = cost.argmin(-1)  # [T]
