@@ -154,6 +154,29 @@ def test_discrete_step_gives_the_changed_group_its_exhaustive_best_support():
     assert changed_any, "no seed changed a group: the test checked nothing"
 
 
+def test_multi_group_discrete_step_is_monotone_and_keeps_2_of_4():
+    W, h, b, g = _problem(m=16, n=32, b=8, seed=4)
+    single = DiagonalProxy(normalize(W).Wbar, h, b, groups_per_tile=1)
+    multi = DiagonalProxy(normalize(W).Wbar, h, b, groups_per_tile=8)
+    it1 = _random_iterate(single, g)
+    it8 = it1.clone()
+    gen1, gen8 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    for _ in range(5):
+        before = multi.loss(it8)
+        _, touched = multi.discrete_step(it8, gen8)
+        single.discrete_step(it1, gen1)
+        assert is_2_of_4(it8.M) and multi.loss(it8) <= before * (1 + 1e-12)
+        assert touched.any()
+    # 8 exact sub-steps per tile beat 1: observed 0.27 vs 0.93 on this problem
+    assert multi.loss(it8) < single.loss(it1)
+
+
+def test_groups_per_tile_must_be_positive():
+    W, h, b, _ = _problem()
+    with pytest.raises(ValueError, match="groups_per_tile"):
+        DiagonalProxy(normalize(W).Wbar, h, b, groups_per_tile=0)
+
+
 @pytest.mark.parametrize("mode", ["exact", "adam"])
 def test_final_loss_never_exceeds_nowag_p_and_2_of_4_holds(mode):
     W, h, _, _ = _problem(m=32, n=64, dtype=torch.float32)
