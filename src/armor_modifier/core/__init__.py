@@ -4,13 +4,25 @@ Tensors in, a frozen :class:`ARMORFactors` out. See ``ARMOR_SPEC.md`` for the al
 """
 
 from .blockdiag import dense_blockdiag, identity_blocks, left_blockdiag, right_blockdiag
+from .output import OutputObjective, output_loss
 from .problem import choose_wrapper_block_size, wrapper_overhead
-from .solver import MODES, ARMORFactors, factorize, nowag_p, proxy_loss
+from .solver import INITS, MODES, OBJECTIVES, ARMORFactors, factorize, nowag_p, proxy_loss
+from .sparsegpt import (
+    HessianNotPositiveDefinite,
+    SparseGPTResult,
+    sparsegpt_2of4,
+    sparsegpt_prune,
+)
 from .sparsity import count_broken_groups, is_2_of_4, top2_of_4_mask
 
 __all__ = [
     "ARMORFactors",
+    "HessianNotPositiveDefinite",
+    "INITS",
     "MODES",
+    "OBJECTIVES",
+    "OutputObjective",
+    "SparseGPTResult",
     "choose_wrapper_block_size",
     "count_broken_groups",
     "dense_blockdiag",
@@ -19,8 +31,11 @@ __all__ = [
     "is_2_of_4",
     "left_blockdiag",
     "nowag_p",
+    "output_loss",
     "proxy_loss",
     "right_blockdiag",
+    "sparsegpt_2of4",
+    "sparsegpt_prune",
     "top2_of_4_mask",
     "wrapper_overhead",
 ]

@@ -1,0 +1,407 @@
+"""The output-aware objective (ARMOR_SPEC.md section 11) and its block updates.
+
+    L_H(A, B, S) = tr((A S B - W) H (A S B - W)^T) / tr(W H W^T),    H = X^T X / N
+
+With that ``H``, ``L_H = ||(W_hat - W) X^T||^2 / ||W X^T||^2``: the relative output error of the
+layer on the calibration inputs (SparseGPT's objective).
+
+Glossary: ``W [m, n]``, ``H [n, n]`` symmetric positive semi-definite, ``A [p, b, b]``,
+``B [q, b, b]``, ``S [m, n]`` 2:4 core, ``E = A S B - W`` the residual, ``EH = E H``. Rows of
+``E`` never interact (``tr(E H E^T) = sum_i e_i H e_i^T``), so ``A``'s blocks separate exactly;
+columns interact through the off-diagonal blocks of ``H``, so ``B``'s blocks and the groups of one
+row block do not.
+
+Units. The problem is solved in the columns' *H-diagonal units*: with ``d_j = sqrt(H_jj)``
+(``1`` for a dead column, ``H_jj = 0``), ``W~ = W diag(d)``, ``H~ = diag(d)^-1 H diag(d)^-1`` (unit
+diagonal) and ``E~ = E diag(d)``, ``tr(E H E^T) = tr(E~ H~ E~^T)`` exactly: the loss is the same
+number, not a proxy of it. An iterate ``A S~ B~`` of ``W~`` is ``W_hat = A S~ (B~ diag(d)^-1)``
+in original units (still block-diagonal, mask unchanged); the start is ``S~ = S diag(d)``,
+``B~ = I``. This is the Jacobi scaling of the core's quadratic (its curvature at ``A = B = I`` is
+``H~`` per row), which gradient and conjugate-gradient steps need when the channel energies
+``H_jj`` span orders of magnitude. Rows are *not* normalised, and ``W``'s NoWag norms are not used:
+the loss weights every output row equally, and a row scaling would turn it into a weighted sum
+that CG would then minimise less well (the closed-form ``A`` and the discrete step are
+scale-invariant). On return (:meth:`OutputObjective.to_original`) the core is NoWag-normalised
+and its scales are moved into the wrappers.
+
+Every update is exact or an exact line search on a quadratic, and is kept only where it does not
+raise the loss, so the loss is non-increasing. ``E`` and ``EH`` are cached between updates and
+kept current with rank-structured corrections; ``update_A`` recomputes them from scratch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .blockdiag import left_blockdiag, right_blockdiag
+from .discrete import best_two_of_four
+from .iterate import Iterate, reconstruct
+from .linalg import damped_block_solve
+from .problem import check_weight, normalize
+from .sparsegpt import check_hessian
+
+__all__ = ["OutputObjective", "output_loss"]
+
+
+def _dot(x: torch.Tensor, y: torch.Tensor) -> float:
+    """``<x, y>`` accumulated in float64."""
+    return float((x * y).sum(dtype=torch.float64))
+
+
+def output_loss(weight: torch.Tensor, H: torch.Tensor, approximation: torch.Tensor) -> float:
+    """Relative output error ``tr(E H E^T) / tr(W H W^T)``, ``E = approximation - weight``.
+
+    With ``H = X^T X / N`` this is ``||E X^T||^2 / ||W X^T||^2`` (computed in float64).
+
+    :param weight: ``[m, n]``
+    :param H: ``[n, n]``, finite (symmetrised)
+    :param approximation: ``[m, n]``
+    :return: ``0.0`` when ``tr(W H W^T) <= 0``
+    """
+    check_weight(weight)
+    check_hessian(H, weight.shape[1])
+    W = weight.detach().double()
+    Hs = H.detach().double()
+    Hs = (Hs + Hs.T) / 2
+    if approximation.shape != W.shape:
+        raise ValueError(
+            f"approximation has shape {tuple(approximation.shape)}, weight {tuple(W.shape)}"
+        )
+    E = approximation.detach().to(W) - W
+    denom = float((W @ Hs * W).sum())
+    return float((E @ Hs * E).sum()) / denom if denom > 0 else 0.0
+
+
+@dataclass
+class _Cache:
+    """``E`` and ``EH`` of the iterate whose tensors are ``key`` (compared by identity)."""
+
+    key: tuple[torch.Tensor, ...]
+    E: torch.Tensor
+    EH: torch.Tensor
+
+    def matches(self, it: Iterate) -> bool:
+        return all(a is b for a, b in zip(self.key, (it.A, it.B, it.Wp, it.M), strict=True))
+
+
+class OutputObjective:
+    """The relative output error of one weight, in H-diagonal units (see the module docstring).
+
+    Same interface as :class:`~armor_modifier.core.proxy.DiagonalProxy`, so ``factorize``'s block
+    coordinate descent drives either.
+
+    :param W: ``[m, n]`` weight in original units (float32 in the solver; float64 works too)
+    :param H: ``[n, n]`` symmetric positive semi-definite, same dtype
+    :param b: wrapper block size (``b | m``, ``b | n``, ``4 | b``)
+    :param b_steps: preconditioned conjugate-gradient steps per :meth:`update_B`
+    """
+
+    def __init__(self, W: torch.Tensor, H: torch.Tensor, b: int, *, b_steps: int = 1) -> None:
+        self.b, self.b_steps = b, b_steps
+        self.m, self.n = W.shape
+        self.p, self.q = self.m // b, self.n // b
+        diag = H.diagonal()
+        self.d = torch.where(diag > 0, diag.clamp_min(0).sqrt(), torch.ones_like(diag))
+        self.W = W * self.d
+        self.H = H / self.d[:, None] / self.d[None, :]
+        self.WH = self.W @ self.H
+        self.denom = _dot(self.W, self.WH)
+        q = self.q
+        self.H_blocks = (
+            self.H.reshape(q, b, q, b).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
+        )  # [q, b, b] H_KK
+        self._cache: _Cache | None = None
+
+    # ----------------------------------------------------------------------------- evaluation
+    def initial_iterate(self, core: torch.Tensor, mask: torch.Tensor) -> Iterate:
+        """Identity wrappers around a given 2:4 core (e.g. SparseGPT's or NoWag-P's).
+
+        :param core: ``[m, n]`` core values in original units
+        :param mask: bool ``[m, n]`` 2:4 mask
+        """
+        eye = torch.eye(self.b, dtype=self.W.dtype, device=self.W.device)
+        Wp = core.to(self.W) * mask * self.d
+        return Iterate(eye.repeat(self.p, 1, 1), eye.repeat(self.q, 1, 1), Wp, mask.clone())
+
+    def to_original(self, it: Iterate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(A [p,b,b], B [q,b,b], core [m,n])`` with ``A core B`` in original units.
+
+        ``A S~ B~ diag(d)^-1 = (A diag(r)) Sbar (diag(c) B~ diag(d)^-1)`` with the core NoWag-
+        normalised (``S~ = diag(r) Sbar diag(c)``, columns first): the returned core has rows and
+        columns of unit norm, as the proxy's does, whatever the channel energies.
+        """
+        p, q, b = self.p, self.q, self.b
+        nw = normalize(it.S)
+        A = it.A * nw.r.reshape(p, 1, b)
+        B = it.B * nw.c.reshape(q, b, 1) / self.d.reshape(q, 1, b)
+        return A, B, nw.Wbar * it.M
+
+    def residual(self, it: Iterate) -> torch.Tensor:
+        """``A S B - W`` in H-diagonal units, ``[m, n]``."""
+        return reconstruct(it.A, it.S, it.B) - self.W
+
+    def _state(self, it: Iterate) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(E, EH)`` of ``it`` (cached; the cache owns both tensors and updates them in place)."""
+        if self._cache is None or not self._cache.matches(it):
+            E = self.residual(it)
+            self._remember(it, E, E @ self.H)
+        return self._cache.E, self._cache.EH
+
+    def _remember(self, it: Iterate, E: torch.Tensor, EH: torch.Tensor) -> None:
+        self._cache = _Cache((it.A, it.B, it.Wp, it.M), E, EH)
+
+    def loss_of_residual(self, E: torch.Tensor, EH: torch.Tensor) -> float:
+        return _dot(E, EH) / self.denom if self.denom > 0 else 0.0
+
+    def loss(self, it: Iterate) -> float:
+        return self.loss_of_residual(*self._state(it))
+
+    def gradient_S(self, EH: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """``A^T (E H) B^T`` (``dL/dS`` up to the factor ``2 / denom``), dense ``[m, n]``."""
+        return right_blockdiag(left_blockdiag(A.transpose(1, 2), EH), B.transpose(1, 2))
+
+    # ----------------------------------------------------------------------- continuous steps
+    def update_A(self, it: Iterate) -> int:
+        """Exact ``A_I = (W_I H P_I^T)(P_I H P_I^T)^-1``, ``P_I`` the ``I``-th row slab of ``S B``.
+
+        Row slabs of ``E`` are independent, so this is the exact minimiser over every block at
+        once. Blocks whose solve fails or does not lower their loss keep their old value.
+
+        :return: number of singular block systems
+        """
+        p, b, n = self.p, self.b, self.n
+        P = right_blockdiag(it.S, it.B)
+        PH = P @ self.H
+        Pb = P.reshape(p, b, n)
+        G = torch.bmm(PH.reshape(p, b, n), Pb.transpose(1, 2))
+        G = (G + G.transpose(1, 2)) / 2  # [p, b, b]  P_I H P_I^T
+        C = torch.bmm(self.WH.reshape(p, b, n), Pb.transpose(1, 2))  # [p, b, b]  W_I H P_I^T
+        X, ok = damped_block_solve(G, C.transpose(1, 2))
+        A_new = X.transpose(1, 2)
+
+        def block_loss(A: torch.Tensor) -> torch.Tensor:  # tr(E_I H E_I^T) - const, [p]
+            return (torch.bmm(A, G) * A).sum((1, 2)) - 2 * (A * C).sum((1, 2))
+
+        better = ok & (block_loss(A_new) < block_loss(it.A))
+        it.A = torch.where(better[:, None, None], A_new, it.A)
+        E = left_blockdiag(it.A, P) - self.W
+        self._remember(it, E, left_blockdiag(it.A, PH) - self.WH)
+        return int((~ok).sum())
+
+    def update_B(self, it: Iterate) -> int:
+        """Block-Jacobi preconditioned conjugate gradient on ``B`` with exact steps.
+
+        With ``Q = A S`` and ``Q_K`` its ``K``-th column slab, the gradient block is
+        ``Q_K^T (E H)_K`` and the preconditioner ``Delta_K = (Q_K^T Q_K)^-1 Q_K^T (E H)_K H_KK^-1``
+        (the exact block solve if ``H`` were block-diagonal). Along a direction ``Delta`` the loss
+        is quadratic with ``D = Q Delta``: ``alpha = -<E H, D> / <D H, D>``.
+
+        :return: number of singular ``Q_K^T Q_K`` or ``H_KK`` blocks (those blocks do not move)
+        """
+        m, q, b = self.m, self.q, self.b
+        E, EH = self._state(it)
+        Q = left_blockdiag(it.A, it.S)
+        Qk = Q.reshape(m, q, b).transpose(0, 1)  # [q, m, b]
+        QQ = torch.bmm(Qk.transpose(1, 2), Qk)
+
+        def gradient() -> torch.Tensor:  # [q, b, b]
+            return torch.bmm(Qk.transpose(1, 2), EH.reshape(m, q, b).transpose(0, 1))
+
+        def precondition(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            left, ok_q = damped_block_solve(QQ, r)
+            right, ok_h = damped_block_solve(self.H_blocks, left.transpose(1, 2))
+            return right.transpose(1, 2), ok_q & ok_h
+
+        r = gradient()
+        z, ok = precondition(r)
+        direction, rz = -z, _dot(r, z)
+        B = it.B
+        for step in range(self.b_steps):
+            D = right_blockdiag(Q, direction)
+            DH = D @ self.H
+            curvature = _dot(D, DH)
+            if not curvature > 0.0:
+                break
+            alpha = -_dot(EH, D) / curvature
+            B = B + alpha * direction
+            E.add_(D, alpha=alpha)
+            EH.add_(DH, alpha=alpha)
+            if step + 1 == self.b_steps:
+                break
+            r_new = gradient()
+            z_new, _ = precondition(r_new)
+            beta = max(0.0, _dot(r_new, z_new - z) / rz) if rz > 0 else 0.0
+            direction, z, rz = -z_new + beta * direction, z_new, _dot(r_new, z_new)
+        it.B = B
+        self._remember(it, E, EH)
+        return int((~ok).sum())
+
+    def _block_dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``<x_I, y_I>`` per row slab, float64 ``[p]``."""
+        return (x * y).reshape(self.p, -1).sum(-1, dtype=torch.float64)
+
+    def _core_jacobi(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """Inverse diagonal of the core's curvature, ``1 / (diag(A^T A)_i diag(B H B^T)_j)``.
+
+        :return: ``[m, n]`` (zero where the curvature is zero)
+        """
+        a = A.square().sum(1).reshape(-1)  # [m]
+        BH = torch.bmm(B, self.H_blocks)
+        c = (BH * B).sum(-1).reshape(-1)  # [n]  diag(B_K H_KK B_K^T)
+        curvature = a[:, None] * c[None, :]
+        return torch.where(curvature > 0, 1 / curvature, torch.zeros_like(curvature))
+
+    def update_core(self, it: Iterate, steps: int) -> None:
+        """``steps`` Jacobi-preconditioned CG (Polak-Ribiere+) steps on the masked core.
+
+        The core of row slab ``I`` only moves ``E_I`` and the loss is a sum over row slabs, so
+        every slab runs its own CG (own ``alpha_I``, ``beta_I``), batched. Along a masked direction
+        ``Delta``: ``D = A Delta B`` and ``alpha_I = -<(E H)_I, D_I> / <(D H)_I, D_I>`` (exact).
+        """
+        b = self.b
+        E, EH = self._state(it)
+        A, B, M = it.A, it.B, it.M
+        jacobi = self._core_jacobi(A, B) * M
+        grad = self.gradient_S(EH, A, B) * M
+        z = grad * jacobi
+        direction, rz = -z, self._block_dot(grad, z)
+        Wp = it.Wp
+        for step in range(steps):
+            D = reconstruct(A, direction, B)
+            DH = D @ self.H
+            curvature = self._block_dot(D, DH)
+            usable = (curvature > 0) & (rz > 0)
+            if not bool(usable.any()):
+                break
+            alpha = -self._block_dot(EH, D) / torch.where(usable, curvature, 1.0)
+            per_row = torch.where(usable, alpha, 0.0).to(Wp.dtype).repeat_interleave(b)[:, None]
+            Wp = Wp + per_row * direction
+            E.add_(per_row * D)
+            EH.add_(per_row * DH)
+            if step + 1 == steps:
+                break
+            new = self.gradient_S(EH, A, B) * M
+            z_new = new * jacobi
+            beta = self._block_dot(new, z_new - z) / torch.where(rz > 0, rz, 1.0)
+            beta = beta.clamp_min(0).to(Wp.dtype).repeat_interleave(b)[:, None]
+            direction, z, rz = -z_new + beta * direction, z_new, self._block_dot(new, z_new)
+        it.Wp = Wp
+        self._remember(it, E, EH)
+
+    # ----------------------------------------------------------------------------- discrete
+    def discrete_step(self, it: Iterate, generator: torch.Generator) -> tuple[int, torch.Tensor]:
+        """Resample one 4-group per tile and give it its best 2:4 support (section 11).
+
+        For the group in row ``rho`` of tile ``(I, K)`` with ``a = A_I[:, rho]``, ``Bt`` its 4 rows
+        of ``B_K`` and ``u = (a^T (E H)_I)_K``: ``g = Bt u - ||a||^2 G4 s_old`` and
+        ``G4 = Bt H_KK Bt^T``; :func:`best_two_of_four` gives each group's exact optimum with the
+        other groups fixed. Groups of one row block interact through ``A_I`` and ``H``, so per row
+        block the exact loss change of applying all its groups is compared with that of its single
+        best group, and the better one is applied: the loss never rises.
+
+        :return: (fallback count, bool ``[m, n]`` of entries whose group changed)
+        """
+        p, q, b, m, n = self.p, self.q, self.b, self.m, self.n
+        T, gpt = p * q, b // 4
+        E, EH = self._state(it)
+        S = it.S
+        score = self.gradient_S(EH, it.A, it.B).abs().reshape(p, b, q, gpt, 4).sum(-1)
+        score = score.permute(0, 2, 1, 3).reshape(T, b * gpt)
+        empty = ~(score.sum(-1) > 0) | ~torch.isfinite(score).all(-1)
+        score = torch.where(empty[:, None], torch.ones_like(score), score)
+        pick = torch.multinomial(score, 1, generator=generator).squeeze(-1)  # [T]
+
+        dev = pick.device
+        tile = torch.arange(T, device=dev)
+        I, K = tile // q, tile % q
+        rho, grp = pick // gpt, pick % gpt
+        rows = I * b + rho
+        cols = (K * b + 4 * grp)[:, None] + torch.arange(4, device=dev)  # [T, 4]
+        s_old, m_old = S[rows[:, None], cols], it.M[rows[:, None], cols]
+        a = it.A[I, :, rho]  # [T, b]
+        Bt = it.B[K[:, None], (4 * grp)[:, None] + torch.arange(4, device=dev)]  # [T, 4, b]
+
+        u = torch.einsum("pkr,prkc->pkc", a.reshape(p, q, b), EH.reshape(p, b, q, b))
+        u = u.reshape(T, b)  # (a^T (E H)_I)_K
+        BtH = torch.einsum("pkcb,kbd->pkcd", Bt.reshape(p, q, 4, b), self.H_blocks)
+        G4 = torch.bmm(BtH.reshape(T, 4, b), Bt.transpose(1, 2))
+        G4 = (G4 + G4.transpose(1, 2)) / 2
+        aa = a.square().sum(-1)
+        g = torch.bmm(Bt, u[:, :, None]).squeeze(-1)
+        g = g - aa[:, None] * torch.bmm(G4, s_old[:, :, None]).squeeze(-1)
+        upd = best_two_of_four(g, G4, aa, s_old, m_old)
+
+        ds = upd.values - s_old
+        single = 2 * (ds * g).sum(-1) + aa * (
+            torch.einsum("tc,tcd,td->t", upd.values, G4, upd.values)
+            - torch.einsum("tc,tcd,td->t", s_old, G4, s_old)
+        )
+        changed = upd.changed & (single < 0)
+        delta = torch.bmm(ds[:, None, :], Bt).squeeze(1) * changed[:, None]  # [T, b] on cols K
+        deltaH = torch.einsum("pkb,kbn->pkn", delta.reshape(p, q, b), self.H.reshape(q, b, n))
+        a3 = a.reshape(p, q, b)
+        accept = self._accept(a3, delta.reshape(p, q, b), deltaH, u, changed, single)
+        delta = (delta * accept[:, None]).reshape(p, q, b)
+        deltaH = deltaH * accept.reshape(p, q, 1)
+        E.add_(torch.einsum("pkr,pkc->prkc", a3, delta).reshape(m, n))
+        EH.add_(torch.einsum("pkr,pkn->prn", a3, deltaH).reshape(m, n))
+
+        it.Wp = it.Wp.clone()
+        it.M = it.M.clone()
+        values = torch.where(accept[:, None] & upd.mask, upd.values, it.Wp[rows[:, None], cols])
+        it.Wp[rows[:, None], cols] = values
+        it.M[rows[:, None], cols] = torch.where(accept[:, None], upd.mask, m_old)
+        touched = torch.zeros(m, n, dtype=torch.bool, device=it.M.device)
+        touched[rows[accept][:, None], cols[accept]] = True
+        self._remember(it, E, EH)
+        return upd.fallbacks, touched
+
+    def _accept(
+        self,
+        a3: torch.Tensor,
+        d3: torch.Tensor,
+        deltaH: torch.Tensor,
+        u: torch.Tensor,
+        changed: torch.Tensor,
+        single: torch.Tensor,
+    ) -> torch.Tensor:
+        """Which tiles' group updates to apply: per row block all of them or its best one.
+
+        The change of ``tr(E H E^T)`` from ``E_I += sum_K a_K delta_K`` (``delta_K`` on the columns
+        of ``K``) is ``2 sum_K u_K . delta_K + sum_{K,L} (a_K . a_L)(delta_K H_KL delta_L)``.
+
+        :param a3: ``[p, q, b]`` the groups' left-factor columns
+        :param d3: ``[p, q, b]`` row change per unit of ``a`` (zero where not ``changed``)
+        :param deltaH: ``[p, q, n]`` ``delta_K^T H_K:``
+        :param u: ``[T, b]``
+        :param changed: bool ``[T]`` tiles whose group improves on its own
+        :param single: ``[T]`` each group's own loss change
+        :return: bool ``[T]``
+        """
+        p, q, b = self.p, self.q, self.b
+        cross = torch.einsum("pkjc,pjc->pkj", deltaH.reshape(p, q, q, b), d3)  # [p, q, q]
+        gram = torch.einsum("pkr,pjr->pkj", a3, a3)
+        joint = 2 * (u.reshape(p, q, b) * d3).sum((1, 2)) + (gram * cross).sum((1, 2))
+        gain = torch.where(changed, single, torch.zeros_like(single)).reshape(p, q)
+        best_gain, best = gain.min(-1)
+        only_best = torch.zeros_like(gain, dtype=torch.bool).scatter_(-1, best[:, None], True)
+        only_best &= (best_gain < 0)[:, None]
+        use_all = joint <= best_gain
+        return torch.where(use_all[:, None], changed.reshape(p, q), only_best).reshape(-1)
+
+    # --------------------------------------------------------------------------------- adam
+    def gradients(self, it: Iterate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """``dL/dA [p,b,b]``, ``dL/dB [q,b,b]``, ``dL/dW' [m,n]`` (masked) and the loss."""
+        p, q, b, m, n = self.p, self.q, self.b, self.m, self.n
+        E, EH = self._state(it)
+        scale = 2.0 / self.denom if self.denom > 0 else 0.0
+        S = it.S
+        P = right_blockdiag(S, it.B)
+        Q = left_blockdiag(it.A, S)
+        gA = torch.bmm(EH.reshape(p, b, n), P.reshape(p, b, n).transpose(1, 2)) * scale
+        Qk = Q.reshape(m, q, b).transpose(0, 1)
+        gB = torch.bmm(Qk.transpose(1, 2), EH.reshape(m, q, b).transpose(0, 1)) * scale
+        gW = self.gradient_S(EH, it.A, it.B) * it.M * scale
+        return gA, gB, gW, self.loss_of_residual(E, EH)
