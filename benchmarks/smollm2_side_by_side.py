@@ -1,0 +1,248 @@
+"""Side by side on SmolLM2-135M-Instruct (Q4_1): dense, magnitude, Wanda, SparseGPT, NoWag-P, ARMOR.
+
+One calibration set (WikiVital train windows), the same evaluation windows for every method
+(the first ``--eval-windows`` windows of ``--seq-len`` tokens of WikiVital test and PTB test),
+``lm_head`` left dense by every method. Wanda and SparseGPT are llm-compressor's own modifiers;
+magnitude 2:4 keeps the 2 largest ``|W|`` of every 4-group; NoWag-P is ARMOR with 0 iterations.
+
+Each method starts from a fresh copy of the cached checkpoint; each result is appended as one JSON
+line to ``--results`` (so several processes can run disjoint ``--methods`` at once), and
+``--report`` turns the lines into a Markdown table and a PNG (perplexity vs compression time).
+
+``--save-reload`` also saves every ARMOR model as armor-ct, reloads it with
+``AutoModelForCausalLM.from_pretrained`` and evaluates the reloaded model (the README's main
+command uses this).
+
+Usage::
+
+    python benchmarks/smollm2_side_by_side.py --methods dense sparsegpt armor-output-b96-it10
+    python benchmarks/smollm2_side_by_side.py --report docs/benchmark_smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+LM_HEAD = "re:.*lm_head"
+
+
+def _armor(block: int, iterations: int, objective: str = "proxy") -> dict:
+    return {"wrapper_block_size": block, "num_iterations": iterations, "objective": objective}
+
+
+#: method name -> ARMORModifier fields (None: not an ARMOR method)
+ARMOR_METHODS = {
+    "nowag-p": _armor(32, 0),
+    "armor-proxy-b32-it20": _armor(32, 20),
+    "armor-proxy-b96-it20": _armor(96, 20),
+    "armor-output-b32-it10": _armor(32, 10, "output"),
+    "armor-output-b32-it30": _armor(32, 30, "output"),
+    "armor-output-b96-it10": _armor(96, 10, "output"),
+}
+METHODS = ("dense", "magnitude", "wanda", "sparsegpt", *ARMOR_METHODS)
+
+
+def magnitude_2of4(model: torch.nn.Module) -> None:
+    """Keep the 2 largest ``|W|`` of every 4-group of every decoder Linear (not lm_head)."""
+    from armor_modifier.core import top2_of_4_mask
+
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and "lm_head" not in name:
+                module.weight.mul_(top2_of_4_mask(module.weight.abs()))
+
+
+def recipe_for(method: str, seed: int) -> list:
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
+    from armor_modifier import ARMORModifier
+
+    common = {"targets": ["Linear"], "ignore": [LM_HEAD]}
+    if method == "wanda":
+        return [WandaPruningModifier(sparsity=0.5, mask_structure="2:4", **common)]
+    if method == "sparsegpt":
+        return [SparseGPTModifier(sparsity=0.5, mask_structure="2:4", **common)]
+    return [ARMORModifier(seed=seed, **common, **ARMOR_METHODS[method])]
+
+
+def evaluate(model, tokenizer, texts: dict[str, str], args) -> dict[str, float]:
+    from armor_modifier.evaluation import perplexity
+
+    return {name: perplexity(model, tokenizer, text, seq_len=args.seq_len,
+                             max_windows=args.eval_windows, progress=False).ppl
+            for name, text in texts.items()}
+
+
+def save_and_reload(model, tokenizer, texts, args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(tempfile.mkdtemp(prefix="armor-ct-"))
+    try:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+        start = time.perf_counter()
+        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        load_seconds = time.perf_counter() - start
+        ppl = evaluate(reloaded, tokenizer, texts, args)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {"reloaded_ppl": ppl, "armor_ct_bytes": size, "load_seconds": load_seconds}
+
+
+def run_method(method: str, calibration, texts, args) -> dict:
+    from llmcompressor import oneshot
+
+    from armor_modifier.evaluation import load_default_model
+
+    model, tokenizer, _ = load_default_model()
+    row: dict = {"method": method}
+    start = time.perf_counter()
+    recipe = None
+    if method == "magnitude":
+        magnitude_2of4(model)
+    elif method != "dense":
+        recipe = recipe_for(method, args.seed)
+        oneshot(model=model, processor=tokenizer, dataset=calibration, recipe=recipe,
+                num_calibration_samples=len(calibration), max_seq_length=args.seq_len,
+                shuffle_calibration_samples=False)
+    row["prune_seconds"] = time.perf_counter() - start
+    row["overhead"] = 0.0
+    if method in ARMOR_METHODS:
+        results = list(recipe[0].results.values())
+        dense_params = sum(r.shape[0] * r.shape[1] for r in results)
+        wrapper_params = sum((r.shape[0] + r.shape[1]) * r.wrapper_block_size for r in results)
+        row["overhead"] = 0.0 if ARMOR_METHODS[method]["num_iterations"] == 0 else \
+            wrapper_params / dense_params
+        row["mean_loss_ratio"] = sum(r.loss_ratio for r in results) / len(results)
+        row["fields"] = ARMOR_METHODS[method]
+    start = time.perf_counter()
+    row["ppl"] = evaluate(model, tokenizer, texts, args)
+    row["eval_seconds"] = time.perf_counter() - start
+    if args.save_reload and method in ARMOR_METHODS:
+        row.update(save_and_reload(model, tokenizer, texts, args))
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--num-samples", type=int, default=16, help="calibration windows")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=32,
+                    help="first N windows of each test text (same for every method)")
+    ap.add_argument("--texts", nargs="+", default=["wikivital", "ptb"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--save-reload", action="store_true")
+    ap.add_argument("--results", type=Path, default=Path("benchmarks/results/smollm2.jsonl"))
+    ap.add_argument("--report", type=Path, default=None,
+                    help="write REPORT.md and REPORT.png from --results and exit")
+    args = ap.parse_args()
+    if args.report:
+        report(args.results, args.report)
+        return
+    torch.set_num_threads(args.threads)
+
+    import armor_modifier  # noqa: F401  (registers ARMORModifier and armor-ct)
+    from armor_modifier.evaluation import calibration_samples, load_default_model, load_text
+
+    _, tokenizer, _ = load_default_model()
+    calibration = calibration_samples(tokenizer, load_text("wikivital", "train"),
+                                      args.num_samples, args.seq_len, seed=args.seed)
+    texts = {name: load_text(name, "test") for name in args.texts}
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    for method in args.methods:
+        row = run_method(method, calibration, texts, args)
+        row["setup"] = {"num_samples": args.num_samples, "seq_len": args.seq_len,
+                        "eval_windows": args.eval_windows, "threads": args.threads,
+                        "date": str(date.today()), "machine": platform.machine(),
+                        "cpus": torch.get_num_threads()}
+        print("RESULT " + json.dumps(row), flush=True)
+        with args.results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+    print_table([json.loads(x) for x in args.results.read_text().splitlines()
+                 if json.loads(x)["method"] in args.methods])
+
+
+def table_lines(rows: list[dict]) -> list[str]:
+    dense = next((r for r in rows if r["method"] == "dense"), None)
+    sgpt = next((r for r in rows if r["method"] == "sparsegpt"), None)
+    texts = list(rows[0]["ppl"])
+    head = "| method | " + " | ".join(f"{t} ppl" for t in texts) + \
+        " | gap closed vs SparseGPT (wikivital) | overhead | prune s | reloaded ppl |"
+    lines = [head, "|" + "---|" * (len(texts) + 5)]
+    for r in rows:
+        closed = "-"
+        if dense and sgpt and r["method"] not in ("dense", "sparsegpt"):
+            d, s, x = (v["ppl"]["wikivital"] for v in (dense, sgpt, r))
+            closed = f"{(s - x) / (s - d):.0%}"
+        reloaded = " / ".join(f"{v:.2f}" for v in r.get("reloaded_ppl", {}).values()) or "-"
+        lines.append(f"| {r['method']} | " + " | ".join(f"{r['ppl'][t]:.2f}" for t in texts) +
+                     f" | {closed} | {r['overhead']:.1%} | {r['prune_seconds']:.0f} | "
+                     f"{reloaded} |")
+    return lines
+
+
+def print_table(rows: list[dict]) -> None:
+    print("\n".join(table_lines(rows)))
+
+
+def report(results: Path, out: Path) -> None:
+    rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
+    latest = {r["method"]: r for r in rows}  # the newest line of each method
+    order = [m for m in METHODS if m in latest]
+    rows = [latest[m] for m in order]
+    setup = rows[0]["setup"]
+    lines = [
+        "# SmolLM2-135M-Instruct (Q4_1), 2:4 side by side",
+        "",
+        f"Measured {setup['date']} on this project's CPU machine ({setup['machine']}, 2 cores, "
+        f"{setup['threads']} torch thread(s)), `python benchmarks/smollm2_side_by_side.py`.",
+        f"Calibration: {setup['num_samples']} x {setup['seq_len']} WikiVital-train tokens. "
+        f"Evaluation: the first {setup['eval_windows']} windows of {setup['seq_len']} tokens of "
+        "WikiVital test and PTB test. lm_head dense everywhere. Overhead: wrapper parameters "
+        "(m+n)b over the pruned Linears' m n. Prune s: wall time of oneshot (calibration + "
+        "solve). Reloaded ppl: after saving as armor-ct and `from_pretrained` (when measured).",
+        "",
+        *table_lines(rows),
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    plot(rows, out.with_suffix(".png"))
+    print("\n".join(lines))
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        x = max(r["prune_seconds"], 1.0)
+        y = r["ppl"]["wikivital"]
+        ax.scatter(x, y)
+        ax.annotate(r["method"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("compression wall time, s (2-core CPU)")
+    ax.set_ylabel("WikiVital-test perplexity")
+    ax.set_title("SmolLM2-135M-Instruct, 2:4")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,449 @@
+"""Saving a model with ARMOR Linears as an armor-ct checkpoint.
+
+How a save runs (:func:`save_armor_pretrained`):
+
+1. check every wrapped core (2:4, a storable quantization format) before anything is written;
+2. let the model's regular save write a normal checkpoint into a temporary folder next to the
+   target: llm-compressor's ``save_pretrained`` wrapper when the model has one (it compresses the
+   quantized weights with compressed-tensors, writes their ``quantization_config`` and the recipe),
+   otherwise transformers' own, with the same compressed-tensors compression done here;
+3. rewrite that folder into armor-ct: each core's ``weight [m, n]`` (or compressed-tensors'
+   bit-packed ``weight_packed``, :mod:`.checkpoint_packed`) becomes its kept values ``weight``
+   plus ``weight_bitmask``, streamed shard by shard; ``config.json`` gets the armor-ct
+   ``quantization_config`` (:mod:`.checkpoint_config`);
+4. move the folder into place (an existing target is swapped out whole, never half-overwritten).
+
+Why a wrapper around the whole save rather than a state-dict hook: llm-compressor's wrapper rewrites
+``config.json`` *after* transformers returns (``resave_config``, then compressed-tensors'
+``update_config``), so only code that runs after it can write the armor-ct config. Hence
+:func:`install_save_hook` puts an instance-level ``save_pretrained`` *outside* whatever is there and
+marks it ``_overridden`` so llm-compressor does not wrap it again; ``ARMORModifier`` installs it
+(its hooks run after ``oneshot`` has wrapped the model) and the armor-ct loader installs it on every
+loaded model. ``register()`` also patches ``PreTrainedModel.save_pretrained`` so a plain
+``model.save_pretrained`` on a model with wrappers writes armor-ct; reached from inside a foreign
+wrapper that would clobber the config afterwards, it refuses with instructions instead of writing a
+checkpoint that loads as a different model.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import json
+import os
+import shutil
+import tempfile
+import uuid
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .checkpoint_config import ArmorBlock, build_quantization_config
+from .checkpoint_format import BITMASK, ArmorCheckpointError, broken_groups, compress_core
+from .checkpoint_packed import PACKED, compress_packed_core
+from .checkpoint_safetensors import INDEX_NAME, read_header, rewrite_safetensors, shard_files
+from .runtime import ARMOR_A, ARMOR_B, is_armor_linear
+
+__all__ = [
+    "ARMOR_RECIPE_ATTR",
+    "armor_linears",
+    "install_save_hook",
+    "patch_save_pretrained",
+    "remove_save_hook",
+    "replace_directory",
+    "save_armor_pretrained",
+]
+
+#: Model attribute holding the ARMOR recipe settings written to ``armor.recipe`` (JSON-able dict).
+ARMOR_RECIPE_ATTR = "armor_recipe"
+#: compressed-tensors formats whose cores armor-ct stores: one ``weight [m, n]`` tensor, or
+#: bit-packed int codes (:mod:`.checkpoint_packed`).
+STORABLE_CT_FORMATS = (
+    "dense",
+    "naive-quantized",
+    "int-quantized",
+    "float-quantized",
+    "pack-quantized",
+)
+_WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+_SAVING: contextvars.ContextVar[bool] = contextvars.ContextVar("armor_saving", default=False)
+
+
+def armor_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """``{name: module}`` of every Linear in ``model`` that carries ARMOR wrappers."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and is_armor_linear(module)
+    }
+
+
+def _original_save(model: nn.Module) -> Callable[..., Any]:
+    method = type(model).save_pretrained
+    return functools.partial(getattr(method, "_armor_original", method), model)
+
+
+def _inner_save(model: nn.Module) -> tuple[Callable[..., Any], bool]:
+    """The save that writes a regular checkpoint, and whether it is a foreign (llm-compressor)
+    wrapper that handles compressed-tensors compression itself."""
+    own = model.__dict__.get("save_pretrained")
+    if getattr(own, "_armor_save", False):
+        own = own._armor_inner
+    if own is not None:
+        return own, bool(getattr(own, "_overridden", False))
+    return _original_save(model), False
+
+
+def _check_cores(linears: dict[str, nn.Linear]) -> None:
+    from compressed_tensors.compressors.format import infer_module_format
+
+    for name, linear in linears.items():
+        weight = getattr(linear, "weight", None)
+        if isinstance(weight, torch.sparse.SparseSemiStructuredTensor):
+            raise ArmorCheckpointError(
+                f"{name}: the core is a CUDA semi-structured tensor; call "
+                "armor_modifier.cuda.to_dense(model) before saving"
+            )
+        scheme = getattr(linear, "quantization_scheme", None)
+        if scheme is not None and scheme.weights is not None:
+            fmt = scheme.format or infer_module_format(type(linear), scheme)
+            fmt = getattr(fmt, "value", fmt)
+            if fmt not in STORABLE_CT_FORMATS:
+                raise ArmorCheckpointError(
+                    f"{name}: compressed-tensors stores this core as {fmt!r}; armor-ct format 1 "
+                    f"stores 2:4 cores in the formats {list(STORABLE_CT_FORMATS)} (unquantized, "
+                    "FP8, INT8 / W8A8, W8A16, W4A16). Pick one of those schemes for this module."
+                )
+        if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
+            broken = broken_groups(weight.detach())
+            if broken:
+                raise ArmorCheckpointError(
+                    f"{name}: the core is not 2:4 ({broken} groups of 4 hold more than 2 "
+                    "non-zeros); something rewrote the weight after ARMOR (e.g. GPTQ). Nothing was "
+                    "saved."
+                )
+
+
+def _is_main_process(kwargs: dict[str, Any]) -> bool:
+    if kwargs.get("is_main_process", True) is False:
+        return False
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+
+def save_armor_pretrained(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    *args: Any,
+    recipe: dict[str, Any] | None = None,
+    **kwargs: Any,
+) -> None:
+    """Save ``model`` as an armor-ct checkpoint (a normal checkpoint if it has no ARMOR Linears).
+
+    :param model: a ``PreTrainedModel`` whose wrapped Linears hold 2:4 cores
+    :param save_directory: target folder; created, or replaced as a whole if it exists (files in it
+        that the new checkpoint does not write, e.g. a tokenizer, are carried over; old weight
+        files are not)
+    :param recipe: ARMOR settings for ``armor.recipe``; default ``model.armor_recipe`` if set
+    :param args: passed to the underlying ``save_pretrained``
+    :param kwargs: passed to the underlying ``save_pretrained`` (llm-compressor's
+        ``save_compressed`` / ``quantization_format`` are honoured either way)
+    :raises ArmorCheckpointError: naming the module, before anything is written, if a core is not
+        2:4 or its quantization format cannot be stored
+    """
+    inner, foreign = _inner_save(model)
+    linears = armor_linears(model)
+    if not linears:
+        return inner(save_directory, *args, **kwargs)
+    if kwargs.get("push_to_hub"):
+        raise ArmorCheckpointError(
+            "push_to_hub is not supported for armor-ct saves: save to a folder, then upload it "
+            "with huggingface_hub.upload_folder"
+        )
+    _check_cores(linears)
+    if recipe is None:
+        recipe = getattr(model, ARMOR_RECIPE_ATTR, None)
+    target = Path(save_directory).absolute()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.armor-tmp-", dir=target.parent))
+    if kwargs.get("save_compressed", True):
+        _drop_pending_decompress_hook(model)
+    token = _SAVING.set(True)
+    try:
+        if foreign:
+            inner(str(tmp), *args, **kwargs)
+        else:
+            _save_with_ct_compression(model, inner, tmp, *args, **kwargs)
+        if _is_main_process(kwargs):
+            convert_to_armor_ct(tmp, model, linears, recipe)
+            replace_directory(tmp, target)
+    finally:
+        _SAVING.reset(token)
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _drop_pending_decompress_hook(model: nn.Module) -> None:
+    """Remove compressed-tensors' pending decompress-on-next-forward hook, if any.
+
+    ``ModelCompressor.compress_model`` (compressed-tensors 0.19) registers that model-level hook on
+    every call, also when the model is already compressed (a previous save, or a freshly loaded
+    checkpoint) and a hook is pending; the next forward then decompresses twice, which dequantizes
+    the already-dequantized weights again and silently corrupts the model. The save below
+    compresses and registers a fresh hook, so the pending one is dropped first.
+    """
+    from compressed_tensors import ModelCompressor
+
+    ModelCompressor().remove_decompression_hook(model)
+
+
+def _save_with_ct_compression(
+    model: nn.Module, inner: Callable[..., Any], folder: Path, *args: Any, **kwargs: Any
+) -> None:
+    """What llm-compressor's wrapper does for quantized weights, for models it has not wrapped."""
+    from compressed_tensors import ModelCompressor
+
+    save_compressed = kwargs.pop("save_compressed", True)
+    quantization_format = kwargs.pop("quantization_format", None)
+    if not save_compressed and quantization_format is None:
+        quantization_format = "dense"
+    compressor = ModelCompressor.from_pretrained_model(
+        model, quantization_format=quantization_format
+    )
+    if compressor.quantization_config is not None and save_compressed:
+        compressor.compress_model(model, skip_compressed=True)
+    inner(str(folder), *args, **kwargs)
+    compressor.update_config(str(folder))
+
+
+def convert_to_armor_ct(
+    folder: Path,
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    recipe: dict[str, Any] | None,
+) -> None:
+    """Rewrite a regular saved checkpoint of ``model`` in ``folder`` into armor-ct, in place."""
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    qc = config.get("quantization_config") or {}
+    quantized = any(hasattr(m, "quantization_scheme") for m in model.modules())
+    ct_config = qc if qc.get("quant_method") == "compressed-tensors" else None
+    if quantized and ct_config is None:
+        raise ArmorCheckpointError(
+            "the model carries compressed-tensors quantization but its save wrote no "
+            "compressed-tensors quantization_config; save through model.save_pretrained"
+        )
+    files = shard_files(folder)
+    headers = {f: read_header(f) for f in files}
+    where = {key: f for f, h in headers.items() for key in h.tensors}
+    total = sum(_numel(t.shape) for h in headers.values() for t in h.tensors.values())
+    cores = {name: _core_key(name, linear, where, headers) for name, linear in linears.items()}
+    per_file: dict[Path, dict[str, torch.Tensor | None]] = {f: {} for f in files}
+    for f in files:
+        names = [name for name, (key, _) in cores.items() if where[key] == f]
+        if not names:
+            continue
+        with safe_open(f, framework="pt") as reader:
+            for name in names:
+                key, bits = cores[name]
+                shape = (linears[name].out_features, linears[name].in_features)
+                if bits is None:
+                    values, bitmask = compress_core(reader.get_tensor(key), name)
+                else:
+                    values, bitmask = compress_packed_core(
+                        reader.get_tensor(key), shape, bits, name
+                    )
+                    per_file[f][key] = None
+                per_file[f][f"{name}.weight"] = values
+                per_file[f][f"{name}.{BITMASK}"] = bitmask
+    sizes = {f: rewrite_safetensors(f, per_file[f]) if per_file[f] else None for f in files}
+    _update_index(folder, sizes)
+    ignore = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name not in linears
+    ]
+    modules = {
+        name: (getattr(linear, ARMOR_A).shape[1], getattr(linear, ARMOR_B).shape[1])
+        for name, linear in linears.items()
+    }
+    pruned = sum(linear.out_features * linear.in_features // 2 for linear in linears.values())
+    block = ArmorBlock(modules=modules, recipe=recipe)
+    config["quantization_config"] = build_quantization_config(
+        ct_config if quantized else None, block, ignore, pruned / max(total, 1)
+    )
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _core_key(name: str, linear: nn.Linear, where: dict, headers: dict) -> tuple[str, int | None]:
+    """The saved key holding ``name``'s core and, for a bit-packed core, its bits per code."""
+    for local in (ARMOR_A, ARMOR_B):
+        if f"{name}.{local}" not in where:
+            raise ArmorCheckpointError(
+                f"{name}: '{local}' is missing from the saved checkpoint; the save did not write "
+                "the module's buffers"
+            )
+    m, n = linear.out_features, linear.in_features
+    if f"{name}.weight" in where:
+        info = headers[where[f"{name}.weight"]].tensors[f"{name}.weight"]
+        if info.shape != (m, n):
+            raise ArmorCheckpointError(
+                f"{name}: the save wrote weight {list(info.shape)}, expected the dense core "
+                f"[{m}, {n}]"
+            )
+        return f"{name}.weight", None
+    if f"{name}.{PACKED}" in where:
+        return f"{name}.{PACKED}", linear.quantization_scheme.weights.num_bits
+    raise ArmorCheckpointError(
+        f"{name}: the saved checkpoint has no '{name}.weight' (is the weight tied to another "
+        "module, or renamed by a weight conversion?); ARMOR cannot wrap it"
+    )
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for d in shape:
+        count *= d
+    return count
+
+
+def _update_index(folder: Path, sizes: dict[Path, dict[str, int] | None]) -> None:
+    index_path = folder / INDEX_NAME
+    if not index_path.exists():
+        return
+    index = json.loads(index_path.read_text())
+    weight_map = index["weight_map"]
+    for f, file_sizes in sizes.items():
+        if file_sizes is None:
+            continue
+        for key in [k for k, v in weight_map.items() if v == f.name and k not in file_sizes]:
+            del weight_map[key]
+        weight_map.update({key: f.name for key in file_sizes})
+    total = 0
+    for f, file_sizes in sizes.items():
+        if file_sizes is None:
+            total += sum(t.nbytes for t in read_header(f).tensors.values())
+        else:
+            total += sum(file_sizes.values())
+    index.setdefault("metadata", {})["total_size"] = total
+    index["weight_map"] = dict(sorted(weight_map.items()))
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _is_weight_file(name: str) -> bool:
+    return name.endswith(_WEIGHT_FILE_SUFFIXES)
+
+
+def replace_directory(new: Path, target: Path) -> None:
+    """Move the finished folder ``new`` to ``target``.
+
+    An existing ``target`` is renamed aside, ``new`` renamed into place, and the old one deleted;
+    entries of the old folder that ``new`` lacks and that are not weight files are copied into
+    ``new`` first. If the second rename fails the old folder is put back.
+    """
+    if target.is_file():
+        raise ArmorCheckpointError(f"{target} is a file; save_directory must be a folder")
+    if not target.exists():
+        os.replace(new, target)
+        return
+    for item in target.iterdir():
+        if (new / item.name).exists() or _is_weight_file(item.name):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, new / item.name, symlinks=True)
+        else:
+            shutil.copy2(item, new / item.name)
+    aside = target.with_name(f".{target.name}.armor-old-{uuid.uuid4().hex[:8]}")
+    os.replace(target, aside)
+    try:
+        os.replace(new, target)
+    except OSError:
+        os.replace(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def install_save_hook(model: nn.Module, recipe: dict[str, Any] | None = None) -> None:
+    """Make ``model.save_pretrained`` write armor-ct, outside any wrapper already installed.
+
+    Idempotent. Call it after llm-compressor has wrapped ``save_pretrained`` (``ARMORModifier``
+    does, and the armor-ct loader does on every loaded model). The hook is marked ``_overridden``
+    so llm-compressor does not wrap it again; in that case the compressed-tensors compression its
+    wrapper would do is done here (its ``recipe.yaml`` is then not written).
+
+    :param recipe: stored as ``model.armor_recipe`` and written to ``armor.recipe``
+    """
+    if recipe is not None:
+        setattr(model, ARMOR_RECIPE_ATTR, recipe)
+    own = model.__dict__.get("save_pretrained")
+    if getattr(own, "_armor_save", False):
+        return
+    ref = weakref.ref(model)
+
+    def save_pretrained(save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        target = ref()
+        if target is None:
+            raise ReferenceError("the model of this save_pretrained hook no longer exists")
+        return save_armor_pretrained(target, save_directory, *args, **kwargs)
+
+    save_pretrained._overridden = True
+    save_pretrained._armor_save = True
+    save_pretrained._armor_inner = own
+    model.save_pretrained = save_pretrained
+
+
+def remove_save_hook(model: nn.Module) -> None:
+    """Undo :func:`install_save_hook` (restoring the wrapper it enclosed, if any)."""
+    own = model.__dict__.get("save_pretrained")
+    if not getattr(own, "_armor_save", False):
+        return
+    if own._armor_inner is None:
+        del model.__dict__["save_pretrained"]
+    else:
+        model.save_pretrained = own._armor_inner
+
+
+def _refuse_inside_foreign_wrapper(model: nn.Module) -> None:
+    """Raise: we are the inner save of a wrapper (llm-compressor's) that rewrites ``config.json``
+    after us, so an armor-ct checkpoint cannot be written from here.
+
+    That wrapper converted the model to accelerate offloading before calling us and converts it
+    back only on success; undo it first (``from_accelerate`` is idempotent) so the model stays
+    usable and can be saved again after :func:`install_save_hook`.
+    """
+    from compressed_tensors.offload import from_accelerate
+
+    from_accelerate(model)
+    raise ArmorCheckpointError(
+        f"{type(model).__name__} has ARMOR Linears, but its save_pretrained is wrapped (e.g. by "
+        "llm-compressor's oneshot) without armor-modifier's save hook, and that wrapper would "
+        "overwrite the armor-ct config after this save. Nothing was written. Call "
+        "armor_modifier.install_save_hook(model) and save again (ARMORModifier does this)."
+    )
+
+
+def patch_save_pretrained() -> None:
+    """Route ``PreTrainedModel.save_pretrained`` of models with ARMOR Linears to
+    :func:`save_armor_pretrained` (idempotent; other models are untouched)."""
+    from transformers import PreTrainedModel
+
+    current = PreTrainedModel.save_pretrained
+    if getattr(current, "_armor_original", None) is not None:
+        return
+
+    @functools.wraps(current)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if _SAVING.get() or not armor_linears(self):
+            return current(self, save_directory, *args, **kwargs)
+        own = self.__dict__.get("save_pretrained")
+        if own is not None and not getattr(own, "_armor_save", False):
+            _refuse_inside_foreign_wrapper(self)
+        return save_armor_pretrained(self, save_directory, *args, **kwargs)
+
+    save_pretrained._armor_original = current
+    PreTrainedModel.save_pretrained = save_pretrained

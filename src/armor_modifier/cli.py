@@ -1,0 +1,156 @@
+"""The ``armor`` command line: prune, evaluate perplexity, export dense.
+
+Examples::
+
+    armor prune smollm2 --output out/smollm2-armor            # the embedded default model
+    armor prune ./my-llama --dataset ptb --num-samples 128 --seq-len 2048 --output out/x
+    armor prune ./my-llama --recipe recipes/armor_2of4_fp8_dynamic.yaml --output out/y
+    armor eval out/smollm2-armor --dataset wikivital ptb --seq-len 512
+    armor export-dense out/smollm2-armor out/smollm2-dense
+
+Bad input ends with a one-line ``armor: error: ...`` on stderr and exit code 2; nothing is
+written to the output folder unless the whole job succeeded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .cli_prune import QUANT_SCHEMES, add_prune_arguments, run_prune
+
+__all__ = ["main", "build_parser"]
+
+DEFAULT_MODEL = "smollm2"
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="armor",
+        description="ARMOR 2:4 pruning for llm-compressor users: prune, evaluate, export.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prune = sub.add_parser(
+        "prune",
+        help="prune a model with ARMOR 2:4 (optionally quantize) and save it as armor-ct",
+        description="Prune every Linear (except lm_head) with ARMOR 2:4 through llm-compressor's "
+        "oneshot and save the result as an armor-ct checkpoint. Quantization schemes: "
+        + ", ".join(QUANT_SCHEMES) + ".",
+    )
+    add_prune_arguments(prune)
+
+    ev = sub.add_parser(
+        "eval",
+        help="perplexity of a model on one or several texts",
+        description="Perplexity over non-overlapping windows of --seq-len tokens, as the "
+        "SparseGPT/Wanda papers compute it (the text is tokenized once, cut into windows).",
+    )
+    ev.add_argument("model", help="model folder (dense or armor-ct), hub id, or 'smollm2'")
+    ev.add_argument("--dataset", nargs="+", default=["wikivital"], metavar="TEXT",
+                    help="'wikivital', 'ptb', a local text file or 'hf:NAME[:CONFIG]' "
+                    "(default: wikivital); the test split is used")
+    ev.add_argument("--split", default="test", help="split of wikivital/ptb/hf (default: test)")
+    ev.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
+    ev.add_argument("--max-windows", type=int, default=None,
+                    help="evaluate only the first N windows (default: all)")
+    ev.add_argument("--add-bos", action="store_true",
+                    help="start each window with the BOS token (default: off, as the papers)")
+    ev.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+
+    ex = sub.add_parser(
+        "export-dense",
+        help="multiply A·core·B out into a plain checkpoint any runtime loads",
+        description="Write an armor-ct checkpoint as a plain dense Hugging Face checkpoint "
+        "(no speed-up, full compatibility; loads without this package).",
+    )
+    ex.add_argument("src", help="armor-ct checkpoint folder")
+    ex.add_argument("dst", help="output folder")
+    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                    help="weight dtype of the export (default: the checkpoint's)")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
+    return parser
+
+
+def _check_output_folder(path: Path, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"output {path} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise CLIError(f"output folder {path} exists and is not empty; pass --overwrite "
+                       "to replace it")
+
+
+def _load(model: str):
+    from .evaluation import load_default_model, load_model
+
+    if model == DEFAULT_MODEL:
+        return load_default_model()
+    path = Path(model)
+    if model.startswith((".", "/", "~")) and not path.expanduser().exists():
+        raise CLIError(f"model folder {model} does not exist")
+    return load_model(model)
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from .evaluation import load_text, perplexity
+
+    if args.seq_len < 2:
+        raise CLIError(f"--seq-len must be at least 2, got {args.seq_len}")
+    texts = {name: load_text(name, args.split) for name in args.dataset}
+    model, tokenizer, _ = _load(args.model)
+    print("| text | windows x tokens | perplexity | seconds |\n|---|---|---|---|")
+    for name, text in texts.items():
+        result = perplexity(model, tokenizer, text, seq_len=args.seq_len,
+                            max_windows=args.max_windows, add_bos=args.add_bos)
+        print(f"| {name} ({args.split}) | {result.num_windows} x {result.seq_len} | "
+              f"{result.ppl:.3f} | {result.seconds:.1f} |", flush=True)
+
+
+def run_export(args: argparse.Namespace) -> None:
+    import torch
+
+    from .export import export_dense
+
+    src, dst = Path(args.src), Path(args.dst)
+    if not src.is_dir():
+        raise CLIError(f"source folder {src} does not exist")
+    _check_output_folder(dst, args.overwrite)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    start = time.perf_counter()
+    out = export_dense(src, dst, dtype=dtype)
+    print(f"wrote dense checkpoint {out} in {time.perf_counter() - start:.1f} s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        if args.command == "prune":
+            _check_output_folder(Path(args.output), args.overwrite)
+            if args.model != DEFAULT_MODEL and args.model.startswith((".", "/", "~")) and \
+                    not Path(args.model).expanduser().exists():
+                raise CLIError(f"model folder {args.model} does not exist")
+            run_prune(args, _load)
+        elif args.command == "eval":
+            run_eval(args)
+        else:
+            run_export(args)
+    except (CLIError, ValueError, TypeError, FileNotFoundError, NotADirectoryError) as err:
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"armor: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""Dense export: an armor-ct checkpoint multiplied out into a plain Hugging Face checkpoint.
+
+Every wrapped Linear gets ``W_hat = blockdiag(A) · core · blockdiag(B)`` (computed in fp32, stored
+in the checkpoint's dtype); quantized cores are dequantized first and compressed-tensors
+quantization is removed, so the result has no ``quantization_config`` and loads in any stock
+runtime (no speed-up, full compatibility). With quantized cores the exported model also drops the
+activation quantization, so it matches the armor-ct model run with quantization disabled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import armor_linears, remove_save_hook, replace_directory
+from .checkpoint_format import ARMOR_CT, ArmorCheckpointError
+from .runtime import detach_wrappers, effective_weight
+
+__all__ = ["export_dense", "densify_model"]
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+
+def _model_class(config: dict) -> type:
+    import transformers
+
+    for name in config.get("architectures") or []:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModelForCausalLM
+
+
+def densify_model(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Multiply out the wrappers of every ARMOR Linear of a loaded armor-ct model, in place, and
+    strip quantization so it saves as a plain checkpoint.
+
+    :param dtype: dtype of the multiplied-out weights (default: the model's)
+    :return: number of Linears multiplied out
+    """
+    from compressed_tensors.quantization.quant_metadata import QuantizationMetadata
+
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and quantizer.quantization_config.is_quantized:
+        quantizer.compressor.decompress_model(model)
+    dtype = dtype or model.dtype
+    linears = armor_linears(model)
+    with torch.no_grad():
+        for linear in linears.values():
+            weight = effective_weight(linear).to(dtype)
+            detach_wrappers(linear)
+            linear.weight = nn.Parameter(weight, requires_grad=False)
+    for module in model.modules():
+        if hasattr(module, "quantization_scheme"):
+            QuantizationMetadata.clear_quantization(module)
+            for attr in ("quantization_status", "quantization_enabled"):
+                if hasattr(module, attr):
+                    delattr(module, attr)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    model.config._is_quantized = False
+    remove_save_hook(model)
+    model.to(dtype)
+    return len(linears)
+
+
+def export_dense(
+    src: str | os.PathLike, dst: str | os.PathLike, *, dtype: torch.dtype | None = None
+) -> Path:
+    """Write ``src`` (an armor-ct checkpoint folder) as a plain dense checkpoint in ``dst``.
+
+    Loadable by stock transformers without this package. Files of ``src`` that are not weights
+    (tokenizer, ``recipe.yaml``, ...) are copied. ``dst`` is written to a temporary folder next to
+    it and moved into place (an existing ``dst`` is replaced as a whole).
+
+    :param src: armor-ct checkpoint folder
+    :param dst: output folder
+    :param dtype: weight dtype of the export (default: the checkpoint's ``dtype``)
+    :return: ``dst`` as an absolute path
+    :raises ArmorCheckpointError: if ``src`` is not an armor-ct checkpoint or is damaged
+    """
+    from .hf import register
+
+    src, dst = Path(src).absolute(), Path(dst).absolute()
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise ArmorCheckpointError(f"{src} has no config.json; pass an armor-ct checkpoint folder")
+    config = json.loads(config_path.read_text())
+    method = (config.get("quantization_config") or {}).get("quant_method")
+    if method != ARMOR_CT:
+        raise ArmorCheckpointError(
+            f"{src} is not an armor-ct checkpoint (quantization_config.quant_method is "
+            f"{method!r}); export_dense multiplies out ARMOR wrappers only"
+        )
+    if dst == src:
+        raise ArmorCheckpointError(
+            f"export_dense would overwrite its source {src}; pick another dst"
+        )
+    register()
+    model = _model_class(config).from_pretrained(src, dtype=dtype or "auto")
+    densify_model(model, dtype)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.armor-tmp-", dir=dst.parent))
+    try:
+        model.save_pretrained(tmp)
+        for item in src.iterdir():
+            if (tmp / item.name).exists() or item.name.endswith(_WEIGHT_SUFFIXES):
+                continue
+            if item.is_dir():
+                shutil.copytree(item, tmp / item.name, symlinks=True)
+            else:
+                shutil.copy2(item, tmp / item.name)
+        replace_directory(tmp, dst)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dst

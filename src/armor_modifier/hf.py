@@ -1,0 +1,232 @@
+"""The transformers loader for armor-ct: ``AutoModelForCausalLM.from_pretrained(path)`` after
+``import armor_modifier``, no ``trust_remote_code``.
+
+:class:`ArmorCTConfig` and :class:`ArmorCTHfQuantizer` subclass transformers' compressed-tensors
+config and quantizer, so quantized cores go through compressed-tensors' own schemes and
+compressors. Loading then runs:
+
+1. before weights: attach ``armor_A``/``armor_B`` buffers and hooks to every listed Linear; let
+   compressed-tensors apply its quantization (scales, compressed dtypes); give each listed Linear a
+   ``weight [m, n/2]`` (the core's kept values, in the dtype compressed-tensors expects, or
+   int32-packed for ``pack-quantized`` cores) and a ``weight_bitmask``; validate every safetensors
+   header against this skeleton (:mod:`.checkpoint_validate`), so a damaged file fails with the
+   module named;
+2. transformers loads the tensors;
+3. after weights: rebuild each dense ``[m, n]`` core from values and mask, then let
+   compressed-tensors finish (dequantize when asked); install the armor-ct save hook.
+
+The model keeps its ``quantization_config`` (an armor-ct model stays one when saved again).
+Without this package transformers warns about the unknown ``quant_method`` and then fails on the
+``[m, n/2]`` core (size mismatch): never a silently different model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.quantizers import auto as hf_auto
+from transformers.quantizers.quantizer_compressed_tensors import CompressedTensorsHfQuantizer
+from transformers.utils import logging
+from transformers.utils.quantization_config import CompressedTensorsConfig
+
+from .checkpoint import install_save_hook, patch_save_pretrained
+from .checkpoint_config import ArmorBlock, parse_armor_block
+from .checkpoint_format import ARMOR_CT, BITMASK, ArmorCheckpointError, decompress_core
+from .checkpoint_packed import PACKED, decompress_packed_core, packed_columns
+from .checkpoint_validate import validate_checkpoint
+from .runtime import attach_wrappers
+
+__all__ = ["ArmorCTConfig", "ArmorCTHfQuantizer", "register"]
+
+logger = logging.get_logger(__name__)
+
+
+class ArmorCTConfig(CompressedTensorsConfig):
+    """``quantization_config`` of an armor-ct checkpoint: compressed-tensors' config plus the
+    ``armor`` block and ``sparsity_config``.
+
+    :param armor: the ``armor`` block (validated: an unknown ``format_version`` raises
+        :class:`ArmorCheckpointError`); may be omitted only when the config is passed to
+        ``from_pretrained`` to override loading attributes (``dequantize``)
+    :param sparsity_config: compressed-tensors ``sparse-24-bitmask`` config (informational)
+    :param kwargs: compressed-tensors quantization keys (``config_groups``, ``format``, ...)
+    """
+
+    def __init__(
+        self,
+        armor: dict[str, Any] | None = None,
+        sparsity_config: dict[str, Any] | None = None,
+        quant_method: str = ARMOR_CT,
+        **kwargs: Any,
+    ):
+        self.armor_block: ArmorBlock | None = None if armor is None else parse_armor_block(armor)
+        self.sparsity_config = sparsity_config
+        super().__init__(**kwargs)
+        self.quant_method = ARMOR_CT
+
+    def post_init(self) -> None:
+        if self.is_quantized:
+            super().post_init()
+
+    def to_dict(self) -> dict[str, Any]:
+        data = super().to_dict() if self.is_quantized else {}
+        data["quant_method"] = ARMOR_CT
+        data["sparsity_config"] = self.sparsity_config
+        if self.armor_block is not None:
+            data["armor"] = self.armor_block.to_dict()
+        return data
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+
+class ArmorCTHfQuantizer(CompressedTensorsHfQuantizer):
+    """Loads armor-ct checkpoints (see the module docstring for the steps)."""
+
+    quantization_config: ArmorCTConfig
+
+    def __init__(self, quantization_config: ArmorCTConfig, **kwargs: Any):
+        if getattr(quantization_config, "armor_block", None) is None:
+            raise ArmorCheckpointError(
+                f"quantization_config has quant_method {ARMOR_CT!r} but no 'armor' block; the "
+                "config.json is damaged or was not written by armor-modifier"
+            )
+        super().__init__(quantization_config, **kwargs)
+
+    def validate_environment(self, *args: Any, **kwargs: Any) -> None:
+        super().validate_environment(*args, **kwargs)
+        if self.use_fp8_kernel:
+            logger.warning(
+                "armor-ct: ignoring use_optimized_inference=True; its FP8 Linear replacement would "
+                "drop the ARMOR wrappers. Use armor_modifier.cuda.to_semi_structured for kernels."
+            )
+            self.use_fp8_kernel = False
+
+    def _linears(self, model: nn.Module) -> dict[str, nn.Linear]:
+        block = self.quantization_config.armor_block
+        linears = {}
+        for name, (b_a, b_b) in block.modules.items():
+            try:
+                module = model.get_submodule(name)
+            except AttributeError as err:
+                raise ArmorCheckpointError(
+                    f"{name}: listed in armor.modules but {type(model).__name__} has no such "
+                    "module; load the checkpoint with the model class that saved it"
+                ) from err
+            if not isinstance(module, nn.Linear):
+                raise ArmorCheckpointError(
+                    f"{name}: listed in armor.modules but is a {type(module).__name__}, not an "
+                    "nn.Linear"
+                )
+            m, n = module.out_features, module.in_features
+            if m % b_a or n % b_b or n % 4:
+                raise ArmorCheckpointError(
+                    f"{name}: wrapper blocks [{b_a}, {b_b}] do not tile the {m}x{n} weight"
+                )
+            linears[name] = module
+        return linears
+
+    def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any):
+        block = self.quantization_config.armor_block
+        linears = self._linears(model)
+        for name, linear in linears.items():
+            b_a, b_b = block.modules[name]
+            m, n = linear.weight.shape
+            like = {"device": linear.weight.device, "dtype": linear.weight.dtype}
+            attach_wrappers(
+                linear,
+                torch.empty(m // b_a, b_a, b_a, **like),
+                torch.empty(n // b_b, b_b, b_b, **like),
+            )
+        if self.quantization_config.is_quantized:
+            super()._process_model_before_weight_loading(model, **kwargs)
+        self._packed_bits = {}
+        for name, linear in linears.items():
+            self._register_core(name, linear)
+        files = kwargs.get("checkpoint_files")
+        if files and all(str(f).endswith(".safetensors") for f in files):
+            validate_checkpoint(files, model, block)
+        elif files:
+            raise ArmorCheckpointError(
+                f"armor-ct checkpoints are safetensors files, got {[str(f) for f in files]}"
+            )
+
+    def _register_core(self, name: str, linear: nn.Linear) -> None:
+        """Give ``linear`` the armor-ct layout: ``weight`` = the core's kept values (in the dtype,
+        or for bit-packed cores the int32 packing, compressed-tensors expects) + the bitmask."""
+        m, n = linear.out_features, linear.in_features
+        packed = getattr(linear, PACKED, None)
+        if isinstance(packed, torch.Tensor):
+            bits = linear.quantization_scheme.weights.num_bits
+            self._packed_bits[name] = bits
+            delattr(linear, PACKED)
+            shape, dtype, device = (m, packed_columns(n // 2, bits)), torch.int32, packed.device
+        else:
+            weight = linear.weight
+            shape, dtype, device = (m, n // 2), weight.dtype, weight.device
+        linear.weight = nn.Parameter(
+            torch.empty(shape, dtype=dtype, device=device), requires_grad=False
+        )
+        bitmask = torch.empty(m, (n + 7) // 8, dtype=torch.uint8, device=device)
+        linear.register_parameter(BITMASK, nn.Parameter(bitmask, requires_grad=False))
+
+    def _process_model_after_weight_loading(self, model: PreTrainedModel, **kwargs: Any):
+        for name, linear in self._linears(model).items():
+            values = linear.weight
+            bitmask = getattr(linear, BITMASK).data
+            shape = (linear.out_features, linear.in_features)
+            delattr(linear, BITMASK)
+            bits = self._packed_bits.get(name)
+            if bits is None:
+                dense = decompress_core(values.data, bitmask, shape[1], name)
+                linear.weight = nn.Parameter(dense, requires_grad=values.requires_grad)
+                continue
+            packed = decompress_packed_core(values.data, bitmask, shape, bits, name)
+            delattr(linear, "weight")
+            linear.register_parameter(PACKED, nn.Parameter(packed, requires_grad=False))
+        if self.quantization_config.is_quantized:
+            super()._process_model_after_weight_loading(model, **kwargs)
+        install_save_hook(model, recipe=self.quantization_config.armor_block.recipe)
+        return model
+
+    def postprocess_model(self, model: PreTrainedModel, **kwargs: Any):
+        """Keep ``quantization_config`` even with ``dequantize=True``: the model still carries
+        ARMOR wrappers (and, when quantized, compressed-tensors' activation quantization)."""
+        model.config.quantization_config = self.quantization_config
+        for module in model.modules():
+            if isinstance(module, PreTrainedModel):
+                module.config._is_quantized = True
+        return self._process_model_after_weight_loading(model, **kwargs)
+
+
+def _register(mapping: dict[str, type], cls: type, kind: str) -> None:
+    existing = mapping.get(ARMOR_CT)
+    if existing is cls:
+        return
+    if existing is not None and (existing.__module__, existing.__qualname__) != (
+        cls.__module__,
+        cls.__qualname__,
+    ):
+        raise ArmorCheckpointError(
+            f"another {kind} ({existing.__module__}.{existing.__qualname__}) is already registered "
+            f"with transformers for quant_method {ARMOR_CT!r}"
+        )
+    mapping[ARMOR_CT] = cls
+
+
+def register() -> None:
+    """Register the armor-ct config and quantizer with transformers and route
+    ``save_pretrained`` of ARMOR models to armor-ct (idempotent; run on ``import armor_modifier``).
+    """
+    if ARMOR_CT not in hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
+        hf_auto.register_quantization_config(ARMOR_CT)(ArmorCTConfig)
+    else:
+        _register(hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, ArmorCTConfig, "config")
+    if ARMOR_CT not in hf_auto.AUTO_QUANTIZER_MAPPING:
+        hf_auto.register_quantizer(ARMOR_CT)(ArmorCTHfQuantizer)
+    else:
+        _register(hf_auto.AUTO_QUANTIZER_MAPPING, ArmorCTHfQuantizer, "quantizer")
+    patch_save_pretrained()

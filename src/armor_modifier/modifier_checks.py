@@ -1,0 +1,201 @@
+"""Target resolution and the checks :class:`~armor_modifier.modifier.ARMORModifier` runs before
+any calibration: which Linears to prune, whether each one can be pruned, and whether the rest of
+the recipe would undo ARMOR's result.
+
+Everything here raises ``ValueError``/``TypeError`` naming the module, the value and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from compressed_tensors.utils import match_named_modules, match_targets
+from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import PRUNABLE_LAYER_TYPES
+from torch import nn
+
+from .runtime import is_armor_linear
+
+__all__ = [
+    "MODIFIERS_REFUSED_AFTER",
+    "check_recipe_composition",
+    "check_shared_calibration_pass",
+    "check_target_linear",
+    "check_target_linears",
+    "is_ignored",
+    "resolve_target_linears",
+]
+
+#: modifiers that must not run after ARMOR, with the reason. Matched on class names in the MRO, so
+#: subclasses are caught without importing optional back-ends.
+MODIFIERS_REFUSED_AFTER: dict[str, str] = {
+    "GPTQModifier": (
+        "GPTQ in llm-compressor 0.14 does not preserve an existing sparsity mask: its error "
+        "feedback fills the pruned zeros and breaks the 2:4 core"
+    ),
+    "AutoRoundModifier": "AutoRound's learned rounding can round pruned zeros away from zero",
+    "AWQModifier": (
+        "AWQ folds per-channel scales into the Linear's input columns and the previous layer, "
+        "but ARMOR's input wrapper B mixes channels in between, so the fold changes the model"
+    ),
+    "SmoothQuantModifier": (
+        "SmoothQuant folds per-channel scales across ARMOR's input wrapper B, changing the model"
+    ),
+    "LogarithmicEqualizationModifier": (
+        "logarithmic equalization folds per-channel scales across ARMOR's input wrapper B"
+    ),
+    "SpinQuantModifier": "SpinQuant rotates the weights, which makes the 2:4 core dense",
+    "QuIPModifier": "QuIP rotates the weights, which makes the 2:4 core dense",
+    "SparsityModifierBase": (
+        "a second pruning pass would re-prune ARMOR's core with the wrong statistics"
+    ),
+}
+
+
+def is_ignored(name: str, module: nn.Module, ignore: Sequence[str]) -> bool:
+    """llm-compressor's ``ignore`` matching, plus plain names matching as a dotted suffix.
+
+    ``"lm_head"`` therefore protects ``lm_head`` and ``model.lm_head``; ``"re:..."`` entries and
+    class names behave exactly as in compressed-tensors.
+    """
+    if match_targets(name, module, ignore):
+        return True
+    return any(not entry.startswith("re:") and name.endswith("." + entry) for entry in ignore)
+
+
+def _join(prefix: str, name: str) -> str:
+    # llm-compressor joins with a dot even for the layer itself, giving "lm_head." (fact 6)
+    return f"{prefix}.{name}" if name else prefix
+
+
+def resolve_target_linears(
+    target_layers: dict[str, nn.Module], ignore: Sequence[str]
+) -> dict[str, nn.Linear]:
+    """The Linears ARMOR prunes: prunable layers inside each target layer, minus ``ignore``.
+
+    :param target_layers: name -> module matched by ``targets`` (decoder layers or Linears)
+    :param ignore: llm-compressor ignore entries (see :func:`is_ignored`)
+    :return: full module name (no trailing dot) -> Linear, in model order, de-duplicated
+    :raises TypeError: a matched prunable layer or a target is not an ``nn.Linear``
+    """
+    resolved: dict[str, nn.Linear] = {}
+    seen: set[int] = set()
+    for layer_name, layer in target_layers.items():
+        if isinstance(layer, nn.Embedding) and not is_ignored(layer_name, layer, ignore):
+            raise TypeError(
+                f"target module {layer_name!r} is a {type(layer).__name__}; ARMOR prunes "
+                "nn.Linear only. Narrow `targets` (e.g. 'Linear' or 're:model.layers.\\d+$') "
+                f"or add {layer_name!r} to `ignore`."
+            )
+        for sub_name, module in match_named_modules(layer, PRUNABLE_LAYER_TYPES):
+            name = _join(layer_name, sub_name)
+            if id(module) in seen or is_ignored(name, module, ignore):
+                continue
+            if not isinstance(module, nn.Linear):
+                raise TypeError(
+                    f"module {name!r} matched the targets but is a {type(module).__name__}; "
+                    f"ARMOR prunes nn.Linear only. Add {name!r} (or "
+                    f"'{type(module).__name__}') to `ignore`."
+                )
+            seen.add(id(module))
+            resolved[name] = module
+    return resolved
+
+
+def _shared_parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return names
+
+
+def check_target_linear(
+    name: str, module: nn.Linear, shared: dict[int, list[str]] | None = None
+) -> None:
+    """Reject a Linear ARMOR cannot prune in place.
+
+    :param shared: ``id(parameter) -> all names`` of the model (for tied weights)
+    :raises ValueError: dimensions not multiples of 4, tied weight, already quantized or wrapped
+    """
+    m, n = module.weight.shape
+    if m % 4 or n % 4:
+        raise ValueError(
+            f"module {name!r} has weight {m}x{n}; ARMOR 2:4 needs both dimensions divisible "
+            f"by 4. Add {name!r} to `ignore`."
+        )
+    tied = (shared or {}).get(id(module.weight), [])
+    if len(tied) > 1:
+        raise ValueError(
+            f"module {name!r} shares its weight with {[t for t in tied if t != name + '.weight']} "
+            "(tied embeddings); pruning it would also prune those. Add "
+            f"'re:.*{name.rsplit('.', 1)[-1]}' to `ignore`."
+        )
+    scheme = getattr(module, "quantization_scheme", None)
+    if scheme is not None:
+        raise ValueError(
+            f"module {name!r} already has a quantization scheme; ARMORModifier must come before "
+            "every quantization modifier in the recipe (and cannot prune a quantized model)."
+        )
+    if is_armor_linear(module):
+        raise ValueError(
+            f"module {name!r} already carries ARMOR wrappers; it cannot be pruned twice"
+        )
+
+
+def check_target_linears(model: nn.Module, modules: dict[str, nn.Linear]) -> None:
+    """:func:`check_target_linear` for every resolved Linear of ``model``."""
+    shared = _shared_parameter_names(model)
+    for name, module in modules.items():
+        check_target_linear(name, module, shared)
+
+
+def check_recipe_composition(me: object, modifiers: Iterable[object]) -> None:
+    """Refuse recipes where a modifier after ``me`` would silently undo ARMOR.
+
+    :param me: the ARMORModifier instance (found in ``modifiers`` by identity)
+    :param modifiers: the session recipe's modifiers, in order
+    :raises ValueError: naming the offending modifier, the reason and the alternative
+    """
+    modifiers = list(modifiers)
+    index = next((i for i, mod in enumerate(modifiers) if mod is me), None)
+    if index is None:
+        return
+    for later in modifiers[index + 1 :]:
+        if later is me:
+            continue
+        for cls in type(later).__mro__:
+            reason = MODIFIERS_REFUSED_AFTER.get(cls.__name__)
+            if reason is None or type(later).__name__ == type(me).__name__:
+                continue
+            raise ValueError(
+                f"{type(later).__name__} after ARMORModifier is not supported: {reason}. Use "
+                "QuantizationModifier (round-to-nearest, e.g. scheme='FP8_DYNAMIC', 'W8A8' or "
+                "'W4A16'), which keeps ARMOR's 2:4 core exactly, and keep "
+                "ignore=['re:.*lm_head'] on it."
+            )
+
+
+def check_shared_calibration_pass(
+    me: object, modifiers: Iterable[object], modules: dict[str, nn.Linear]
+) -> None:
+    """Refuse static activation observers that would calibrate on ``x`` instead of ``B x``.
+
+    With ``pipeline="sequential"`` every modifier shares one calibration pass, so a later
+    quantization modifier's static input observers on ARMOR's targets run before ARMOR has
+    compressed (and wrapped) that layer. The default ``pipeline="independent"`` gives ARMOR its own
+    pass first; dynamic activation schemes have no observers and are unaffected.
+
+    :param modifiers: the modifiers of the current calibration pass (the session recipe's)
+    :param modules: ARMOR's targets, name -> Linear
+    """
+    if not any(mod is not me for mod in modifiers):
+        return
+    for name, module in modules.items():
+        scheme = getattr(module, "quantization_scheme", None)
+        inputs = getattr(scheme, "input_activations", None)
+        if inputs is not None and not inputs.dynamic:
+            raise ValueError(
+                f"module {name!r} has static input-activation quantization calibrated in the "
+                "same pass as ARMOR (pipeline='sequential'): its observer would see x instead of "
+                "ARMOR's B·x. Use oneshot's default pipeline='independent', or a dynamic "
+                "activation scheme (FP8_DYNAMIC, W8A8)."
+            )

@@ -1,0 +1,120 @@
+"""The calibration statistic ``h`` for :class:`~armor_modifier.modifier.ARMORModifier`.
+
+``h [n]`` is the mean over calibration tokens of ``x_j^2`` at a Linear's input (ARMOR_SPEC.md
+section 7); the output-aware objective also needs the layer Hessian ``H = X^T X / N`` (section 11).
+Both are kept as running fp32 sums and an int64 token count, so ranks can all-reduce them and
+divide once (the mean of the union, independent of how tokens were split).
+
+:func:`collect_dense_statistics` runs one forward pass of the unpruned model over the calibration
+set, outside llm-compressor's pipelines, for ``calibration="dense"`` (the paper's statistics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from compressed_tensors.offload import get_execution_device
+from llmcompressor.modifiers.utils.hooks import HooksMixin
+from llmcompressor.pytorch.utils.helpers import tensors_to_device
+from llmcompressor.utils.helpers import DisableQuantization, calibration_forward_context
+from loguru import logger
+from torch import nn
+from tqdm import tqdm
+
+__all__ = ["InputStatistics", "collect_dense_statistics"]
+
+
+@dataclass
+class InputStatistics:
+    """Running ``sum_t x_tj^2``, token count and, optionally, ``sum_t x_t x_t^T`` for one Linear.
+
+    :ivar sums: ``[n]`` float32, on the module's execution device
+    :ivar count: ``[]`` int64 number of tokens seen
+    :ivar gram: ``[n, n]`` float32 ``X^T X`` when the layer Hessian is needed (``objective=
+        "output"`` or ``init="sparsegpt"``), else ``None``
+    """
+
+    sums: torch.Tensor
+    count: torch.Tensor
+    gram: torch.Tensor | None = None
+
+    @classmethod
+    def empty(cls, n: int, device: torch.device, with_gram: bool = False) -> InputStatistics:
+        return cls(
+            sums=torch.zeros(n, dtype=torch.float32, device=device),
+            count=torch.zeros((), dtype=torch.int64, device=device),
+            gram=torch.zeros(n, n, dtype=torch.float32, device=device) if with_gram else None,
+        )
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate inputs ``x [..., n]`` (any float dtype; accumulated in fp32)."""
+        flat = x.detach().reshape(-1, x.shape[-1]).to(device=self.sums.device, dtype=torch.float32)
+        self.sums += flat.square().sum(dim=0)
+        self.count += flat.shape[0]
+        if self.gram is not None:
+            self.gram.addmm_(flat.T, flat)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors to all-reduce (sum), in a fixed order."""
+        return [self.sums, self.count] + ([self.gram] if self.gram is not None else [])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.count)
+
+    def mean(self) -> torch.Tensor:
+        """``h [n]`` float32; all zeros if no token was seen (the solver then sanitises it)."""
+        return self.sums / self.count.clamp(min=1).to(torch.float32)
+
+    def hessian(self) -> torch.Tensor | None:
+        """``H = X^T X / N`` ``[n, n]`` float32, or ``None`` when not collected."""
+        if self.gram is None:
+            return None
+        return self.gram / self.count.clamp(min=1).to(torch.float32)
+
+
+def collect_dense_statistics(
+    hooks: HooksMixin,
+    model: nn.Module,
+    dataloader: Iterable[dict],
+    modules: dict[nn.Module, str],
+    stats: dict[nn.Module, InputStatistics],
+    make_hook: Callable[[InputStatistics], Callable],
+    with_gram: bool = False,
+) -> int:
+    """Run the calibration set once through the unpruned ``model``, filling ``stats``.
+
+    Only the hooks registered here fire (every other modifier's hooks are disabled, quantization
+    is disabled), so the statistics are those of the dense model regardless of the pipeline.
+
+    :param hooks: the modifier that owns the temporary hooks
+    :param model: the model, not yet pruned by this modifier
+    :param dataloader: llm-compressor's calibration dataloader (dicts of tensors)
+    :param modules: target Linear -> name
+    :param stats: filled in place: one :class:`InputStatistics` per target Linear
+    :param make_hook: builds a forward hook ``(module, args, output)`` that adds ``args[0]``
+    :param with_gram: also accumulate ``X^T X`` (for the layer Hessian)
+    :return: the number of batches seen
+    """
+    handles = set()
+    for module in modules:
+        stat = InputStatistics.empty(module.in_features, get_execution_device(module), with_gram)
+        stats[module] = stat
+        handles.add(hooks.register_hook(module, make_hook(stat), "forward"))
+    device = get_execution_device(model)
+    num_batches = 0
+    try:
+        with (
+            calibration_forward_context(model),
+            DisableQuantization(model),
+            HooksMixin.disable_hooks(keep=handles),
+        ):
+            for batch in tqdm(dataloader, desc="ARMOR dense statistics"):
+                model(**tensors_to_device(batch, device))
+                num_batches += 1
+    finally:
+        hooks.remove_hooks(handles)
+    logger.info(f"ARMOR dense statistics: {num_batches} batches through the unpruned model")
+    return num_batches

@@ -1,0 +1,185 @@
+"""A tiny Llama, an offline tokenizer and a calibration set for the llm-compressor tests.
+
+Everything is built locally (no network): a 2-layer Llama (hidden 64, intermediate 128, vocab 128,
+tied embeddings) saved to a folder and reloaded, because ``oneshot`` re-reads the config from
+``name_or_path`` (ARCHITECTURE.md fact 7); a word-level ``PreTrainedTokenizerFast``; and a
+``datasets.Dataset`` of ``input_ids`` windows.
+
+Imported by ``tests/test_modifier.py``, ``tests/test_recipes.py`` and ``tests/test_distributed.py``
+(also as a script under ``torchrun``), so it is a plain module, not a conftest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+)
+
+VOCAB = 128
+HIDDEN = 64
+INTERMEDIATE = 128
+LAYERS = 2
+SEQ_LEN = 32
+NUM_SAMPLES = 8
+
+#: the Linear layers ARMOR prunes in the tiny model (lm_head is tied and always ignored)
+LINEAR_SUFFIXES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+def target_names() -> list[str]:
+    """Names of the decoder Linears of the tiny model, in module order."""
+    return [f"model.layers.{i}.{s}" for i in range(LAYERS) for s in LINEAR_SUFFIXES]
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``<pad> <bos> <eos> <unk> w4 ... w127`` (offline)."""
+    words = ["<pad>", "<bos>", "<eos>", "<unk>"] + [f"w{i}" for i in range(4, VOCAB)]
+    model = WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>")
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+    )
+
+
+def build_config() -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4 * SEQ_LEN,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=True,
+        initializer_range=0.2,
+    )
+
+
+def save_tiny_llama(folder: Path, seed: int = 0) -> Path:
+    """Build the tiny Llama with ``seed``, save it and its tokenizer to ``folder``.
+
+    :return: ``folder``
+    """
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(build_config()).eval()
+    model.save_pretrained(folder)
+    build_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def load_tiny_llama(folder: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Reload the saved tiny Llama (oneshot needs ``name_or_path`` to exist on disk)."""
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+
+
+def calibration_dataset(num_samples: int = NUM_SAMPLES, seed: int = 1) -> Dataset:
+    """``num_samples`` windows of ``SEQ_LEN`` random token ids (no padding), as a Dataset."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, VOCAB, (num_samples, SEQ_LEN), generator=generator)
+    return Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()}
+    )
+
+
+def sample_input(seed: int = 2, batch: int = 2) -> torch.Tensor:
+    """``[batch, SEQ_LEN]`` token ids for forward-pass comparisons."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(4, VOCAB, (batch, SEQ_LEN), generator=generator)
+
+
+def run_oneshot(
+    folder: Path,
+    recipe,
+    dataset: Dataset | None = None,
+    dtype: torch.dtype = torch.float32,
+    **kwargs,
+) -> PreTrainedModel:
+    """Reload the tiny Llama from ``folder`` and run llm-compressor's ``oneshot`` with ``recipe``
+    on ``dataset`` (default :func:`calibration_dataset`), all of it, unshuffled, not saved.
+
+    :return: the compressed model (in memory)
+    """
+    from llmcompressor import oneshot
+
+    dataset = calibration_dataset() if dataset is None else dataset
+    model = load_tiny_llama(folder, dtype)
+    oneshot(
+        model=model,
+        processor=build_tokenizer(),
+        dataset=dataset,
+        recipe=recipe,
+        num_calibration_samples=len(dataset),
+        max_seq_length=SEQ_LEN,
+        shuffle_calibration_samples=False,
+        **kwargs,
+    )
+    return model
+
+
+def input_statistics(
+    model: PreTrainedModel, names: list[str]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Brute force ``(h, H)`` per named Linear: the mean over all calibration tokens of ``x^2``
+    ``[n]`` and of ``x x^T`` ``[n, n]`` at its input, from plain forward passes of ``model`` (one
+    calibration sample at a time, fp64 accumulation, returned as fp32)."""
+    modules = dict(model.named_modules())
+    sums = {name: torch.zeros(modules[name].in_features, dtype=torch.float64) for name in names}
+    grams = {
+        name: torch.zeros(len(sums[name]), len(sums[name]), dtype=torch.float64) for name in names
+    }
+    counts = dict.fromkeys(names, 0)
+    handles = []
+    for name in names:
+
+        def hook(_module, args, name=name):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+            sums[name] += x.square().sum(0)
+            grams[name] += x.T @ x
+            counts[name] += x.shape[0]
+
+        handles.append(modules[name].register_forward_pre_hook(hook, prepend=True))
+    ids = torch.tensor(calibration_dataset()["input_ids"])
+    with torch.no_grad():
+        for row in ids:
+            model(row[None])
+    for handle in handles:
+        handle.remove()
+    return {
+        name: ((sums[name] / counts[name]).float(), (grams[name] / counts[name]).float())
+        for name in names
+    }
+
+
+def armor(**fields):
+    """An ``ARMORModifier`` with test-speed defaults: one 4-group per tile in the discrete step
+    (the default 64 costs ~0.1 s per iteration on these tiny matrices, 15x the rest)."""
+    from armor_modifier.modifier import ARMORModifier
+
+    return ARMORModifier(**{"groups_per_tile": 1, **fields})
