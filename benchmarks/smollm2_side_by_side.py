@@ -35,16 +35,20 @@ import torch
 LM_HEAD = "re:.*lm_head"
 
 
-def _armor(block: int, iterations: int, objective: str = "proxy") -> dict:
-    return {"wrapper_block_size": block, "num_iterations": iterations, "objective": objective}
+def _armor(block: int, iterations: int, objective: str = "proxy", **extra) -> dict:
+    return {"wrapper_block_size": block, "num_iterations": iterations, "objective": objective,
+            **extra}
 
 
 #: method name -> ARMORModifier fields (None: not an ARMOR method)
 ARMOR_METHODS = {
     "nowag-p": _armor(32, 0),
-    "armor-proxy-b32-it20": _armor(32, 20),
+    "armor-proxy-b32-it20": _armor(32, 20, calibration="dense"),
     "armor-proxy-b96-it20": _armor(96, 20),
-    "armor-output-b32-it10": _armor(32, 10, "output"),
+    "armor-output-b32-it10": _armor(32, 10, "output", calibration="sequential",
+                                    output_damping=0.1),
+    "armor-output-b32-it10-dense-nodamp": _armor(32, 10, "output", calibration="dense",
+                                                 output_damping=0.0),
     "armor-output-b32-it30": _armor(32, 30, "output"),
     "armor-output-b96-it10": _armor(96, 10, "output"),
 }

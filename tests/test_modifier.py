@@ -58,8 +58,9 @@ def dense(folder):
 
 @pytest.fixture(scope="module")
 def pruned(folder):
-    """(model, modifier) after an ARMOR oneshot with the default (dense) calibration."""
-    modifier = armor(ignore=["re:.*lm_head"], num_iterations=ITERATIONS, wrapper_block_size=BLOCK)
+    """(model, modifier) after an ARMOR oneshot with the paper's proxy and dense calibration."""
+    modifier = armor(ignore=["re:.*lm_head"], num_iterations=ITERATIONS, wrapper_block_size=BLOCK,
+                     objective="proxy")
     return run_oneshot(folder, [modifier]), modifier
 
 
@@ -143,18 +144,27 @@ def _nowag_losses(dense_model, stats: dict[str, tuple]) -> dict[str, float]:
     return losses
 
 
+def test_defaults_are_the_measured_best():
+    modifier = armor()
+    assert modifier.objective == "output" and modifier.output_damping == 0.1
+    assert modifier.effective_calibration == "sequential"
+    assert armor(objective="proxy").effective_calibration == "dense"
+    assert armor(calibration="dense").effective_calibration == "dense"
+
+
 @pytest.mark.integration
 def test_calibration_modes_against_unpruned_statistics(folder, dense, pruned):
-    """``calibration="dense"`` (the default): every module's NoWag-P start equals the one computed
-    with ``h`` of the unpruned model; ``"sequential"`` matches it in layer 0 only (layer 1 sees
-    the pruned layer 0's outputs)."""
+    """``calibration="dense"`` (the proxy objective's default): every module's NoWag-P start
+    equals the one computed with ``h`` of the unpruned model; ``"sequential"`` matches it in
+    layer 0 only (layer 1 sees the pruned layer 0's outputs)."""
     expected = _nowag_losses(dense, input_statistics(dense, target_names()))
     _, default = pruned
-    assert default.calibration == "dense"
+    assert default.effective_calibration == "dense"
     for name in target_names():
         # observed relative difference <= 1.2e-7 (fp32 vs fp64 accumulation)
         assert default.results[name].initial_loss == pytest.approx(expected[name], rel=1e-5)
     sequential = armor(
+        objective="proxy",
         ignore=["re:.*lm_head"],
         num_iterations=1,
         wrapper_block_size=BLOCK,
@@ -276,7 +286,7 @@ def test_empty_dataloader_is_refused_before_work(folder):
 
 
 def test_dense_calibration_without_data_is_refused(folder):
-    modifier = armor(ignore=["re:.*lm_head"], num_iterations=0)
+    modifier = armor(ignore=["re:.*lm_head"], num_iterations=0, calibration="dense")
     state = State(model=load_tiny_llama(folder))
     modifier.initialize(state)
     with pytest.raises(ValueError, match="needs calibration data"):
@@ -366,6 +376,7 @@ def test_output_objective_starts_at_sparsegpt_of_dense_hessian(folder, dense):
         wrapper_block_size=BLOCK,
         calibration="dense",
         objective="output",
+        output_damping=0.0,
     )
     model = run_oneshot(folder, [modifier])
     modules, dense_modules = modules_of(model), modules_of(dense)
