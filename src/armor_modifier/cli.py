@@ -86,14 +86,18 @@ def _check_output_folder(path: Path, overwrite: bool) -> None:
                        "to replace it")
 
 
+def _check_model_path(model: str) -> None:
+    if model != DEFAULT_MODEL and model.startswith((".", "/", "~")) and \
+            not Path(model).expanduser().exists():
+        raise CLIError(f"model folder {model} does not exist")
+
+
 def _load(model: str):
     from .evaluation import load_default_model, load_model
 
     if model == DEFAULT_MODEL:
         return load_default_model()
-    path = Path(model)
-    if model.startswith((".", "/", "~")) and not path.expanduser().exists():
-        raise CLIError(f"model folder {model} does not exist")
+    _check_model_path(model)
     return load_model(model)
 
 
@@ -137,9 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "prune":
             _check_output_folder(Path(args.output), args.overwrite)
-            if args.model != DEFAULT_MODEL and args.model.startswith((".", "/", "~")) and \
-                    not Path(args.model).expanduser().exists():
-                raise CLIError(f"model folder {args.model} does not exist")
+            _check_model_path(args.model)
             run_prune(args, _load)
         elif args.command == "eval":
             run_eval(args)
