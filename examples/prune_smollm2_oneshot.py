@@ -83,6 +83,7 @@ def recipe_for(method: str, args: argparse.Namespace) -> list:
             wrapper_block_size=args.wrapper_block_size,
             num_iterations=args.num_iterations,
             update_mode=args.update_mode,
+            objective="proxy",  # the paper's objective; compares its two calibration sources
             calibration=method.removeprefix("armor-"),
             seed=args.seed,
             **optional,
