@@ -119,7 +119,7 @@ def nowag_p(weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """
     W = check_weight(weight)
     h, _ = sanitize_h(h, W.shape[1])
-    return W * top2_of_4_mask(normalize(W).Wbar.square() * h)
+    return W * _nowag_mask(W, h)
 
 
 def proxy_loss(weight: torch.Tensor, h: torch.Tensor, approximation: torch.Tensor) -> float:
