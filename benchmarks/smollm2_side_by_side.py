@@ -51,6 +51,10 @@ ARMOR_METHODS = {
                                                  output_damping=0.0),
     "armor-output-b32-it30": _armor(32, 30, "output"),
     "armor-output-b96-it10": _armor(96, 10, "output"),
+    "armor-output-b32-it10-diag": _armor(32, 10, "output", output_damping_kind="diagonal"),
+    "armor-output-b32-it10-diag1": _armor(32, 10, "output", output_damping_kind="diagonal",
+                                          output_damping=1.0),
+    "armor-output-b32-it10-damp03": _armor(32, 10, "output", output_damping=0.3),
 }
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", *ARMOR_METHODS)
 

@@ -341,6 +341,27 @@ def test_output_damping_is_a_ridge_on_the_objectives_hessian():
         factorize(W, None, objective="output", H=H, percdamp=0.0)
 
 
+def test_diagonal_output_damping_adds_a_multiple_of_diag_h():
+    W, X, H, _ = _problem(m=16, n=32, dtype=torch.float32)
+    f = factorize(
+        W,
+        None,
+        objective="output",
+        H=H,
+        output_damping=0.5,
+        output_damping_kind="diagonal",
+        wrapper_block_size=8,
+        num_iterations=10,
+    )
+    Hd = H + 0.5 * torch.diag(H.diagonal())
+    start = sparsegpt_2of4(W, H)[0]
+    assert f.loss_history[0] == pytest.approx(output_loss(W, Hd, start), rel=1e-5)  # obs. 2e-8
+    assert f.final_loss == pytest.approx(output_loss(W, Hd, f.dense()), rel=1e-4)  # obs. 2e-7
+    assert f.final_loss <= f.initial_loss
+    with pytest.raises(ValueError, match="output_damping_kind.*'ridge'"):
+        factorize(W, None, objective="output", H=H, output_damping_kind="ridge")
+
+
 def test_adam_mode_with_the_output_objective_keeps_the_best_iterate():
     W, X, H, _ = _problem(m=16, n=32, dtype=torch.float32)
     f = factorize(

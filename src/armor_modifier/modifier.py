@@ -65,6 +65,7 @@ _RECORDED_FIELDS = (
     "init",
     "dampening_frac",
     "output_damping",
+    "output_damping_kind",
 )
 
 
@@ -200,6 +201,8 @@ class ARMORModifier(SparsityModifierBase):
     :param output_damping: ``objective="output"``: ridge ``output_damping * mean(diag H)`` added
         to ``H``, pulling ``W_hat`` towards ``W`` (0 keeps the exact calibration output error).
         Default 0.1: it cut held-out layer error by 7-24 % (benchmarks/output_layer_check.py).
+    :param output_damping_kind: ``"identity"`` (the ridge above) or ``"diagonal"``
+        (``output_damping * diag(H)``: a blend with the paper's per-channel proxy).
     """
 
     # fixed by the 2:4 structure (the base class requires them)
@@ -220,6 +223,7 @@ class ARMORModifier(SparsityModifierBase):
     init: Literal["nowag", "sparsegpt"] | None = None
     dampening_frac: float = Field(default=0.01, gt=0)
     output_damping: float = Field(default=0.1, ge=0)
+    output_damping_kind: Literal["identity", "diagonal"] = "identity"
 
     _modules: dict[str, nn.Linear] = PrivateAttr(default_factory=dict)
     _stats: dict[nn.Module, InputStatistics] = PrivateAttr(default_factory=dict)
@@ -494,6 +498,7 @@ class ARMORModifier(SparsityModifierBase):
                 init=self.init,
                 percdamp=self.dampening_frac,
                 output_damping=self.output_damping,
+                output_damping_kind=self.output_damping_kind,
             )
 
     def _apply(

@@ -44,6 +44,7 @@ __all__ = ["ARMORFactors", "factorize", "nowag_p", "proxy_loss", "MODES", "OBJEC
 MODES = ("exact", "adam")
 OBJECTIVES = ("proxy", "output")
 INITS = ("nowag", "sparsegpt")
+DAMPING_KINDS = ("identity", "diagonal")
 #: Preconditioned CG steps on ``B`` per iteration of the output objective.
 OUTPUT_B_STEPS = 1
 
@@ -220,6 +221,7 @@ def _output_start(
     init: str,
     percdamp: float,
     output_damping: float,
+    output_damping_kind: str = "identity",
 ) -> _Start:
     """The output error from SparseGPT's (or NoWag-P's) solution, identity wrappers.
 
@@ -228,7 +230,8 @@ def _output_start(
     needed, ``H`` is materially indefinite (or too ill-conditioned for float32) and the objective
     uses ``H + lambda I`` with the ``lambda`` that worked. If every try fails, NoWag-P is returned
     without descent (SparseGPT needs the same factorisation). ``output_damping * mean(diag H)``
-    is added to the objective's ``H`` (not to SparseGPT's).
+    (``output_damping_kind="identity"``) or ``output_damping * diag(H)`` (``"diagonal"``) is added
+    to the objective's ``H`` (not to SparseGPT's).
     """
     m, n = W.shape
     Hs = check_hessian(H, n)
@@ -257,12 +260,23 @@ def _output_start(
             MAX_DAMPING_INCREASES,
             1,
         )
-    ridge = output_damping * float(Hs.diagonal().mean()) + (damping if increases else 0.0)
-    if ridge:
-        Hs = Hs + ridge * torch.eye(n, dtype=Hs.dtype, device=Hs.device)
+    Hs = _damped(Hs, output_damping, output_damping_kind, damping if increases else 0.0)
     objective = OutputObjective(W, Hs, b, b_steps=OUTPUT_B_STEPS)
     it = objective.initial_iterate(core, mask)
     return _Start(objective, it, objective.loss(it), objective.to_original, init, increases)
+
+
+def _damped(H: torch.Tensor, amount: float, kind: str, extra_ridge: float) -> torch.Tensor:
+    """``H`` ([n, n]) plus ``amount * mean(diag H) * I`` or ``amount * diag(H)``, plus ``extra_ridge * I``."""
+    diag = H.diagonal()
+    ridge = torch.full_like(diag, extra_ridge)
+    if kind == "identity":
+        ridge += amount * float(diag.mean())
+    else:
+        ridge += amount * diag
+    if not bool(ridge.any()):
+        return H
+    return H + torch.diag(ridge)
 
 
 def _descend(
@@ -331,6 +345,7 @@ def _check_options(
     h: torch.Tensor | None,
     percdamp: float,
     output_damping: float,
+    output_damping_kind: str,
 ) -> None:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -355,6 +370,10 @@ def _check_options(
         )
     if not (isinstance(output_damping, float | int) and 0 <= output_damping < math.inf):
         raise ValueError(f"output_damping must be a number >= 0 (try 0.1), got {output_damping!r}")
+    if output_damping_kind not in DAMPING_KINDS:
+        raise ValueError(
+            f"output_damping_kind must be one of {DAMPING_KINDS}, got {output_damping_kind!r}"
+        )
 
 
 def factorize(
@@ -378,6 +397,7 @@ def factorize(
     init: Literal["nowag", "sparsegpt"] | None = None,
     percdamp: float = 0.01,
     output_damping: float = 0.0,
+    output_damping_kind: Literal["identity", "diagonal"] = "identity",
 ) -> ARMORFactors:
     """Factorise ``weight`` as ``A · (W' ⊙ M) · B`` with ARMOR's block coordinate descent.
 
@@ -417,10 +437,16 @@ def factorize(
         generalises better beyond the calibration tokens (0.1 cut the held-out error of SmolLM2
         layers by 10-25 %, see ``benchmarks/output_layer_check.py``). ``0`` keeps the loss exactly
         the calibration output error; otherwise ``loss_history`` is measured with the damped ``H``
+    :param output_damping_kind: ``"identity"`` (ridge above) or ``"diagonal"``:
+        ``H + output_damping * diag(H)``, a blend of the output error and the paper's
+        per-channel ``diag(h)`` proxy that leaves each channel's scale intact
     """
     if init is None:
         init = "sparsegpt" if objective == "output" else "nowag"
-    _check_options(mode, objective, init, num_iterations, patience, H, h, percdamp, output_damping)
+    _check_options(
+        mode, objective, init, num_iterations, patience, H, h, percdamp, output_damping,
+        output_damping_kind,
+    )
     start_time = time.perf_counter()
     W = check_weight(weight)
     m, n = W.shape
@@ -433,7 +459,7 @@ def factorize(
     if objective == "proxy":
         start = _proxy_start(W, h, b, H, init, percdamp, groups_per_tile)
     else:
-        start = _output_start(W, h, b, H, init, percdamp, output_damping)
+        start = _output_start(W, h, b, H, init, percdamp, output_damping, output_damping_kind)
 
     history, best, best_index, fallbacks = [start.loss], start.iterate, 0, 0
     if start.objective is not None:
