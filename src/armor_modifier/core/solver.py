@@ -267,7 +267,8 @@ def _output_start(
 
 
 def _damped(H: torch.Tensor, amount: float, kind: str, extra_ridge: float) -> torch.Tensor:
-    """``H`` ([n, n]) plus ``amount * mean(diag H) * I`` or ``amount * diag(H)``, plus ``extra_ridge * I``."""
+    """``H`` ([n, n]) + ``amount * mean(diag H) * I`` (``kind="identity"``) or
+    ``amount * diag(H)`` (``"diagonal"``), + ``extra_ridge * I``."""
     diag = H.diagonal()
     ridge = torch.full_like(diag, extra_ridge)
     if kind == "identity":
