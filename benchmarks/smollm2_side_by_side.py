@@ -43,6 +43,7 @@ def _armor(block: int, iterations: int, objective: str = "proxy", **extra) -> di
 #: method name -> ARMORModifier fields (None: not an ARMOR method)
 ARMOR_METHODS = {
     "nowag-p": _armor(32, 0),
+    "armor-proxy-b32-it10": _armor(32, 10, calibration="dense"),
     "armor-proxy-b32-it20": _armor(32, 20, calibration="dense"),
     "armor-proxy-b96-it20": _armor(96, 20),
     "armor-output-b32-it10": _armor(32, 10, "output", calibration="sequential",
@@ -50,6 +51,8 @@ ARMOR_METHODS = {
     "armor-output-b32-it10-dense-nodamp": _armor(32, 10, "output", calibration="dense",
                                                  output_damping=0.0),
     "armor-output-b32-it30": _armor(32, 30, "output"),
+    "armor-output-b16-it10": _armor(16, 10, "output"),
+    "armor-output-b16-it30": _armor(16, 30, "output"),
     "armor-output-b96-it10": _armor(96, 10, "output"),
     "armor-output-b32-it10-diag": _armor(32, 10, "output", output_damping_kind="diagonal"),
     "armor-output-b32-it10-diag1": _armor(32, 10, "output", output_damping_kind="diagonal",
@@ -86,7 +89,7 @@ def evaluate(model, tokenizer, texts: dict[str, str], args) -> dict[str, float]:
     from armor_modifier.evaluation import perplexity
 
     return {name: perplexity(model, tokenizer, text, seq_len=args.seq_len,
-                             max_windows=args.eval_windows, progress=False).ppl
+                             max_windows=args.eval_windows or None, progress=False).ppl
             for name, text in texts.items()}
 
 
@@ -147,7 +150,7 @@ def main() -> None:
     ap.add_argument("--num-samples", type=int, default=16, help="calibration windows")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=32,
-                    help="first N windows of each test text (same for every method)")
+                    help="first N windows of each test text (same for every method); 0: all")
     ap.add_argument("--texts", nargs="+", default=["wikivital", "ptb"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
@@ -211,14 +214,15 @@ def report(results: Path, out: Path) -> None:
     order = [m for m in METHODS if m in latest]
     rows = [latest[m] for m in order]
     setup = rows[0]["setup"]
+    windows = f"the first {setup['eval_windows']}" if setup["eval_windows"] else "all"
     lines = [
         "# SmolLM2-135M-Instruct (Q4_1), 2:4 side by side",
         "",
         f"Measured {setup['date']} on this project's CPU machine ({setup['machine']}, 2 cores, "
         f"{setup['threads']} torch thread(s)), `python benchmarks/smollm2_side_by_side.py`.",
         f"Calibration: {setup['num_samples']} x {setup['seq_len']} WikiVital-train tokens. "
-        f"Evaluation: the first {setup['eval_windows']} windows of {setup['seq_len']} tokens of "
-        "WikiVital test and PTB test. lm_head dense everywhere. Overhead: wrapper parameters "
+        f"Evaluation: {windows} windows of {setup['seq_len']} tokens of "
+        "WikiVital test (210 in all) and PTB test (191). lm_head dense everywhere. Overhead: wrapper parameters "
         "(m+n)b over the pruned Linears' m n. Prune s: wall time of oneshot (calibration + "
         "solve). Reloaded ppl: after saving as armor-ct and `from_pretrained` (when measured).",
         "",
