@@ -4,6 +4,7 @@ Tensors in, a frozen :class:`ARMORFactors` out. See ``ARMOR_SPEC.md`` for the al
 """
 
 from .blockdiag import dense_blockdiag, identity_blocks, left_blockdiag, right_blockdiag
+from .drift import drift_corrected_target, output_ridge
 from .output import OutputObjective, output_loss
 from .problem import choose_wrapper_block_size, wrapper_overhead
 from .solver import INITS, MODES, OBJECTIVES, ARMORFactors, factorize, nowag_p, proxy_loss
@@ -26,12 +27,14 @@ __all__ = [
     "choose_wrapper_block_size",
     "count_broken_groups",
     "dense_blockdiag",
+    "drift_corrected_target",
     "factorize",
     "identity_blocks",
     "is_2_of_4",
     "left_blockdiag",
     "nowag_p",
     "output_loss",
+    "output_ridge",
     "proxy_loss",
     "right_blockdiag",
     "sparsegpt_2of4",

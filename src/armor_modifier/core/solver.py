@@ -20,6 +20,7 @@ import torch
 
 from .adam import AdamState
 from .blockdiag import identity_blocks
+from .drift import DAMPING_KINDS, output_ridge
 from .iterate import Iterate, reconstruct
 from .output import OutputObjective, output_loss
 from .problem import (
@@ -44,7 +45,6 @@ __all__ = ["ARMORFactors", "factorize", "nowag_p", "proxy_loss", "MODES", "OBJEC
 MODES = ("exact", "adam")
 OBJECTIVES = ("proxy", "output")
 INITS = ("nowag", "sparsegpt")
-DAMPING_KINDS = ("identity", "diagonal")
 #: Preconditioned CG steps on ``B`` per iteration of the output objective.
 OUTPUT_B_STEPS = 1
 
@@ -267,14 +267,8 @@ def _output_start(
 
 
 def _damped(H: torch.Tensor, amount: float, kind: str, extra_ridge: float) -> torch.Tensor:
-    """``H`` ([n, n]) + ``amount * mean(diag H) * I`` (``kind="identity"``) or
-    ``amount * diag(H)`` (``"diagonal"``), + ``extra_ridge * I``."""
-    diag = H.diagonal()
-    ridge = torch.full_like(diag, extra_ridge)
-    if kind == "identity":
-        ridge += amount * float(diag.mean())
-    else:
-        ridge += amount * diag
+    """``H`` ([n, n]) + the ridge :func:`~.drift.output_ridge` + ``extra_ridge * I``."""
+    ridge = output_ridge(H, amount, kind) + extra_ridge
     if not bool(ridge.any()):
         return H
     return H + torch.diag(ridge)
