@@ -225,7 +225,8 @@ def report(results: Path, out: Path) -> None:
         f"Evaluation: {windows} windows of {setup['seq_len']} tokens of "
         "WikiVital test (210 in all) and PTB test (191). lm_head dense everywhere. Overhead: "
         "wrapper parameters (m+n)b over the pruned Linears' m n. Prune s: wall time of oneshot "
-        "(calibration + solve). Reloaded ppl: after saving as armor-ct and `from_pretrained` (when measured).",
+        "(calibration + solve). Reloaded ppl: after saving as armor-ct and `from_pretrained` "
+        "(when measured).",
         "",
         *table_lines(rows),
     ]
