@@ -211,6 +211,11 @@ class ARMORModifier(SparsityModifierBase):
         Default 0.1: it cut held-out layer error by 7-24 % (benchmarks/output_layer_check.py).
     :param output_damping_kind: ``"identity"`` (the ridge above) or ``"diagonal"``
         (``output_damping * diag(H)``: a blend with the paper's per-channel proxy).
+    :param correct_drift: ``objective="output"`` with ``calibration="sequential"`` only: fit the
+        *dense* model's layer outputs from the partly pruned model's inputs instead of the
+        unpruned layer on those inputs (``armor_modifier.core.drift``), so each layer undoes part
+        of the error of the layers before it. Collects one more ``[n, n]`` statistic per target
+        and replays each decoder layer twice per calibration batch.
     """
 
     # fixed by the 2:4 structure (the base class requires them)
