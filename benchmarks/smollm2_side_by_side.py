@@ -59,6 +59,7 @@ ARMOR_METHODS = {
                                           output_damping=1.0),
     "armor-output-b32-it10-damp03": _armor(32, 10, "output", output_damping=0.3),
     "armor-drift-b32-it10": _armor(32, 10, "output", correct_drift=True),
+    "armor-drift-b32-it10-damp1": _armor(32, 10, "output", correct_drift=True, output_damping=1.0),
 }
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", *ARMOR_METHODS)
 
