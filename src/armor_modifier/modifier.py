@@ -102,8 +102,10 @@ class ARMORModifier(SparsityModifierBase):
 
     Paper: L. Liu et al., *ARMOR: High-Performance Semi-Structured Pruning via Adaptive Matrix
     Factorization*, https://arxiv.org/abs/2510.05528 (independent Apache-2.0 implementation).
-    Starting from NoWag-P, block coordinate descent on the proxy loss
-    ``sum_ij h_j (A S B - W)_ij^2`` (``h_j`` = mean ``x_j^2`` over calibration tokens) never ends
+    By default (``objective="output"``) block coordinate descent starts from SparseGPT's 2:4
+    solution and lowers the layer's output error on the calibration inputs, never ending above
+    SparseGPT's; with ``objective="proxy"`` it starts from NoWag-P and lowers the paper's proxy
+    ``sum_ij h_j (A S B - W)_ij^2`` (``h_j`` = mean ``x_j^2`` over calibration tokens), never ending
     above NoWag-P's loss. After compression each Linear's ``weight`` holds the exactly-2:4 core
     and forward hooks apply ``B`` before and ``A`` after it, so the in-memory model (later layers,
     later modifiers, ``model.generate``) computes ``y = A (S (B x)) + bias`` at once.
@@ -117,8 +119,8 @@ class ARMORModifier(SparsityModifierBase):
               ignore: ["re:.*lm_head"]
               wrapper_block_size: 128
               num_iterations: 20
-              update_mode: exact
-              calibration: dense
+              objective: output
+              output_damping: 0.1
 
     Python::
 
