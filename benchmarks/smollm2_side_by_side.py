@@ -58,8 +58,6 @@ ARMOR_METHODS = {
     "armor-output-b32-it10-diag1": _armor(32, 10, "output", output_damping_kind="diagonal",
                                           output_damping=1.0),
     "armor-output-b32-it10-damp03": _armor(32, 10, "output", output_damping=0.3),
-    "armor-drift-b32-it10": _armor(32, 10, "output", correct_drift=True),
-    "armor-drift-b32-it10-damp1": _armor(32, 10, "output", correct_drift=True, output_damping=1.0),
 }
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", *ARMOR_METHODS)
 
@@ -191,18 +189,22 @@ def table_lines(rows: list[dict]) -> list[str]:
     dense = next((r for r in rows if r["method"] == "dense"), None)
     sgpt = next((r for r in rows if r["method"] == "sparsegpt"), None)
     texts = list(rows[0]["ppl"])
-    head = "| method | " + " | ".join(f"{t} ppl" for t in texts) + \
-        " | gap closed vs SparseGPT (wikivital) | overhead | prune s | reloaded ppl |"
-    lines = [head, "|" + "---|" * (len(texts) + 5)]
+    head = "| method | " + " | ".join(f"{t} ppl" for t in texts) + " | " + \
+        " | ".join(f"gap closed vs SparseGPT ({t})" for t in texts) + \
+        " | overhead | prune s | reloaded ppl |"
+    lines = [head, "|" + "---|" * (2 * len(texts) + 4)]
     for r in rows:
-        closed = "-"
-        if dense and sgpt and r["method"] not in ("dense", "sparsegpt"):
-            d, s, x = (v["ppl"]["wikivital"] for v in (dense, sgpt, r))
-            closed = f"{(s - x) / (s - d):.0%}"
+        closed = []
+        for t in texts:
+            if dense and sgpt and r["method"] not in ("dense", "sparsegpt"):
+                d, s, x = (v["ppl"][t] for v in (dense, sgpt, r))
+                closed.append(f"{(s - x) / (s - d):.0%}")
+            else:
+                closed.append("-")
         reloaded = " / ".join(f"{v:.2f}" for v in r.get("reloaded_ppl", {}).values()) or "-"
         lines.append(f"| {r['method']} | " + " | ".join(f"{r['ppl'][t]:.2f}" for t in texts) +
-                     f" | {closed} | {r['overhead']:.1%} | {r['prune_seconds']:.0f} | "
-                     f"{reloaded} |")
+                     " | " + " | ".join(closed) +
+                     f" | {r['overhead']:.1%} | {r['prune_seconds']:.0f} | {reloaded} |")
     return lines
 
 

@@ -25,20 +25,13 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import install_save_hook
-from .core import (
-    ARMORFactors,
-    choose_wrapper_block_size,
-    drift_corrected_target,
-    factorize,
-    output_ridge,
-)
+from .core import ARMORFactors, choose_wrapper_block_size, factorize
 from .modifier_checks import (
     check_recipe_composition,
     check_shared_calibration_pass,
     check_target_linears,
     resolve_target_linears,
 )
-from .modifier_drift import DriftTracker, decoder_layers_of
 from .modifier_parallel import (
     all_gather_objects,
     assign_owners,
@@ -73,7 +66,6 @@ _RECORDED_FIELDS = (
     "dampening_frac",
     "output_damping",
     "output_damping_kind",
-    "correct_drift",
 )
 
 
@@ -213,11 +205,6 @@ class ARMORModifier(SparsityModifierBase):
         Default 0.1: it cut held-out layer error by 7-24 % (benchmarks/output_layer_check.py).
     :param output_damping_kind: ``"identity"`` (the ridge above) or ``"diagonal"``
         (``output_damping * diag(H)``: a blend with the paper's per-channel proxy).
-    :param correct_drift: ``objective="output"`` with ``calibration="sequential"`` only: fit the
-        *dense* model's layer outputs from the partly pruned model's inputs instead of the
-        unpruned layer on those inputs (``armor_modifier.core.drift``), so each layer undoes part
-        of the error of the layers before it. Collects one more ``[n, n]`` statistic per target
-        and replays each decoder layer twice per calibration batch.
     """
 
     # fixed by the 2:4 structure (the base class requires them)
@@ -239,14 +226,12 @@ class ARMORModifier(SparsityModifierBase):
     dampening_frac: float = Field(default=0.01, gt=0)
     output_damping: float = Field(default=0.1, ge=0)
     output_damping_kind: Literal["identity", "diagonal"] = "identity"
-    correct_drift: bool = False
 
     _modules: dict[str, nn.Linear] = PrivateAttr(default_factory=dict)
     _stats: dict[nn.Module, InputStatistics] = PrivateAttr(default_factory=dict)
     _compressed: list[str] = PrivateAttr(default_factory=list)
     _results: dict[str, ARMORModuleResult] = PrivateAttr(default_factory=dict)
     _progress: Any = PrivateAttr(default=None)
-    _drift: DriftTracker | None = PrivateAttr(default=None)
 
     @field_validator("mask_structure", mode="before")
     @classmethod
@@ -285,18 +270,6 @@ class ARMORModifier(SparsityModifierBase):
             raise ValueError(
                 "ARMORModifier is uniformly 2:4; OWL layer-wise sparsity "
                 "(sparsity_profile, owl_m, owl_lmbda) does not apply. Remove those fields."
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _drift_needs_sequential_output(self) -> ARMORModifier:
-        if self.correct_drift and (
-            self.objective != "output" or self.effective_calibration != "sequential"
-        ):
-            raise ValueError(
-                "correct_drift=True fits the dense model's outputs from the pruned model's "
-                "inputs, so it needs objective='output' and calibration='sequential' (got "
-                f"objective={self.objective!r}, calibration={self.calibration!r})"
             )
         return self
 
@@ -369,15 +342,6 @@ class ARMORModifier(SparsityModifierBase):
             return
         for module in self._module_names:
             self.register_hook(module, self.calibrate_module, "forward")
-        if self.correct_drift:
-            layers = decoder_layers_of(state.model, self._module_names)
-            self._drift = DriftTracker(self, layers, self._cross_sum, self._module_names)
-
-    def _cross_sum(self, module: nn.Module) -> torch.Tensor:
-        """The running ``X_p^T X_d`` of a target (its statistics created if needed)."""
-        if module not in self._stats:
-            self._stats[module] = self._empty_statistics(module)
-        return self._stats[module].cross
 
     def calibrate_module(
         self, module: nn.Module, args: tuple[torch.Tensor, ...], _output: torch.Tensor
@@ -395,16 +359,11 @@ class ARMORModifier(SparsityModifierBase):
         self, state: State, event: Event, modules: list[nn.Module] | None = None, **kwargs
     ):
         """Compress this subgraph's targets (the next subgraph then sees the pruned layers)."""
-        if self._drift is not None:
-            self._drift.finish(modules or [])
         in_subgraph = {id(module) for module in modules or []}
         self.compress_modules([m for m in self._pending() if id(m) in in_subgraph])
 
     def on_calibration_end(self, state: State, event: Event, **kwargs):
         """Compress what is left, remove the hooks and log the summary."""
-        if self._drift is not None:
-            self._drift.finish(list(state.model.modules()))
-            self._drift = None
         self.remove_hooks()
         self.compress_modules(self._pending())
         self._close_progress()
@@ -524,12 +483,8 @@ class ARMORModifier(SparsityModifierBase):
             )
         stats = self._stats[module]
         with torch.no_grad(), align_module_device(module):
-            weight, H = module.weight, stats.hessian()
-            if stats.cross is not None:
-                ridge = output_ridge(H, self.output_damping, self.output_damping_kind)
-                weight = drift_corrected_target(weight, H, stats.cross_covariance(), ridge)
             return factorize(
-                weight,
+                module.weight,
                 stats.mean(),
                 wrapper_block_size=self.wrapper_block_size,
                 num_iterations=self.num_iterations,
@@ -541,7 +496,7 @@ class ARMORModifier(SparsityModifierBase):
                 patience=self.patience,
                 seed=(self.seed + zlib.crc32(name.encode())) % 2**63,
                 objective=self.objective,
-                H=H,
+                H=stats.hessian(),
                 init=self.init,
                 percdamp=self.dampening_frac,
                 output_damping=self.output_damping,
@@ -603,10 +558,7 @@ class ARMORModifier(SparsityModifierBase):
 
     def _empty_statistics(self, module: nn.Linear) -> InputStatistics:
         return InputStatistics.empty(
-            module.in_features,
-            get_execution_device(module),
-            with_gram=self.needs_hessian,
-            with_cross=self.correct_drift,
+            module.in_features, get_execution_device(module), with_gram=self.needs_hessian
         )
 
     def _cost(self, module: nn.Linear) -> int:

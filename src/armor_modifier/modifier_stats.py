@@ -34,27 +34,18 @@ class InputStatistics:
     :ivar count: ``[]`` int64 number of tokens seen
     :ivar gram: ``[n, n]`` float32 ``X^T X`` when the layer Hessian is needed (``objective=
         "output"`` or ``init="sparsegpt"``), else ``None``
-    :ivar cross: ``[n, n]`` float32 ``X_p^T X_d`` (pruned x dense inputs of the same tokens, filled
-        by :class:`~armor_modifier.modifier_drift.DriftTracker`) with ``correct_drift=True``
     """
 
     sums: torch.Tensor
     count: torch.Tensor
     gram: torch.Tensor | None = None
-    cross: torch.Tensor | None = None
 
     @classmethod
-    def empty(
-        cls, n: int, device: torch.device, with_gram: bool = False, with_cross: bool = False
-    ) -> InputStatistics:
-        def square() -> torch.Tensor:
-            return torch.zeros(n, n, dtype=torch.float32, device=device)
-
+    def empty(cls, n: int, device: torch.device, with_gram: bool = False) -> InputStatistics:
         return cls(
             sums=torch.zeros(n, dtype=torch.float32, device=device),
             count=torch.zeros((), dtype=torch.int64, device=device),
-            gram=square() if with_gram else None,
-            cross=square() if with_cross else None,
+            gram=torch.zeros(n, n, dtype=torch.float32, device=device) if with_gram else None,
         )
 
     def add(self, x: torch.Tensor) -> None:
@@ -67,7 +58,7 @@ class InputStatistics:
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors to all-reduce (sum), in a fixed order."""
-        return [self.sums, self.count] + [t for t in (self.gram, self.cross) if t is not None]
+        return [self.sums, self.count] + ([self.gram] if self.gram is not None else [])
 
     @property
     def num_tokens(self) -> int:
@@ -82,12 +73,6 @@ class InputStatistics:
         if self.gram is None:
             return None
         return self.gram / self.count.clamp(min=1).to(torch.float32)
-
-    def cross_covariance(self) -> torch.Tensor | None:
-        """``C = X_p^T X_d / N`` ``[n, n]`` float32, or ``None`` when not collected."""
-        if self.cross is None:
-            return None
-        return self.cross / self.count.clamp(min=1).to(torch.float32)
 
 
 def collect_dense_statistics(

@@ -4,8 +4,7 @@ Tensors in, a frozen :class:`ARMORFactors` out. See ``ARMOR_SPEC.md`` for the al
 """
 
 from .blockdiag import dense_blockdiag, identity_blocks, left_blockdiag, right_blockdiag
-from .drift import drift_corrected_target, output_ridge
-from .output import OutputObjective, output_loss
+from .output import OutputObjective, output_loss, output_ridge
 from .problem import choose_wrapper_block_size, wrapper_overhead
 from .solver import INITS, MODES, OBJECTIVES, ARMORFactors, factorize, nowag_p, proxy_loss
 from .sparsegpt import (
@@ -27,7 +26,6 @@ __all__ = [
     "choose_wrapper_block_size",
     "count_broken_groups",
     "dense_blockdiag",
-    "drift_corrected_target",
     "factorize",
     "identity_blocks",
     "is_2_of_4",

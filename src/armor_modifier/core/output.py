@@ -42,12 +42,28 @@ from .linalg import damped_block_solve
 from .problem import check_weight, normalize
 from .sparsegpt import check_hessian
 
-__all__ = ["OutputObjective", "output_loss"]
+__all__ = ["DAMPING_KINDS", "OutputObjective", "output_loss", "output_ridge"]
+
+DAMPING_KINDS = ("identity", "diagonal")
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> float:
     """``<x, y>`` accumulated in float64."""
     return float((x * y).sum(dtype=torch.float64))
+
+
+def output_ridge(H: torch.Tensor, amount: float, kind: str) -> torch.Tensor:
+    """The diagonal ``D`` ([n]) of the output objective's ridge on ``H`` ([n, n]).
+
+    ``kind="identity"``: ``amount * mean(diag H)`` everywhere; ``"diagonal"``:
+    ``amount * diag(H)``.
+    """
+    if kind not in DAMPING_KINDS:
+        raise ValueError(f"output_damping_kind must be one of {DAMPING_KINDS}, got {kind!r}")
+    diag = H.diagonal()
+    if kind == "identity":
+        return torch.full_like(diag, amount * float(diag.mean()))
+    return amount * diag
 
 
 def output_loss(weight: torch.Tensor, H: torch.Tensor, approximation: torch.Tensor) -> float:

@@ -20,9 +20,8 @@ import torch
 
 from .adam import AdamState
 from .blockdiag import identity_blocks
-from .drift import DAMPING_KINDS, output_ridge
 from .iterate import Iterate, reconstruct
-from .output import OutputObjective, output_loss
+from .output import DAMPING_KINDS, OutputObjective, output_loss, output_ridge
 from .problem import (
     check_weight,
     choose_wrapper_block_size,
@@ -267,7 +266,7 @@ def _output_start(
 
 
 def _damped(H: torch.Tensor, amount: float, kind: str, extra_ridge: float) -> torch.Tensor:
-    """``H`` ([n, n]) + the ridge :func:`~.drift.output_ridge` + ``extra_ridge * I``."""
+    """``H`` ([n, n]) + the ridge :func:`~.output.output_ridge` + ``extra_ridge * I``."""
     ridge = output_ridge(H, amount, kind) + extra_ridge
     if not bool(ridge.any()):
         return H
