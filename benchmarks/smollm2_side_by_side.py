@@ -15,8 +15,9 @@ command uses this).
 
 Usage::
 
-    python benchmarks/smollm2_side_by_side.py --methods dense sparsegpt armor-output-b96-it10
-    python benchmarks/smollm2_side_by_side.py --report docs/benchmark_smollm2
+    python benchmarks/smollm2_side_by_side.py --methods dense sparsegpt armor-output-b32-it10
+    python benchmarks/smollm2_side_by_side.py --report docs/benchmark_smollm2 \
+        --notes docs/benchmark_smollm2_notes.md
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     ap.add_argument("--num-samples", type=int, default=16, help="calibration windows")
     ap.add_argument("--seq-len", type=int, default=512)
-    ap.add_argument("--eval-windows", type=int, default=32,
+    ap.add_argument("--eval-windows", type=int, default=64,
                     help="first N windows of each test text (same for every method); 0: all")
     ap.add_argument("--texts", nargs="+", default=["wikivital", "ptb"])
     ap.add_argument("--seed", type=int, default=0)
@@ -158,9 +159,11 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/smollm2.jsonl"))
     ap.add_argument("--report", type=Path, default=None,
                     help="write REPORT.md and REPORT.png from --results and exit")
+    ap.add_argument("--notes", type=Path, default=None,
+                    help="with --report: a Markdown file appended below the table")
     args = ap.parse_args()
     if args.report:
-        report(args.results, args.report)
+        report(args.results, args.report, args.notes)
         return
     torch.set_num_threads(args.threads)
 
@@ -212,7 +215,7 @@ def print_table(rows: list[dict]) -> None:
     print("\n".join(table_lines(rows)))
 
 
-def report(results: Path, out: Path) -> None:
+def report(results: Path, out: Path, notes: Path | None = None) -> None:
     rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
     latest = {r["method"]: r for r in rows}  # the newest line of each method
     order = [m for m in METHODS if m in latest]
@@ -233,6 +236,8 @@ def report(results: Path, out: Path) -> None:
         "",
         *table_lines(rows),
     ]
+    if notes is not None:
+        lines += ["", notes.read_text().rstrip()]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(rows, out.with_suffix(".png"))
