@@ -250,12 +250,13 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    markers = "osD^vP*Xhp<>"
+    for i, r in enumerate(rows):
         x = max(r["prune_seconds"], 1.0)
         y = r["ppl"]["wikivital"]
-        ax.scatter(x, y)
-        ax.annotate(r["method"], (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        ax.scatter(x, y, marker=markers[i % len(markers)], s=45, label=r["method"])
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("compression wall time, s (2-core CPU)")
