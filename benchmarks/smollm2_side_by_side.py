@@ -60,7 +60,14 @@ ARMOR_METHODS = {
                                           output_damping=1.0),
     "armor-output-b32-it10-damp03": _armor(32, 10, "output", output_damping=0.3),
 }
-METHODS = ("dense", "magnitude", "wanda", "sparsegpt", *ARMOR_METHODS)
+#: method name -> one ARMORModifier's fields per group of targets (wrapper size per layer type)
+MIXED_METHODS = {
+    "armor-output-attn64-mlp16-it10": {
+        "re:.*self_attn\\..*_proj$": _armor(64, 10, "output"),
+        "re:.*mlp\\..*_proj$": _armor(16, 10, "output"),
+    },
+}
+METHODS = ("dense", "magnitude", "wanda", "sparsegpt", *ARMOR_METHODS, *MIXED_METHODS)
 
 
 def magnitude_2of4(model: torch.nn.Module) -> None:
@@ -83,6 +90,9 @@ def recipe_for(method: str, seed: int) -> list:
         return [WandaPruningModifier(sparsity=0.5, mask_structure="2:4", **common)]
     if method == "sparsegpt":
         return [SparseGPTModifier(sparsity=0.5, mask_structure="2:4", **common)]
+    if method in MIXED_METHODS:
+        return [ARMORModifier(seed=seed, targets=[target], ignore=common["ignore"], **fields)
+                for target, fields in MIXED_METHODS[method].items()]
     return [ARMORModifier(seed=seed, **common, **ARMOR_METHODS[method])]
 
 
@@ -129,14 +139,14 @@ def run_method(method: str, calibration, texts, args) -> dict:
                 shuffle_calibration_samples=False)
     row["prune_seconds"] = time.perf_counter() - start
     row["overhead"] = 0.0
-    if method in ARMOR_METHODS:
-        results = list(recipe[0].results.values())
+    if method in ARMOR_METHODS or method in MIXED_METHODS:
+        results = [r for modifier in recipe for r in modifier.results.values()]
         dense_params = sum(r.shape[0] * r.shape[1] for r in results)
         wrapper_params = sum((r.shape[0] + r.shape[1]) * r.wrapper_block_size for r in results)
-        row["overhead"] = 0.0 if ARMOR_METHODS[method]["num_iterations"] == 0 else \
+        row["overhead"] = 0.0 if ARMOR_METHODS.get(method, {}).get("num_iterations") == 0 else \
             wrapper_params / dense_params
         row["mean_loss_ratio"] = sum(r.loss_ratio for r in results) / len(results)
-        row["fields"] = ARMOR_METHODS[method]
+        row["fields"] = ARMOR_METHODS.get(method) or MIXED_METHODS[method]
     start = time.perf_counter()
     row["ppl"] = evaluate(model, tokenizer, texts, args)
     row["eval_seconds"] = time.perf_counter() - start
