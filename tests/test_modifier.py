@@ -403,3 +403,27 @@ def test_bfloat16_model_keeps_dtype_and_2of4(folder):
     with torch.no_grad():
         logits = model(sample_input()).logits
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+
+
+@pytest.mark.integration
+def test_two_modifiers_give_layer_types_their_own_block_size(folder, tmp_path):
+    """Attention and MLP wrapped at different sizes by two ARMORModifiers in one recipe; the
+    armor-ct checkpoint keeps each module's size and reloads to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    attention = armor(targets=["re:.*self_attn\\..*_proj$"], wrapper_block_size=16,
+                      num_iterations=1)
+    mlp = armor(targets=["re:.*mlp\\..*_proj$"], wrapper_block_size=8, num_iterations=1)
+    model = run_oneshot(folder, [attention, mlp])
+    assert sorted([*attention.results, *mlp.results]) == sorted(target_names())
+    assert {r.wrapper_block_size for r in attention.results.values()} == {16}
+    assert {r.wrapper_block_size for r in mlp.results.values()} == {8}
+    modules = modules_of(model)
+    for name in target_names():
+        b = 16 if ".self_attn." in name else 8
+        assert getattr(modules[name], ARMOR_A).shape[-1] == b, name
+        assert count_broken_groups(modules[name].weight) == 0, name
+    model.save_pretrained(tmp_path / "out")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(sample_input()).logits, model(sample_input()).logits)
