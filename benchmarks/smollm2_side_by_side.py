@@ -66,6 +66,10 @@ MIXED_METHODS = {
         "re:.*self_attn\\..*_proj$": _armor(64, 10, "output"),
         "re:.*mlp\\..*_proj$": _armor(16, 10, "output"),
     },
+    "armor-output-attn8-mlp48-it10": {
+        "re:.*self_attn\\..*_proj$": _armor(8, 10, "output"),
+        "re:.*mlp\\..*_proj$": _armor(48, 10, "output"),
+    },
 }
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", *ARMOR_METHODS, *MIXED_METHODS)
 
