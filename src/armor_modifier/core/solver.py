@@ -220,7 +220,7 @@ def _output_start(
     init: str,
     percdamp: float,
     output_damping: float,
-    output_damping_kind: str = "identity",
+    output_damping_kind: str,
 ) -> _Start:
     """The output error from SparseGPT's (or NoWag-P's) solution, identity wrappers.
 
