@@ -143,7 +143,8 @@ def run_method(method: str, calibration, texts, args) -> dict:
                 shuffle_calibration_samples=False)
     row["prune_seconds"] = time.perf_counter() - start
     row["overhead"] = 0.0
-    if method in ARMOR_METHODS or method in MIXED_METHODS:
+    is_armor = method in ARMOR_METHODS or method in MIXED_METHODS
+    if is_armor:
         results = [r for modifier in recipe for r in modifier.results.values()]
         dense_params = sum(r.shape[0] * r.shape[1] for r in results)
         wrapper_params = sum((r.shape[0] + r.shape[1]) * r.wrapper_block_size for r in results)
@@ -154,7 +155,7 @@ def run_method(method: str, calibration, texts, args) -> dict:
     start = time.perf_counter()
     row["ppl"] = evaluate(model, tokenizer, texts, args)
     row["eval_seconds"] = time.perf_counter() - start
-    if args.save_reload and method in ARMOR_METHODS:
+    if args.save_reload and is_armor:
         row.update(save_and_reload(model, tokenizer, texts, args))
     return row
 
