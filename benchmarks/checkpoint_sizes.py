@@ -23,9 +23,9 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from armor_modifier.checkpoint_format import BITMASK
-from armor_modifier.checkpoint_safetensors import read_header, shard_files
-from armor_modifier.export import export_dense
+from armor_modifier.format.codec import BITMASK
+from armor_modifier.format.export import export_dense
+from armor_modifier.format.safetensors_io import read_header, shard_files
 
 SCALE_SUFFIXES = ("_scale", "_zero_point", "_global_scale", "weight_shape")
 

@@ -31,8 +31,15 @@ import torch
 from armor_modifier import factorize, nowag_p, proxy_loss
 from armor_modifier.evaluation import calibration_samples, load_default_model, wikivital_split
 
-TYPES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+TYPES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
 
 
 def collect_inputs(model, dataset, layer: int) -> dict[str, torch.Tensor]:
@@ -79,9 +86,17 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
 def timed_run(W, h, mode: str, iterations: int, block: int, lr: float):
     trace: list[tuple[int, float, float]] = []
     start = time.perf_counter()
-    f = factorize(W, h, wrapper_block_size=block, num_iterations=iterations, mode=mode, lr=lr,
-                  patience=iterations + 1,
-                  callback=lambda k, loss: trace.append((k, time.perf_counter() - start, loss)))
+    f = factorize(
+        W,
+        h,
+        wrapper_block_size=block,
+        num_iterations=iterations,
+        update_mode=mode,
+        learning_rate=lr,
+        patience=iterations + 1,
+        callback=lambda k, loss: trace.append((k, time.perf_counter() - start, loss)),
+        objective="proxy",
+    )
     return f, trace
 
 
@@ -92,8 +107,13 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--block", type=int, default=64, help="wrapper block size")
     ap.add_argument("--exact-iterations", type=int, nargs="+", default=[25, 100, 300])
-    ap.add_argument("--output-iterations", type=int, nargs="*", default=[10, 50],
-                    help="iterations of the output-aware objective (from SparseGPT)")
+    ap.add_argument(
+        "--output-iterations",
+        type=int,
+        nargs="*",
+        default=[10, 50],
+        help="iterations of the output-aware objective (from SparseGPT)",
+    )
     ap.add_argument("--adam-iterations", type=int, default=2000)
     ap.add_argument("--adam-lr", type=float, default=1e-4)
     ap.add_argument("--speed-layer", default="mlp.gate_proj")
@@ -125,16 +145,26 @@ def main() -> None:
         h = Xt.square().mean(0)
         H = Xt.T @ Xt / Xt.shape[0]
         shape = f"{W.shape[0]}x{W.shape[1]}"
-        rows = [("NoWag-P", nowag_p(W, h), None, None), ("Wanda", wanda(W, h), None, None),
-                ("SparseGPT", sparsegpt(W, H), None, None)]
+        rows = [
+            ("NoWag-P", nowag_p(W, h), None, None),
+            ("Wanda", wanda(W, h), None, None),
+            ("SparseGPT", sparsegpt(W, H), None, None),
+        ]
         for k in args.exact_iterations:
             f, tr = timed_run(W, h, "exact", k, args.block, args.adam_lr)
             rows.append((f"ARMOR exact {k} it", f.dense(), f.seconds / max(1, len(tr)), f))
             if t == args.speed_layer and k == max(args.exact_iterations):
                 traces["exact"] = tr
         for k in args.output_iterations:
-            f = factorize(W, h, wrapper_block_size=args.block, num_iterations=k,
-                          objective="output", H=H, patience=k + 1)
+            f = factorize(
+                W,
+                h,
+                wrapper_block_size=args.block,
+                num_iterations=k,
+                objective="output",
+                H=H,
+                patience=k + 1,
+            )
             spi = f.seconds / max(1, len(f.loss_history) - 1)
             rows.append((f"ARMOR output {k} it", f.dense(), spi, f))
         adam_k = args.adam_iterations if t == args.speed_layer else min(200, args.adam_iterations)
@@ -144,8 +174,10 @@ def main() -> None:
             traces["adam"] = tr
         for name, W_hat, spi, f in rows:
             b = str(f.wrapper_block_size) if f is not None else "-"
-            line = (f"| {t} | {shape} | {b} | {name} | {proxy_loss(W, h, W_hat):.4f} | "
-                    f"{output_error(W, W_hat, H):.4f} | {'-' if spi is None else f'{spi:.3f}'} |")
+            line = (
+                f"| {t} | {shape} | {b} | {name} | {proxy_loss(W, h, W_hat):.4f} | "
+                f"{output_error(W, W_hat, H):.4f} | {'-' if spi is None else f'{spi:.3f}'} |"
+            )
             print(line, flush=True)
             lines.append(line)
 
@@ -161,14 +193,22 @@ def speed_summary(traces, args) -> list[str]:
     target, adam_seconds = adam[-1][2], adam[-1][1]
     adam_best = min(loss for _, _, loss in adam)
     reached = [(k, s) for k, s, loss in exact if loss <= adam_best]
-    head = (f"Speed target on {args.speed_layer}: adam reaches proxy {adam_best:.4f} (last "
-            f"{target:.4f}) after {len(adam)} iterations in {adam_seconds:.1f} s.")
+    head = (
+        f"Speed target on {args.speed_layer}: adam reaches proxy {adam_best:.4f} (last "
+        f"{target:.4f}) after {len(adam)} iterations in {adam_seconds:.1f} s."
+    )
     if not reached:
-        return [head, f"exact did not reach it within {len(exact)} iterations "
-                f"({exact[-1][1]:.1f} s, best {min(x[2] for x in exact):.4f})."]
+        return [
+            head,
+            f"exact did not reach it within {len(exact)} iterations "
+            f"({exact[-1][1]:.1f} s, best {min(x[2] for x in exact):.4f}).",
+        ]
     k, s = reached[0]
-    return [head, f"exact reaches it at iteration {k} after {s:.2f} s: "
-            f"{s / adam_seconds:.3f} of adam's wall time (target <= 0.2)."]
+    return [
+        head,
+        f"exact reaches it at iteration {k} after {s:.2f} s: "
+        f"{s / adam_seconds:.3f} of adam's wall time (target <= 0.2).",
+    ]
 
 
 def plot(traces, path: Path, layer: str) -> None:

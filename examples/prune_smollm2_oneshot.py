@@ -115,7 +115,8 @@ def measure_layer(args: argparse.Namespace) -> None:
     total = 0.0
     for name, linear in linears.items():
         f = factorize(linear.weight, sums[name], wrapper_block_size=args.wrapper_block_size,
-                      num_iterations=5, mode=args.update_mode)  # fmt: skip
+                      num_iterations=5, update_mode=args.update_mode,
+                      objective="proxy")  # fmt: skip
         per_iteration = f.seconds / max(1, len(f.loss_history) - 1)
         total += per_iteration
         print(f"{name:18s} {tuple(linear.weight.shape)} b={f.wrapper_block_size}: "

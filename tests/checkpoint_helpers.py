@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from armor_modifier import factorize
-from armor_modifier.checkpoint import install_save_hook
+from armor_modifier.format.hooks import install_save_hook
 from armor_modifier.runtime import attach_wrappers
 
 VOCAB = 128
@@ -58,6 +58,7 @@ def armorize(model: nn.Module, num_iterations: int = 2, seed: int = 0) -> list[s
             wrapper_block_size=WRAPPER_BLOCK,
             num_iterations=num_iterations,
             seed=seed,
+            objective="proxy",
         )
         with torch.no_grad():
             module.weight.copy_(factors.core.to(module.weight.dtype))

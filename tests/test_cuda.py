@@ -19,7 +19,7 @@ from torch import nn
 from armor_modifier import cuda as cuda_runtime
 from armor_modifier.core import count_broken_groups, identity_blocks, top2_of_4_mask
 from armor_modifier.cuda import (
-    ArmorRuntimeError,
+    ARMORRuntimeError,
     capability_problem,
     scaled_8bit_supported,
     semi_structured_problem,
@@ -78,17 +78,17 @@ def test_old_gpu_is_named_with_its_capability():
 
 def test_cpu_model_is_refused_with_the_module_named():
     model = nn.Sequential(armor_linear(64, 64, 16))
-    with pytest.raises(ArmorRuntimeError, match=r"^0: the core is on cpu; move the model"):
+    with pytest.raises(ARMORRuntimeError, match=r"^0: the core is on cpu; move the model"):
         to_semi_structured(model)
 
 
 def test_model_without_armor_is_refused():
-    with pytest.raises(ArmorRuntimeError, match="no ARMOR Linears"):
+    with pytest.raises(ARMORRuntimeError, match="no ARMOR Linears"):
         to_semi_structured(nn.Sequential(nn.Linear(8, 8)))
 
 
 def test_unknown_backend_is_refused():
-    with pytest.raises(ArmorRuntimeError, match="backend must be 'cusparselt' or 'cutlass'"):
+    with pytest.raises(ARMORRuntimeError, match="backend must be 'cusparselt' or 'cutlass'"):
         to_semi_structured(nn.Sequential(armor_linear(64, 64, 16)), backend="triton")
 
 
@@ -128,7 +128,7 @@ def test_to_dense_restores_the_core_exactly(backend):
     core = linear.weight.detach().clone()
     to_semi_structured(linear, backend=backend)
     assert isinstance(linear.weight, torch.sparse.SparseSemiStructuredTensor)
-    with pytest.raises(ArmorRuntimeError, match="already converted"):
+    with pytest.raises(ARMORRuntimeError, match="already converted"):
         to_semi_structured(linear, backend=backend)
     assert to_dense(linear) == 1
     assert torch.equal(linear.weight, core)
@@ -137,9 +137,9 @@ def test_to_dense_restores_the_core_exactly(backend):
 @pytest.mark.gpu
 @requires_gpu
 def test_fp32_core_and_bad_shape_are_refused():
-    with pytest.raises(ArmorRuntimeError, match="take float16/bfloat16"):
+    with pytest.raises(ARMORRuntimeError, match="take float16/bfloat16"):
         to_semi_structured(armor_linear(64, 64, 16).to("cuda"))
-    with pytest.raises(ArmorRuntimeError, match=r"48x64 is not a multiple of the cutlass"):
+    with pytest.raises(ARMORRuntimeError, match=r"48x64 is not a multiple of the cutlass"):
         to_semi_structured(armor_linear(48, 64, 16).to("cuda", torch.bfloat16), backend="cutlass")
 
 

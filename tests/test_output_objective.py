@@ -288,7 +288,14 @@ def test_strongly_coupled_groups_fall_back_to_the_best_single_group():
 def test_factorize_output_starts_at_its_init_is_monotone_and_2_of_4(init):
     W, X, H, _ = _problem(m=32, n=64, N=300, dtype=torch.float32)
     f = factorize(
-        W, None, objective="output", H=H, init=init, wrapper_block_size=16, num_iterations=25
+        W,
+        None,
+        objective="output",
+        H=H,
+        init=init,
+        wrapper_block_size=16,
+        num_iterations=25,
+        output_damping=0.0,
     )
     start = sparsegpt_2of4(W, H)[0] if init == "sparsegpt" else nowag_p(W, H.diagonal())
     # float32 solver vs float64 reference; observed ~2e-7
@@ -313,8 +320,10 @@ def test_factorize_output_never_worse_than_sparsegpt_and_beats_proxy_on_output()
     W, X, H, _ = _problem(m=32, n=64, N=300, seed=2, dtype=torch.float32)
     h = H.diagonal()
     sgpt = _explicit_loss(W, X, sparsegpt_2of4(W, H)[0])
-    out = factorize(W, h, objective="output", H=H, wrapper_block_size=16, num_iterations=15)
-    prox = factorize(W, h, wrapper_block_size=16, num_iterations=15)
+    out = factorize(
+        W, h, objective="output", H=H, wrapper_block_size=16, num_iterations=15, output_damping=0.0
+    )
+    prox = factorize(W, h, wrapper_block_size=16, num_iterations=15, objective="proxy")
     assert _explicit_loss(W, X, out.dense()) <= sgpt
     assert _explicit_loss(W, X, out.dense()) < _explicit_loss(W, X, prox.dense())
 
@@ -350,10 +359,10 @@ def test_output_damping_options_are_checked():
     W, X, H, _ = _problem(m=16, n=32, dtype=torch.float32)
     with pytest.raises(ValueError, match="output_damping"):
         factorize(W, None, objective="output", H=H, output_damping=-1.0)
-    with pytest.raises(ValueError, match="percdamp"):
-        factorize(W, None, objective="output", H=H, percdamp=0.0)
+    with pytest.raises(ValueError, match="dampening_frac"):
+        factorize(W, None, objective="output", H=H, dampening_frac=0.0, output_damping=0.0)
     with pytest.raises(ValueError, match="output_damping_kind.*'ridge'"):
-        factorize(W, None, objective="output", H=H, output_damping_kind="ridge")
+        factorize(W, None, objective="output", H=H, output_damping_kind="ridge", output_damping=0.0)
 
 
 def test_adam_mode_with_the_output_objective_keeps_the_best_iterate():
@@ -363,10 +372,11 @@ def test_adam_mode_with_the_output_objective_keeps_the_best_iterate():
         None,
         objective="output",
         H=H,
-        mode="adam",
-        lr=1e-3,
+        update_mode="adam",
+        learning_rate=1e-3,
         wrapper_block_size=8,
         num_iterations=20,
+        output_damping=0.0,
     )
     assert f.final_loss <= f.initial_loss
     assert f.final_loss == pytest.approx(_explicit_loss(W, X, f.dense()), rel=1e-4)
@@ -375,7 +385,9 @@ def test_adam_mode_with_the_output_objective_keeps_the_best_iterate():
 def test_proxy_from_sparsegpt_starts_at_sparsegpts_proxy_loss():
     W, X, H, _ = _problem(m=16, n=32, dtype=torch.float32)
     h = H.diagonal()
-    f = factorize(W, h, H=H, init="sparsegpt", wrapper_block_size=8, num_iterations=10)
+    f = factorize(
+        W, h, H=H, init="sparsegpt", wrapper_block_size=8, num_iterations=10, objective="proxy"
+    )
     assert f.loss_history[0] == pytest.approx(proxy_loss(W, h, sparsegpt_2of4(W, H)[0]), rel=1e-5)
     assert f.final_loss <= f.initial_loss and f.init == "sparsegpt"
 
@@ -421,7 +433,15 @@ def test_singular_hessians_stay_finite(case):
     else:
         W[:5] = 0.0
     H = X.T @ X / X.shape[0]
-    f = factorize(W, None, objective="output", H=H, wrapper_block_size=8, num_iterations=15)
+    f = factorize(
+        W,
+        None,
+        objective="output",
+        H=H,
+        wrapper_block_size=8,
+        num_iterations=15,
+        output_damping=0.0,
+    )
     hist = torch.tensor(f.loss_history)
     assert torch.isfinite(hist).all() and torch.isfinite(f.dense()).all()
     assert (f.num_h_failures, f.num_damping_increases) == (0, 0)
@@ -433,7 +453,15 @@ def test_singular_hessians_stay_finite(case):
 def test_an_indefinite_hessian_needs_one_damping_increase():
     W, X, H, _ = _problem(m=16, n=32, N=20, dtype=torch.float32)  # singular: 20 tokens
     H = H - 0.03 * H.diagonal().mean() * torch.eye(32)  # fails at 1%, factorises at 10%
-    f = factorize(W, None, objective="output", H=H, wrapper_block_size=8, num_iterations=10)
+    f = factorize(
+        W,
+        None,
+        objective="output",
+        H=H,
+        wrapper_block_size=8,
+        num_iterations=10,
+        output_damping=0.0,
+    )
     assert (f.num_damping_increases, f.num_h_failures) == (1, 0)
     assert all(torch.isfinite(torch.tensor(f.loss_history)))
     assert f.final_loss <= f.initial_loss
@@ -444,19 +472,36 @@ def test_a_hessian_that_never_factorises_returns_nowag_p(init):
     W = torch.randn(16, 32)
     H = -torch.eye(32)
     f = factorize(
-        W, None, objective="output", H=H, init=init, wrapper_block_size=8, num_iterations=10
+        W,
+        None,
+        objective="output",
+        H=H,
+        init=init,
+        wrapper_block_size=8,
+        num_iterations=10,
+        output_damping=0.0,
     )
     assert (f.num_h_failures, f.num_damping_increases, f.init) == (1, 5, "nowag")
     assert torch.equal(f.dense(), nowag_p(W, torch.ones(32)))
     assert f.loss_history == (output_loss(W, H, f.dense()),) and f.best_iteration == 0
-    p = factorize(W, torch.ones(32), H=H, init="sparsegpt", wrapper_block_size=8, num_iterations=3)
+    p = factorize(
+        W,
+        torch.ones(32),
+        H=H,
+        init="sparsegpt",
+        wrapper_block_size=8,
+        num_iterations=3,
+        objective="proxy",
+    )
     assert (p.num_h_failures, p.init) == (1, "nowag") and p.final_loss <= p.initial_loss
 
 
 def test_inputs_are_not_modified():
     W, _, H, _ = _problem(dtype=torch.float32)
     W0, H0 = W.clone(), H.clone()
-    factorize(W, None, objective="output", H=H, wrapper_block_size=8, num_iterations=3)
+    factorize(
+        W, None, objective="output", H=H, wrapper_block_size=8, num_iterations=3, output_damping=0.0
+    )
     sparsegpt_2of4(W, H)
     assert torch.equal(W, W0) and torch.equal(H, H0)
 
@@ -464,16 +509,18 @@ def test_inputs_are_not_modified():
 def test_bad_hessians_and_options_raise():
     W = torch.randn(8, 8)
     with pytest.raises(ValueError, match="needs the layer Hessian"):
-        factorize(W, torch.ones(8), objective="output")
+        factorize(W, torch.ones(8), objective="output", output_damping=0.0)
     with pytest.raises(ValueError, match="needs the layer Hessian"):
-        factorize(W, torch.ones(8), init="sparsegpt")
+        factorize(W, torch.ones(8), init="sparsegpt", objective="proxy")
     with pytest.raises(ValueError, match=r"shape \[8, 8\]"):
-        factorize(W, None, objective="output", H=torch.eye(4))
+        factorize(W, None, objective="output", H=torch.eye(4), output_damping=0.0)
     with pytest.raises(ValueError, match="NaN/Inf"):
-        factorize(W, None, objective="output", H=torch.full((8, 8), float("nan")))
+        factorize(
+            W, None, objective="output", H=torch.full((8, 8), float("nan")), output_damping=0.0
+        )
     with pytest.raises(ValueError, match="objective"):
         factorize(W, torch.ones(8), objective="hessian")
     with pytest.raises(ValueError, match="init"):
-        factorize(W, torch.ones(8), H=torch.eye(8), init="wanda")
+        factorize(W, torch.ones(8), H=torch.eye(8), init="wanda", objective="proxy")
     with pytest.raises(ValueError, match="needs h"):
-        factorize(W, None)
+        factorize(W, None, objective="proxy")

@@ -180,7 +180,15 @@ def test_groups_per_tile_must_be_positive():
 @pytest.mark.parametrize("mode", ["exact", "adam"])
 def test_final_loss_never_exceeds_nowag_p_and_2_of_4_holds(mode):
     W, h, _, _ = _problem(m=32, n=64, dtype=torch.float32)
-    f = factorize(W, h, wrapper_block_size=16, num_iterations=30, mode=mode, lr=1e-3)
+    f = factorize(
+        W,
+        h,
+        wrapper_block_size=16,
+        num_iterations=30,
+        update_mode=mode,
+        learning_rate=1e-3,
+        objective="proxy",
+    )
     assert f.final_loss <= f.initial_loss
     assert f.initial_loss == pytest.approx(proxy_loss(W, h, nowag_p(W, h)), rel=1e-6)
     assert is_2_of_4(f.mask) and torch.equal(f.core != 0, f.mask & (f.core != 0))
@@ -191,7 +199,9 @@ def test_final_loss_never_exceeds_nowag_p_and_2_of_4_holds(mode):
 
 def test_exact_mode_history_is_monotone_and_improves():
     W, h, _, _ = _problem(m=32, n=64, dtype=torch.float32)
-    f = factorize(W, h, wrapper_block_size=16, num_iterations=40, mode="exact")
+    f = factorize(
+        W, h, wrapper_block_size=16, num_iterations=40, update_mode="exact", objective="proxy"
+    )
     hist = f.loss_history
     # fp32 round-off: observed worst relative rise 0 over 40 iterations; allow 1e-5
     assert all(b <= a * (1 + 1e-5) for a, b in zip(hist, hist[1:], strict=False))
@@ -200,30 +210,34 @@ def test_exact_mode_history_is_monotone_and_improves():
 
 def test_deterministic_for_a_seed_and_seed_matters():
     W, h, _, _ = _problem(m=16, n=32, dtype=torch.float32)
-    f1 = factorize(W, h, wrapper_block_size=8, num_iterations=10, seed=7)
-    f2 = factorize(W, h, wrapper_block_size=8, num_iterations=10, seed=7)
+    f1 = factorize(W, h, wrapper_block_size=8, num_iterations=10, seed=7, objective="proxy")
+    f2 = factorize(W, h, wrapper_block_size=8, num_iterations=10, seed=7, objective="proxy")
     assert f1.loss_history == f2.loss_history and torch.equal(f1.core, f2.core)
-    f3 = factorize(W, h, wrapper_block_size=8, num_iterations=10, seed=8)
+    f3 = factorize(W, h, wrapper_block_size=8, num_iterations=10, seed=8, objective="proxy")
     assert f3.loss_history != f1.loss_history
 
 
 def test_an_already_2_of_4_weight_is_reproduced_exactly():
     W, h, _, _ = _problem(m=16, n=32, dtype=torch.float32)
     W = nowag_p(W, h)  # 2:4 already: NoWag-P keeps exactly its non-zeros
-    f = factorize(W, h, wrapper_block_size=8, num_iterations=5)
+    f = factorize(W, h, wrapper_block_size=8, num_iterations=5, objective="proxy")
     assert f.initial_loss < 1e-12  # observed 0.0
     torch.testing.assert_close(f.dense(), W, rtol=1e-5, atol=1e-6)
 
 
 def test_early_stopping_with_patience():
     W, h, _, _ = _problem(m=16, n=32, dtype=torch.float32)
-    f = factorize(W, h, wrapper_block_size=8, num_iterations=10_000, patience=5, rtol=0.5)
+    f = factorize(
+        W, h, wrapper_block_size=8, num_iterations=10_000, patience=5, rtol=0.5, objective="proxy"
+    )
     assert len(f.loss_history) < 100
 
 
 def test_reported_block_size_and_overhead_for_smollm2_shapes():
     W = torch.randn(192, 576)
-    f = factorize(W, torch.rand(576) + 0.1, wrapper_block_size=128, num_iterations=1)
+    f = factorize(
+        W, torch.rand(576) + 0.1, wrapper_block_size=128, num_iterations=1, objective="proxy"
+    )
     assert f.wrapper_block_size == 96
     assert f.overhead == pytest.approx((192 + 576) * 96 / (192 * 576))
 
@@ -231,14 +245,16 @@ def test_reported_block_size_and_overhead_for_smollm2_shapes():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inputs_are_computed_in_fp32(dtype):
     W, h, _, _ = _problem(m=16, n=32, dtype=torch.float32)
-    f = factorize(W.to(dtype), h.to(dtype), wrapper_block_size=8, num_iterations=5)
+    f = factorize(
+        W.to(dtype), h.to(dtype), wrapper_block_size=8, num_iterations=5, objective="proxy"
+    )
     assert f.core.dtype == torch.float32 and f.final_loss <= f.initial_loss
 
 
 @pytest.mark.parametrize("m,n,b", [(4, 4, 4), (8, 8, 8), (12, 8, 128)])
 def test_tiny_and_single_block_matrices(m, n, b):
     W, h, _, _ = _problem(m=m, n=n, dtype=torch.float32)
-    f = factorize(W, h, wrapper_block_size=b, num_iterations=10)
+    f = factorize(W, h, wrapper_block_size=b, num_iterations=10, objective="proxy")
     assert is_2_of_4(f.mask) and torch.isfinite(f.dense()).all()
     assert f.final_loss <= f.initial_loss
 
@@ -247,16 +263,18 @@ def test_zero_rows_columns_and_all_zero_weight_stay_finite():
     W, h, _, _ = _problem(m=16, n=32, dtype=torch.float32)
     W[3] = 0.0
     W[:, 5] = 0.0
-    f = factorize(W, h, wrapper_block_size=8, num_iterations=10)
+    f = factorize(W, h, wrapper_block_size=8, num_iterations=10, objective="proxy")
     assert torch.isfinite(f.dense()).all() and f.final_loss <= f.initial_loss
-    z = factorize(torch.zeros(8, 8), torch.ones(8), wrapper_block_size=8, num_iterations=5)
+    z = factorize(
+        torch.zeros(8, 8), torch.ones(8), wrapper_block_size=8, num_iterations=5, objective="proxy"
+    )
     assert torch.equal(z.dense(), torch.zeros(8, 8)) and z.final_loss == 0.0
 
 
 def test_rank_deficient_wrapper_systems_fall_back_without_nan():
     # Rank-1 weight: many A/B block systems are singular up to the ridge.
     W = torch.outer(torch.arange(1.0, 17.0), torch.ones(16))
-    f = factorize(W, torch.ones(16), wrapper_block_size=8, num_iterations=10)
+    f = factorize(W, torch.ones(16), wrapper_block_size=8, num_iterations=10, objective="proxy")
     assert torch.isfinite(f.dense()).all() and f.final_loss <= f.initial_loss
     assert f.num_fallbacks >= 0
 
@@ -266,7 +284,7 @@ def test_bad_h_entries_are_sanitized_and_counted():
     h = h.clone()
     h[0], h[1], h[2], h[3] = float("nan"), float("inf"), 0.0, -1.0
     original = h.clone()
-    f = factorize(W, h, wrapper_block_size=8, num_iterations=3)
+    f = factorize(W, h, wrapper_block_size=8, num_iterations=3, objective="proxy")
     assert f.num_sanitized_h == 4 and torch.isfinite(f.dense()).all()
     assert torch.equal(h.isnan(), original.isnan())  # caller's tensor untouched
 
@@ -274,7 +292,7 @@ def test_bad_h_entries_are_sanitized_and_counted():
 def test_inputs_are_not_modified():
     W, h, _, _ = _problem(m=16, n=32, dtype=torch.float32)
     W0, h0 = W.clone(), h.clone()
-    factorize(W, h, wrapper_block_size=8, num_iterations=5)
+    factorize(W, h, wrapper_block_size=8, num_iterations=5, objective="proxy")
     assert torch.equal(W, W0) and torch.equal(h, h0)
 
 
@@ -290,15 +308,15 @@ def test_inputs_are_not_modified():
 )
 def test_bad_input_raises_value_error_naming_the_problem(weight, h, match):
     with pytest.raises(ValueError, match=match):
-        factorize(weight, h, wrapper_block_size=4, num_iterations=1)
+        factorize(weight, h, wrapper_block_size=4, num_iterations=1, objective="proxy")
 
 
 def test_bad_types_and_options_raise():
     with pytest.raises(TypeError, match="floating"):
-        factorize(torch.ones(8, 8, dtype=torch.int64), torch.ones(8))
+        factorize(torch.ones(8, 8, dtype=torch.int64), torch.ones(8), objective="proxy")
     with pytest.raises(TypeError, match="torch.Tensor"):
-        factorize([[1.0] * 4] * 4, torch.ones(4))
+        factorize([[1.0] * 4] * 4, torch.ones(4), objective="proxy")
     with pytest.raises(ValueError, match="mode"):
-        factorize(torch.randn(8, 8), torch.ones(8), mode="sgd")
+        factorize(torch.randn(8, 8), torch.ones(8), update_mode="sgd", objective="proxy")
     with pytest.raises(ValueError, match="multiple of 4"):
-        factorize(torch.randn(8, 8), torch.ones(8), wrapper_block_size=6)
+        factorize(torch.randn(8, 8), torch.ones(8), wrapper_block_size=6, objective="proxy")

@@ -87,9 +87,12 @@ def _check_output_folder(path: Path, overwrite: bool) -> None:
 
 
 def _check_model_path(model: str) -> None:
-    if model != DEFAULT_MODEL and model.startswith((".", "/", "~")) and \
-            not Path(model).expanduser().exists():
-        raise CLIError(f"model folder {model} does not exist")
+    """A model that is not a local folder must look like a hub id (``org/name``)."""
+    if model == DEFAULT_MODEL or Path(model).expanduser().exists():
+        return
+    if model.startswith((".", "/", "~")) or model.count("/") != 1:
+        raise CLIError(f"model folder {model} does not exist (pass a model folder, a hub id "
+                       f"like org/name, or '{DEFAULT_MODEL}')")
 
 
 def _load(model: str):
@@ -119,25 +122,44 @@ def run_eval(args: argparse.Namespace) -> None:
 def run_export(args: argparse.Namespace) -> None:
     import torch
 
-    from .export import export_dense
+    from .format.export import export_dense
+    from .format.staging import check_writable
 
     src, dst = Path(args.src), Path(args.dst)
     if not src.is_dir():
         raise CLIError(f"source folder {src} does not exist")
     _check_output_folder(dst, args.overwrite)
+    check_writable(dst)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     start = time.perf_counter()
     out = export_dense(src, dst, dtype=dtype)
     print(f"wrote dense checkpoint {out} in {time.perf_counter() - start:.1f} s")
 
 
+def _one_line(err: BaseException) -> str:
+    """The first line of an error; pydantic's errors as ``field: message (got value)``."""
+    errors = getattr(err, "errors", None)
+    if callable(errors) and type(err).__name__ == "ValidationError":
+        first = errors()[0]
+        field = ".".join(str(part) for part in first.get("loc", ())) or type(err).__name__
+        message = str(first.get("msg", "")).removeprefix("Value error, ")
+        if message.startswith(field):
+            return message
+        return f"{field}: {message} (got {first.get('input')!r})"
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "threads", None):
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            parser.error(f"--threads must be at least 1, got {threads}")
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
     try:
         if args.command == "prune":
             _check_output_folder(Path(args.output), args.overwrite)
@@ -147,9 +169,8 @@ def main(argv: list[str] | None = None) -> int:
             run_eval(args)
         else:
             run_export(args)
-    except (CLIError, ValueError, TypeError, FileNotFoundError, NotADirectoryError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"armor: error: {message}", file=sys.stderr)
+    except (CLIError, ValueError, TypeError, OSError) as err:
+        print(f"armor: error: {_one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import shutil
-import tempfile
+import dataclasses
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .core import FIELD_HELP, INITS, MODES, OBJECTIVES, SolverSettings
+from .core.output import DAMPING_KINDS
+from .format.staging import check_writable, staged_replace
 
 __all__ = ["QUANT_SCHEMES", "add_prune_arguments", "build_recipe", "run_prune"]
 
@@ -17,6 +21,39 @@ __all__ = ["QUANT_SCHEMES", "add_prune_arguments", "build_recipe", "run_prune"]
 QUANT_SCHEMES = {"none": None, "fp8-dynamic": "FP8_DYNAMIC", "w8a8-int8": "W8A8",
                  "w4a16": "W4A16"}
 LM_HEAD = "re:.*lm_head"
+
+
+#: Choices of the solver fields that take one of a few strings.
+_CHOICES = {"update_mode": MODES, "objective": OBJECTIVES, "init": INITS,
+            "output_damping_kind": DAMPING_KINDS}
+#: Solver fields the command line does not expose (``--seed`` seeds both data and solver).
+_NOT_OPTIONS = ("seed",)
+
+
+def _option(field: dataclasses.Field) -> str:
+    return "--" + field.name.replace("_", "-")
+
+
+def add_solver_arguments(group: argparse._ArgumentGroup) -> None:
+    """One option per :class:`SolverSettings` field, named after it, help from FIELD_HELP."""
+    defaults = SolverSettings()
+    for field in dataclasses.fields(SolverSettings):
+        if field.name in _NOT_OPTIONS:
+            continue
+        default = getattr(defaults, field.name)
+        shown = "per Linear from --max-wrapper-overhead" if default is None else repr(default)
+        if field.name == "init" and default is None:
+            shown = "by objective"
+        help_text = f"{FIELD_HELP[field.name]} (default {shown})"
+        if isinstance(default, bool):
+            group.add_argument(_option(field), action=argparse.BooleanOptionalAction,
+                               default=None, help=help_text)
+        elif field.name in _CHOICES:
+            group.add_argument(_option(field), choices=_CHOICES[field.name], default=None,
+                               help=help_text)
+        else:
+            kind = int if field.name == "wrapper_block_size" else type(default)
+            group.add_argument(_option(field), type=kind, default=None, help=help_text)
 
 
 def add_prune_arguments(p: argparse.ArgumentParser) -> None:
@@ -35,21 +72,15 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--seed", type=int, default=0, help="window sampling and solver seed")
     algo = p.add_argument_group("ARMOR (ignored with --recipe)")
     algo.add_argument("--recipe", default=None,
-                      help="an llm-compressor YAML recipe (see recipes/) instead of the flags")
-    algo.add_argument("--block-size", type=int, default=128,
-                      help="requested wrapper block size, a multiple of 4 (default 128; the "
-                      "largest multiple of 4 <= it dividing both dimensions is used)")
-    algo.add_argument("--iterations", type=int, default=None,
-                      help="BCD iterations per matrix (default: ARMORModifier's)")
-    algo.add_argument("--mode", choices=["exact", "adam"], default="exact",
-                      help="continuous update: closed-form 'exact' (default) or the paper's "
-                      "'adam'")
+                      help="an llm-compressor YAML recipe (see recipes/) instead of the flags; "
+                      "it must contain an ARMORModifier")
     algo.add_argument("--calibration", choices=["sequential", "dense"], default=None,
                       help="statistics through already-pruned layers ('sequential') or from "
-                      "the dense model ('dense'); default: ARMORModifier's")
+                      "the dense model ('dense'); default: by objective")
+    add_solver_arguments(algo)
     algo.add_argument("--quantize", choices=list(QUANT_SCHEMES), default="none",
                       help="round-to-nearest quantization of the cores after pruning")
-    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (>= 1)")
 
 
 def _check_recipe_file(path: str) -> str:
@@ -69,12 +100,18 @@ def _check_recipe_file(path: str) -> str:
                          f"{type(parsed).__name__}")
     from llmcompressor.recipe import Recipe
 
+    from .modifier import ARMORModifier
+
     try:
-        Recipe.create_instance(str(file))
-    except (ValueError, TypeError, KeyError) as err:
+        recipe = Recipe.create_instance(str(file))
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ValueError(f"recipe file {path} is not a valid llm-compressor recipe: "
                          f"{first}") from err
+    found = [type(m).__name__ for m in recipe.modifiers]
+    if not any(isinstance(m, ARMORModifier) for m in recipe.modifiers):
+        raise ValueError(f"recipe file {path} contains no ARMORModifier (modifiers found: "
+                         f"{found or 'none'}); see recipes/armor_2of4.yaml")
     return str(file)
 
 
@@ -84,11 +121,14 @@ def build_recipe(args: argparse.Namespace) -> Any:
         return _check_recipe_file(args.recipe)
     from .modifier import ARMORModifier
 
-    fields: dict[str, Any] = {"targets": ["Linear"], "ignore": [LM_HEAD],
-                              "wrapper_block_size": args.block_size,
-                              "update_mode": args.mode, "seed": args.seed}
-    if args.iterations is not None:
-        fields["num_iterations"] = args.iterations
+    solver = {f.name: getattr(args, f.name) for f in dataclasses.fields(SolverSettings)
+              if f.name not in _NOT_OPTIONS and getattr(args, f.name) is not None}
+    try:
+        SolverSettings(seed=args.seed, **solver)
+    except ValueError as err:
+        raise ValueError(f"{err} (the option is {_option_name(str(err))})") from err
+    fields: dict[str, Any] = {"targets": ["Linear"], "ignore": [LM_HEAD], "seed": args.seed,
+                              **solver}
     if args.calibration is not None:
         fields["calibration"] = args.calibration
     recipe: list[Any] = [ARMORModifier(**fields)]
@@ -98,6 +138,11 @@ def build_recipe(args: argparse.Namespace) -> Any:
 
         recipe.append(QuantizationModifier(targets="Linear", scheme=scheme, ignore=[LM_HEAD]))
     return recipe
+
+
+def _option_name(message: str) -> str:
+    field = message.split(" ", 1)[0]
+    return "--" + field.replace("_", "-")
 
 
 def _max_positions(model: Any) -> int | None:
@@ -111,6 +156,7 @@ def run_prune(args: argparse.Namespace, load: Callable[[str], Any]) -> None:
     if args.num_samples < 1 or args.seq_len < 1:
         raise ValueError(f"--num-samples ({args.num_samples}) and --seq-len ({args.seq_len}) "
                          "must be positive")
+    output = check_writable(args.output)
     recipe = build_recipe(args)
     text = load_text(args.dataset, "train")
     model, tokenizer, _ = load(args.model)
@@ -127,15 +173,19 @@ def run_prune(args: argparse.Namespace, load: Callable[[str], Any]) -> None:
             num_calibration_samples=args.num_samples, max_seq_length=args.seq_len)
     seconds = time.perf_counter() - start
 
-    output = Path(args.output).expanduser().resolve()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        if output.exists():
-            shutil.rmtree(output)
-        staging.rename(output)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with staged_replace(args.output) as stage:
+        model.save_pretrained(stage)
+        tokenizer.save_pretrained(stage)
+        _require_armor_ct(stage)
     print(f"pruned {args.model} in {seconds:.1f} s; wrote {output}")
+
+
+def _require_armor_ct(folder: Path) -> None:
+    """Raise unless ``folder`` holds an armor-ct checkpoint with at least one ARMOR module."""
+    config = json.loads((folder / "config.json").read_text())
+    qc = config.get("quantization_config") or {}
+    modules = (qc.get("armor") or {}).get("modules") or {}
+    if qc.get("quant_method") != "armor-ct" or not modules:
+        raise ValueError("the run pruned no module with ARMOR (the saved model has no armor-ct "
+                         "quantization_config); nothing was written. Check the recipe's "
+                         "targets and ignore")

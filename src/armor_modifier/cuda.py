@@ -13,7 +13,7 @@
   scales applied to the bf16 result. Used only when a probe matmul succeeds on the device (FP8
   needs sm89+ and a cuSPARSELt build with E4M3).
 
-Needs CUDA with compute capability >= 8.0; raises :class:`ArmorRuntimeError` otherwise. The GPU
+Needs CUDA with compute capability >= 8.0; raises :class:`ARMORRuntimeError` otherwise. The GPU
 tests (``tests/test_cuda.py``, marker ``gpu``) hold the accuracy bounds.
 """
 
@@ -27,11 +27,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
+from .core.errors import ARMORRuntimeError
 from .core.sparsity import count_broken_groups
-from .runtime import is_armor_linear
+from .runtime import armor_linears
 
 __all__ = [
-    "ArmorRuntimeError",
+    "ARMORRuntimeError",
     "semi_structured_problem",
     "to_semi_structured",
     "to_dense",
@@ -46,10 +47,6 @@ _CLASSES = {
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16)
 _PACKED = "_armor_packed"
 _FORWARD = "_armor_dense_forward"
-
-
-class ArmorRuntimeError(RuntimeError):
-    """The 2:4 runtime cannot run here (no CUDA, old GPU, unsupported dtype, shape or scheme)."""
 
 
 def capability_problem(capability: tuple[int, int], device_name: str) -> str | None:
@@ -93,23 +90,15 @@ def scaled_8bit_supported(dtype: torch.dtype, device_index: int) -> bool:
     return True
 
 
-def _armor_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and is_armor_linear(m)
-    }
-
-
 def _check_shape(name: str, weight: torch.Tensor, backend: Backend) -> None:
     limits = _CLASSES[backend]._DTYPE_SHAPE_CONSTRAINTS.get(weight.dtype)
     if limits is None:
-        raise ArmorRuntimeError(
+        raise ARMORRuntimeError(
             f"{name}: the {backend} 2:4 backend has no kernel for {weight.dtype} cores"
         )
     m, n = weight.shape
     if m % limits.sparse_min_rows or n % limits.sparse_min_cols:
-        raise ArmorRuntimeError(
+        raise ARMORRuntimeError(
             f"{name}: core {m}x{n} is not a multiple of the {backend} {weight.dtype} tile "
             f"({limits.sparse_min_rows}x{limits.sparse_min_cols}); leave this module out of "
             "ARMOR or pick the other backend"
@@ -158,7 +147,7 @@ def _convert_8bit(name: str, linear: nn.Linear) -> str:
         and scheme.output_activations is None
     )
     if not ok:
-        raise ArmorRuntimeError(
+        raise ARMORRuntimeError(
             f"{name}: the 2:4 runtime runs quantized cores with 8-bit per-channel weights and "
             f"dynamic per-token 8-bit activations (FP8_DYNAMIC, W8A8); this module's scheme is "
             f"{scheme}"
@@ -166,7 +155,7 @@ def _convert_8bit(name: str, linear: nn.Linear) -> str:
     dtype = w_args.pytorch_dtype()
     device = linear.weight.device
     if not scaled_8bit_supported(dtype, device.index if device.index is not None else 0):
-        raise ArmorRuntimeError(
+        raise ARMORRuntimeError(
             f"{name}: cuSPARSELt on {torch.cuda.get_device_name(device)} does not run {dtype} 2:4 "
             "matmuls (FP8 needs compute capability >= 8.9 and a cuSPARSELt with E4M3); load the "
             "model unquantized, or run without to_semi_structured"
@@ -191,45 +180,45 @@ def to_semi_structured(model: nn.Module, backend: Backend | None = None) -> dict
     :param backend: ``"cusparselt"`` (default when available) or ``"cutlass"``; 8-bit cores
         always use cuSPARSELt
     :return: ``{module name: backend used}``
-    :raises ArmorRuntimeError: without CUDA sm80+, or naming the module whose dtype, shape,
+    :raises ARMORRuntimeError: without CUDA sm80+, or naming the module whose dtype, shape,
         quantization scheme or sparsity the kernels cannot take (nothing is converted then)
     """
-    linears = _armor_linears(model)
+    linears = armor_linears(model)
     if not linears:
-        raise ArmorRuntimeError("the model has no ARMOR Linears (nothing to convert)")
+        raise ARMORRuntimeError("the model has no ARMOR Linears (nothing to convert)")
     if backend is None:
         backend = "cusparselt" if torch.backends.cusparselt.is_available() else "cutlass"
     if backend not in _CLASSES:
-        raise ArmorRuntimeError(f"backend must be 'cusparselt' or 'cutlass', got {backend!r}")
+        raise ARMORRuntimeError(f"backend must be 'cusparselt' or 'cutlass', got {backend!r}")
     for name, linear in linears.items():
         weight = getattr(linear, "weight", None)
         if not isinstance(weight, torch.Tensor):
-            raise ArmorRuntimeError(
+            raise ARMORRuntimeError(
                 f"{name}: the core is bit-packed by compressed-tensors (e.g. W4A16); the 2:4 "
                 "runtime runs fp16/bf16 and 8-bit (FP8_DYNAMIC, W8A8) cores"
             )
         if isinstance(weight, torch.sparse.SparseSemiStructuredTensor) or hasattr(linear, _PACKED):
-            raise ArmorRuntimeError(f"{name}: already converted; call to_dense(model) first")
+            raise ARMORRuntimeError(f"{name}: already converted; call to_dense(model) first")
         if weight.device.type != "cuda":
-            raise ArmorRuntimeError(
+            raise ARMORRuntimeError(
                 f"{name}: the core is on {weight.device}; move the model to a CUDA device first "
                 f"({semi_structured_problem() or 'model.to(device)'})"
             )
         problem = semi_structured_problem(weight.device)
         if problem:
-            raise ArmorRuntimeError(f"{name}: {problem}")
+            raise ARMORRuntimeError(f"{name}: {problem}")
         if count_broken_groups(weight.detach().float()):
-            raise ArmorRuntimeError(f"{name}: the core is not 2:4; the kernels would change it")
+            raise ARMORRuntimeError(f"{name}: the core is not 2:4; the kernels would change it")
         if hasattr(linear, "quantization_scheme"):
             continue
         if weight.dtype not in _FLOAT_DTYPES:
-            raise ArmorRuntimeError(
+            raise ARMORRuntimeError(
                 f"{name}: core dtype {weight.dtype}; the 2:4 kernels take float16/bfloat16 "
                 "(load with dtype=torch.bfloat16)"
             )
         _check_shape(name, weight, backend)
         if linear.bias is not None and linear.bias.dtype != weight.dtype:
-            raise ArmorRuntimeError(
+            raise ARMORRuntimeError(
                 f"{name}: bias dtype {linear.bias.dtype} != core {weight.dtype}"
             )
     report = {}
@@ -246,7 +235,7 @@ def to_semi_structured(model: nn.Module, backend: Backend | None = None) -> dict
 def to_dense(model: nn.Module) -> int:
     """Undo :func:`to_semi_structured`: dense cores back in ``weight``. Returns modules restored."""
     restored = 0
-    for linear in _armor_linears(model).values():
+    for linear in armor_linears(model).values():
         weight = linear.weight
         if isinstance(weight, torch.sparse.SparseSemiStructuredTensor):
             linear.weight = nn.Parameter(weight.to_dense(), requires_grad=False)

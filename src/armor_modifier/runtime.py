@@ -66,6 +66,15 @@ def is_armor_linear(module: nn.Module) -> bool:
     return hasattr(module, ARMOR_A) and hasattr(module, ARMOR_B)
 
 
+def armor_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """``{name: module}`` of every Linear in ``model`` that carries ARMOR wrappers, model order."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and is_armor_linear(module)
+    }
+
+
 def attach_wrappers(linear: nn.Linear, A: torch.Tensor, B: torch.Tensor) -> None:
     """Register ``A [p, b, b]`` and ``B [q, b, b]`` on ``linear`` and hook them into its forward.
 

@@ -1,27 +1,40 @@
 """The ARMOR math core: pure torch, no framework imports.
 
-Tensors in, a frozen :class:`ARMORFactors` out. See ``ARMOR_SPEC.md`` for the algorithm.
+Tensors and a frozen :class:`SolverSettings` in, a frozen :class:`ARMORFactors` out. See
+``ARMOR_SPEC.md`` for the algorithm. Modules: :mod:`.solver` the block coordinate descent,
+:mod:`.proxy` the paper's diagonal proxy (from NoWag-P), :mod:`.output` the output error (from
+:mod:`.sparsegpt`), :mod:`.discrete` / :mod:`.sparsity` the 2:4 step and masks, :mod:`.blockdiag`
+wrapper products, :mod:`.settings` the knobs, :mod:`.errors` the package's error classes.
 """
 
 from .blockdiag import dense_blockdiag, identity_blocks, left_blockdiag, right_blockdiag
-from .output import OutputObjective, output_loss, output_ridge
-from .problem import choose_wrapper_block_size, wrapper_overhead
-from .solver import INITS, MODES, OBJECTIVES, ARMORFactors, factorize, nowag_p, proxy_loss
-from .sparsegpt import (
+from .errors import (
+    ARMORCheckpointError,
+    ARMORCompressionError,
+    ARMORError,
+    ARMORRuntimeError,
     HessianNotPositiveDefinite,
-    SparseGPTResult,
-    sparsegpt_2of4,
-    sparsegpt_prune,
 )
+from .output import OutputObjective, output_loss, output_ridge
+from .problem import choose_wrapper_block_size, largest_block_within, wrapper_overhead
+from .settings import FIELD_HELP, INITS, MODES, OBJECTIVES, SolverSettings
+from .solver import ARMORFactors, factorize, nowag_p, proxy_loss
+from .sparsegpt import SparseGPTResult, sparsegpt_2of4, sparsegpt_prune
 from .sparsity import count_broken_groups, is_2_of_4, top2_of_4_mask
 
 __all__ = [
+    "ARMORCheckpointError",
+    "ARMORCompressionError",
+    "ARMORError",
     "ARMORFactors",
+    "ARMORRuntimeError",
+    "FIELD_HELP",
     "HessianNotPositiveDefinite",
     "INITS",
     "MODES",
     "OBJECTIVES",
     "OutputObjective",
+    "SolverSettings",
     "SparseGPTResult",
     "choose_wrapper_block_size",
     "count_broken_groups",
@@ -29,6 +42,7 @@ __all__ = [
     "factorize",
     "identity_blocks",
     "is_2_of_4",
+    "largest_block_within",
     "left_blockdiag",
     "nowag_p",
     "output_loss",

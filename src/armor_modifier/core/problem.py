@@ -123,6 +123,21 @@ def choose_wrapper_block_size(m: int, n: int, requested: int) -> int:
     raise ValueError(f"no wrapper block size divides {m}x{n}; both must be multiples of 4")
 
 
+def largest_block_within(m: int, n: int, max_overhead: float) -> int:
+    """The largest ``b`` with ``4 | b``, ``b | m``, ``b | n`` and ``(m + n) b / (m n) <=
+    max_overhead``; ``4`` when even that exceeds the budget (tiny layers: the smallest wrapper).
+
+    SmolLM2-135M at 0.10: 24 for the 576x576 attention projections, 12 for the 192x576 k/v
+    projections, 32 for the 1536x576 MLP matrices.
+    """
+    if m % 4 or n % 4:
+        raise ValueError(f"no wrapper block size divides {m}x{n}; both must be multiples of 4")
+    fitting = int(max_overhead * m * n / (m + n) + 1e-9)
+    if fitting < 4:
+        return 4
+    return choose_wrapper_block_size(m, n, fitting // 4 * 4)
+
+
 def wrapper_overhead(m: int, n: int, b: int) -> float:
     """Extra parameters of the two wrappers relative to the dense weight: ``(m + n) b / (m n)``."""
     return (m + n) * b / (m * n)

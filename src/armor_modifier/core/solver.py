@@ -14,22 +14,22 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from .adam import AdamState
 from .blockdiag import identity_blocks
 from .iterate import Iterate, reconstruct
-from .output import DAMPING_KINDS, OutputObjective, output_loss, output_ridge
+from .output import OutputObjective, output_loss, output_ridge
 from .problem import (
     check_weight,
-    choose_wrapper_block_size,
     normalize,
     sanitize_h,
     wrapper_overhead,
 )
 from .proxy import DiagonalProxy
+from .settings import INITS, MODES, OBJECTIVES, SolverSettings
 from .sparsegpt import (
     MAX_DAMPING_INCREASES,
     HessianNotPositiveDefinite,
@@ -41,9 +41,6 @@ from .sparsity import top2_of_4_mask
 
 __all__ = ["ARMORFactors", "factorize", "nowag_p", "proxy_loss", "MODES", "OBJECTIVES", "INITS"]
 
-MODES = ("exact", "adam")
-OBJECTIVES = ("proxy", "output")
-INITS = ("nowag", "sparsegpt")
 #: Preconditioned CG steps on ``B`` per iteration of the output objective.
 OUTPUT_B_STEPS = 1
 
@@ -329,118 +326,51 @@ def _descend(
     return history, best, best_index, fallbacks
 
 
-def _check_options(
-    mode: str,
-    objective: str,
-    init: str,
-    num_iterations: object,
-    patience: int,
-    H: torch.Tensor | None,
-    h: torch.Tensor | None,
-    percdamp: float,
-    output_damping: float,
-    output_damping_kind: str,
-) -> None:
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS} (or None for the default), got {init!r}")
-    if not isinstance(num_iterations, int) or num_iterations < 0:
-        raise ValueError(f"num_iterations must be a non-negative int, got {num_iterations!r}")
-    if patience < 1:
-        raise ValueError(f"patience must be >= 1, got {patience!r}")
-    if H is None and (objective == "output" or init == "sparsegpt"):
+def _check_data(settings: SolverSettings, H: torch.Tensor | None, h: torch.Tensor | None) -> None:
+    if H is None and settings.needs_hessian:
         raise ValueError(
-            f"objective={objective!r} with init={init!r} needs the layer Hessian H = X^T X / N "
-            "([in_features, in_features]); pass H=..."
+            f"objective={settings.objective!r} with init={settings.start!r} needs the layer "
+            "Hessian H = X^T X / N ([in_features, in_features]); pass H=..."
         )
-    if h is None and objective == "proxy":
+    if h is None and settings.objective == "proxy":
         raise ValueError("objective='proxy' needs h (mean x^2 per input channel)")
-    if not (isinstance(percdamp, float | int) and 0 < percdamp < math.inf):
-        raise ValueError(
-            f"percdamp must be a positive number (SparseGPT uses 0.01), got {percdamp!r}"
-        )
-    if not (isinstance(output_damping, float | int) and 0 <= output_damping < math.inf):
-        raise ValueError(f"output_damping must be a number >= 0 (try 0.1), got {output_damping!r}")
-    if output_damping_kind not in DAMPING_KINDS:
-        raise ValueError(
-            f"output_damping_kind must be one of {DAMPING_KINDS}, got {output_damping_kind!r}"
-        )
 
 
 def factorize(
     weight: torch.Tensor,
-    h: torch.Tensor | None,
+    h: torch.Tensor | None = None,
+    settings: SolverSettings | None = None,
     *,
-    wrapper_block_size: int = 128,
-    num_iterations: int = 200,
-    mode: Literal["exact", "adam"] = "exact",
-    lr: float = 1e-4,
-    cg_steps: int = 2,
-    update_mask: bool = True,
-    groups_per_tile: int = 64,
-    patience: int = 100,
+    H: torch.Tensor | None = None,
+    callback: Callable[[int, float], None] | None = None,
     rtol: float = 1e-6,
     atol: float = 1e-8,
-    seed: int = 0,
-    callback: Callable[[int, float], None] | None = None,
-    objective: Literal["proxy", "output"] = "proxy",
-    H: torch.Tensor | None = None,
-    init: Literal["nowag", "sparsegpt"] | None = None,
-    percdamp: float = 0.01,
-    output_damping: float = 0.0,
-    output_damping_kind: Literal["identity", "diagonal"] = "identity",
+    **overrides: Any,
 ) -> ARMORFactors:
     """Factorise ``weight`` as ``A · (W' ⊙ M) · B`` with ARMOR's block coordinate descent.
 
-    Starts at ``init`` (identity wrappers), alternates a continuous step on ``(A, B, W')`` and a
-    discrete 2:4 step, and returns the best iterate seen, so ``final_loss <= initial_loss``: with
-    ``objective="proxy"`` and NoWag-P that is the paper's guarantee; with ``"output"`` and SparseGPT
-    the result is never worse than SparseGPT on SparseGPT's own objective (ARMOR_SPEC.md 11).
+    Starts at ``settings.init`` (identity wrappers), alternates a continuous step on ``(A, B, W')``
+    and a discrete 2:4 step, and returns the best iterate seen, so ``final_loss <= initial_loss``:
+    with ``objective="proxy"`` and NoWag-P that is the paper's guarantee; with ``"output"`` and
+    SparseGPT the result is never worse than SparseGPT on SparseGPT's own objective
+    (ARMOR_SPEC.md 11).
 
     :param weight: ``[m, n]`` any float dtype (computed in fp32; never modified)
     :param h: ``[n]`` mean of ``x_j^2`` over calibration tokens; non-finite or non-positive
         entries are replaced by the mean of the valid ones (counted in ``num_sanitized_h``).
         May be ``None`` with ``objective="output"`` (then ``diag(H)``)
-    :param wrapper_block_size: requested ``b``; the largest multiple of 4 not above it that divides
-        ``m`` and ``n`` is used
-    :param num_iterations: maximum BCD iterations (paper: 20,000)
-    :param mode: ``"exact"`` closed-form ``A``, exact ``B`` (proxy) or preconditioned CG on ``B``
-        (output), conjugate gradient on the core (monotone); ``"adam"`` the paper's joint Adam step
-    :param lr: Adam learning rate (``mode="adam"``)
-    :param cg_steps: conjugate-gradient steps on the core per iteration (``mode="exact"``)
-    :param update_mask: run the discrete 2:4 step (``False`` keeps the starting mask)
-    :param groups_per_tile: ``objective="proxy"``: 4-groups re-optimised per ``b x b`` tile in each
-        discrete step (the paper: 1). Each is an exact, non-increasing sub-step on an incrementally
-        updated residual tile; 64 reached adam's 2,000-iteration loss on a SmolLM2 MLP matrix in
-        a fraction of the time (``benchmarks/layer_benchmark.py``)
-    :param patience: stop after this many iterations without improvement of ``rtol``/``atol``
-    :param seed: seeds the group sampling (deterministic on CPU for a seed)
-    :param callback: called as ``callback(iteration, loss)`` after every iteration
-    :param objective: ``"proxy"`` the paper's ``diag(h)``-weighted loss in NoWag units;
-        ``"output"`` the relative output error ``tr(E H E^T) / tr(W H W^T)``
+    :param settings: every solver knob (:class:`SolverSettings`, default ``SolverSettings()``)
     :param H: ``[n, n]`` layer Hessian ``X^T X / N`` (any positive scale), finite; needed for
         ``objective="output"`` or ``init="sparsegpt"``
-    :param init: ``"nowag"`` (NoWag-P) or ``"sparsegpt"`` (SparseGPT 2:4 with ``H``); default
-        ``"nowag"`` for the proxy, ``"sparsegpt"`` for the output error
-    :param percdamp: SparseGPT's damping of ``H``, a fraction of ``mean(diag H)``
-    :param output_damping: ``objective="output"`` minimises ``L_H`` with
-        ``H + output_damping * mean(diag H) * I``: a ridge that pulls ``W_hat`` towards ``W`` and
-        generalises better beyond the calibration tokens (0.1 cut the held-out error of SmolLM2
-        layers by 10-25 %, see ``benchmarks/output_layer_check.py``). ``0`` keeps the loss exactly
-        the calibration output error; otherwise ``loss_history`` is measured with the damped ``H``
-    :param output_damping_kind: ``"identity"`` (ridge above) or ``"diagonal"``:
-        ``H + output_damping * diag(H)``, a blend of the output error and the paper's
-        per-channel ``diag(h)`` proxy that leaves each channel's scale intact
+    :param callback: called as ``callback(iteration, loss)`` after every iteration
+    :param rtol: relative improvement that resets ``patience``
+    :param atol: absolute improvement that resets ``patience``
+    :param overrides: :class:`SolverSettings` fields applied on top of ``settings``, e.g.
+        ``factorize(W, h, objective="proxy", num_iterations=100)``
     """
-    if init is None:
-        init = "sparsegpt" if objective == "output" else "nowag"
-    _check_options(
-        mode, objective, init, num_iterations, patience, H, h, percdamp, output_damping,
-        output_damping_kind,
-    )
+    settings = (settings or SolverSettings()).replace(**overrides)
+    _check_data(settings, H, h)
+    init = settings.start
     start_time = time.perf_counter()
     W = check_weight(weight)
     m, n = W.shape
@@ -448,12 +378,15 @@ def factorize(
         h = check_hessian(H, n).diagonal()
     h, num_sanitized = sanitize_h(h, n)
     h = h.to(W.device)
-    b = choose_wrapper_block_size(m, n, wrapper_block_size)
+    b = settings.block_size_for(m, n)
     H = H.to(W.device) if isinstance(H, torch.Tensor) else H
-    if objective == "proxy":
-        start = _proxy_start(W, h, b, H, init, percdamp, groups_per_tile)
+    if settings.objective == "proxy":
+        start = _proxy_start(W, h, b, H, init, settings.dampening_frac, settings.groups_per_tile)
     else:
-        start = _output_start(W, h, b, H, init, percdamp, output_damping, output_damping_kind)
+        start = _output_start(
+            W, h, b, H, init, settings.dampening_frac, settings.output_damping,
+            settings.output_damping_kind,
+        )  # fmt: skip
 
     history, best, best_index, fallbacks = [start.loss], start.iterate, 0, 0
     if start.objective is not None:
@@ -461,15 +394,15 @@ def factorize(
             start.objective,
             start.iterate,
             start.loss,
-            num_iterations=num_iterations,
-            mode=mode,
-            lr=lr,
-            cg_steps=cg_steps,
-            update_mask=update_mask,
-            patience=patience,
+            num_iterations=settings.num_iterations,
+            mode=settings.update_mode,
+            lr=settings.learning_rate,
+            cg_steps=settings.cg_steps,
+            update_mask=settings.update_mask,
+            patience=settings.patience,
             rtol=rtol,
             atol=atol,
-            seed=seed,
+            seed=settings.seed,
             callback=callback,
         )
     A, B, core = start.fold(best)
@@ -481,11 +414,11 @@ def factorize(
         loss_history=tuple(history),
         best_iteration=best_index,
         wrapper_block_size=b,
-        mode=mode,
+        mode=settings.update_mode,
         num_fallbacks=fallbacks,
         num_sanitized_h=num_sanitized,
         seconds=time.perf_counter() - start_time,
-        objective=objective,
+        objective=settings.objective,
         init=start.init,
         num_damping_increases=start.num_damping_increases,
         num_h_failures=start.num_h_failures,

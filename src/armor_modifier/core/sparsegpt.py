@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import HessianNotPositiveDefinite
 from .problem import check_weight
 
 __all__ = [
@@ -34,10 +35,6 @@ __all__ = [
 
 MAX_DAMPING_INCREASES = 5
 DAMPING_GROWTH = 10.0
-
-
-class HessianNotPositiveDefinite(ValueError):
-    """``H + lambda I`` could not be factorised even after the bounded damping increases."""
 
 
 @dataclass(frozen=True)

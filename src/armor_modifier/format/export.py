@@ -11,21 +11,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import armor_linears, remove_save_hook, replace_directory
-from .checkpoint_format import ARMOR_CT, ArmorCheckpointError
-from .runtime import detach_wrappers, effective_weight
+from armor_modifier.core.errors import ARMORCheckpointError
+from armor_modifier.runtime import armor_linears, detach_wrappers, effective_weight
+
+from .codec import ARMOR_CT
+from .hooks import remove_save_hook
+from .staging import WEIGHT_FILE_SUFFIXES, copy_extra_files, resolve_target, staged_replace
 
 __all__ = ["export_dense", "densify_model"]
-
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
-
 
 def _model_class(config: dict) -> type:
     import transformers
@@ -83,41 +81,30 @@ def export_dense(
     :param dst: output folder
     :param dtype: weight dtype of the export (default: the checkpoint's ``dtype``)
     :return: ``dst`` as an absolute path
-    :raises ArmorCheckpointError: if ``src`` is not an armor-ct checkpoint or is damaged
+    :raises ARMORCheckpointError: if ``src`` is not an armor-ct checkpoint or is damaged
     """
-    from .hf import register
+    from .loader import register
 
-    src, dst = Path(src).absolute(), Path(dst).absolute()
+    src, dst = Path(src).resolve(), resolve_target(dst)
     config_path = src / "config.json"
     if not config_path.is_file():
-        raise ArmorCheckpointError(f"{src} has no config.json; pass an armor-ct checkpoint folder")
+        raise ARMORCheckpointError(f"{src} has no config.json; pass an armor-ct checkpoint folder")
     config = json.loads(config_path.read_text())
     method = (config.get("quantization_config") or {}).get("quant_method")
     if method != ARMOR_CT:
-        raise ArmorCheckpointError(
+        raise ARMORCheckpointError(
             f"{src} is not an armor-ct checkpoint (quantization_config.quant_method is "
             f"{method!r}); export_dense multiplies out ARMOR wrappers only"
         )
-    if dst == src:
-        raise ArmorCheckpointError(
-            f"export_dense would overwrite its source {src}; pick another dst"
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise ARMORCheckpointError(
+            f"export_dense cannot write {dst}: it is, contains or lies inside its source {src}; "
+            "pick a folder outside the source"
         )
     register()
     model = _model_class(config).from_pretrained(src, dtype=dtype or "auto")
     densify_model(model, dtype)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.armor-tmp-", dir=dst.parent))
-    try:
-        model.save_pretrained(tmp)
-        for item in src.iterdir():
-            if (tmp / item.name).exists() or item.name.endswith(_WEIGHT_SUFFIXES):
-                continue
-            if item.is_dir():
-                shutil.copytree(item, tmp / item.name, symlinks=True)
-            else:
-                shutil.copy2(item, tmp / item.name)
-        replace_directory(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with staged_replace(dst) as stage:
+        model.save_pretrained(stage)
+        copy_extra_files(src, stage, skip=lambda name: name.endswith(WEIGHT_FILE_SUFFIXES))
     return dst

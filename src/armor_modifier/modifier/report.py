@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .core import ARMORFactors
+from armor_modifier.core import ARMORFactors
 
 __all__ = ["ARMORModuleResult", "summarize"]
 
@@ -22,7 +22,8 @@ class ARMORModuleResult:
     :ivar shape: ``(m, n)`` = ``(out_features, in_features)``
     :ivar wrapper_block_size: the block size used (the largest multiple of 4 ``<=`` the requested
         one that divides ``m`` and ``n``)
-    :ivar requested_block_size: the modifier's ``wrapper_block_size``
+    :ivar requested_block_size: the modifier's ``wrapper_block_size`` (``None``: chosen from
+        ``max_wrapper_overhead``)
     :ivar objective: ``"proxy"`` (the paper's diagonal loss) or ``"output"`` (the relative output
         error ``tr(E H E^T) / tr(W H W^T)``)
     :ivar init: the starting point: ``"nowag"`` (NoWag-P) or ``"sparsegpt"`` (SparseGPT 2:4)
@@ -42,7 +43,7 @@ class ARMORModuleResult:
     name: str
     shape: tuple[int, int]
     wrapper_block_size: int
-    requested_block_size: int
+    requested_block_size: int | None
     objective: str
     init: str
     initial_loss: float
@@ -62,7 +63,7 @@ class ARMORModuleResult:
         cls,
         name: str,
         factors: ARMORFactors,
-        requested_block_size: int,
+        requested_block_size: int | None,
         num_tokens: int,
         rank: int = 0,
     ) -> ARMORModuleResult:
@@ -95,7 +96,9 @@ class ARMORModuleResult:
     def log_line(self) -> str:
         m, n = self.shape
         block = f"b={self.wrapper_block_size}"
-        if self.wrapper_block_size != self.requested_block_size:
+        if self.requested_block_size is None:
+            block += " (from max_wrapper_overhead)"
+        elif self.wrapper_block_size != self.requested_block_size:
             block += f" (requested {self.requested_block_size} does not divide {m}x{n})"
         start = "NoWag-P" if self.init == "nowag" else "SparseGPT"
         failed = " (singular Hessian: NoWag-P kept)" if self.num_h_failures else ""

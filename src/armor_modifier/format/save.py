@@ -8,33 +8,21 @@ How a save runs (:func:`save_armor_pretrained`):
    quantized weights with compressed-tensors, writes their ``quantization_config`` and the recipe),
    otherwise transformers' own, with the same compressed-tensors compression done here;
 3. rewrite that folder into armor-ct: each core's ``weight [m, n]`` (or compressed-tensors'
-   bit-packed ``weight_packed``, :mod:`.checkpoint_packed`) becomes its kept values ``weight``
+   bit-packed ``weight_packed``, :mod:`.packed`) becomes its kept values ``weight``
    plus ``weight_bitmask``, streamed shard by shard; ``config.json`` gets the armor-ct
-   ``quantization_config`` (:mod:`.checkpoint_config`);
-4. move the folder into place (an existing target is swapped out whole, never half-overwritten).
+   ``quantization_config`` (:mod:`.config`);
+4. swap the folder into place with :func:`.staging.staged_replace` (the target is always the
+   complete old or the complete new checkpoint, also under SIGKILL).
 
-Why a wrapper around the whole save rather than a state-dict hook: llm-compressor's wrapper rewrites
-``config.json`` *after* transformers returns (``resave_config``, then compressed-tensors'
-``update_config``), so only code that runs after it can write the armor-ct config. Hence
-:func:`install_save_hook` puts an instance-level ``save_pretrained`` *outside* whatever is there and
-marks it ``_overridden`` so llm-compressor does not wrap it again; ``ARMORModifier`` installs it
-(its hooks run after ``oneshot`` has wrapped the model) and the armor-ct loader installs it on every
-loaded model. ``register()`` also patches ``PreTrainedModel.save_pretrained`` so a plain
-``model.save_pretrained`` on a model with wrappers writes armor-ct; reached from inside a foreign
-wrapper that would clobber the config afterwards, it refuses with instructions instead of writing a
-checkpoint that loads as a different model.
+How ``model.save_pretrained`` reaches this: :mod:`.hooks`.
 """
 
 from __future__ import annotations
 
-import contextvars
 import functools
 import json
 import os
-import shutil
 import tempfile
-import uuid
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,26 +31,20 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .checkpoint_config import ArmorBlock, build_quantization_config
-from .checkpoint_format import BITMASK, ArmorCheckpointError, broken_groups, compress_core
-from .checkpoint_packed import PACKED, compress_packed_core
-from .checkpoint_safetensors import INDEX_NAME, read_header, rewrite_safetensors, shard_files
-from .runtime import ARMOR_A, ARMOR_B, is_armor_linear
+from armor_modifier.runtime import ARMOR_A, ARMOR_B, armor_linears
 
-__all__ = [
-    "ARMOR_RECIPE_ATTR",
-    "armor_linears",
-    "install_save_hook",
-    "patch_save_pretrained",
-    "remove_save_hook",
-    "replace_directory",
-    "save_armor_pretrained",
-]
+from .codec import BITMASK, ARMORCheckpointError, broken_groups, compress_core
+from .config import ARMORBlock, build_quantization_config
+from .packed import PACKED, compress_packed_core
+from .safetensors_io import INDEX_NAME, read_header, rewrite_safetensors, shard_files
+from .staging import staged_replace
+
+__all__ = ["ARMOR_RECIPE_ATTR", "convert_to_armor_ct", "save_armor_pretrained"]
 
 #: Model attribute holding the ARMOR recipe settings written to ``armor.recipe`` (JSON-able dict).
 ARMOR_RECIPE_ATTR = "armor_recipe"
 #: compressed-tensors formats whose cores armor-ct stores: one ``weight [m, n]`` tensor, or
-#: bit-packed int codes (:mod:`.checkpoint_packed`).
+#: bit-packed int codes (:mod:`.packed`).
 STORABLE_CT_FORMATS = (
     "dense",
     "naive-quantized",
@@ -70,17 +52,6 @@ STORABLE_CT_FORMATS = (
     "float-quantized",
     "pack-quantized",
 )
-_WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
-_SAVING: contextvars.ContextVar[bool] = contextvars.ContextVar("armor_saving", default=False)
-
-
-def armor_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """``{name: module}`` of every Linear in ``model`` that carries ARMOR wrappers."""
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and is_armor_linear(module)
-    }
 
 
 def _original_save(model: nn.Module) -> Callable[..., Any]:
@@ -105,7 +76,7 @@ def _check_cores(linears: dict[str, nn.Linear]) -> None:
     for name, linear in linears.items():
         weight = getattr(linear, "weight", None)
         if isinstance(weight, torch.sparse.SparseSemiStructuredTensor):
-            raise ArmorCheckpointError(
+            raise ARMORCheckpointError(
                 f"{name}: the core is a CUDA semi-structured tensor; call "
                 "armor_modifier.cuda.to_dense(model) before saving"
             )
@@ -114,7 +85,7 @@ def _check_cores(linears: dict[str, nn.Linear]) -> None:
             fmt = scheme.format or infer_module_format(type(linear), scheme)
             fmt = getattr(fmt, "value", fmt)
             if fmt not in STORABLE_CT_FORMATS:
-                raise ArmorCheckpointError(
+                raise ARMORCheckpointError(
                     f"{name}: compressed-tensors stores this core as {fmt!r}; armor-ct format 1 "
                     f"stores 2:4 cores in the formats {list(STORABLE_CT_FORMATS)} (unquantized, "
                     "FP8, INT8 / W8A8, W8A16, W4A16). Pick one of those schemes for this module."
@@ -122,7 +93,7 @@ def _check_cores(linears: dict[str, nn.Linear]) -> None:
         if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
             broken = broken_groups(weight.detach())
             if broken:
-                raise ArmorCheckpointError(
+                raise ARMORCheckpointError(
                     f"{name}: the core is not 2:4 ({broken} groups of 4 hold more than 2 "
                     "non-zeros); something rewrote the weight after ARMOR (e.g. GPTQ). Nothing was "
                     "saved."
@@ -153,7 +124,7 @@ def save_armor_pretrained(
     :param args: passed to the underlying ``save_pretrained``
     :param kwargs: passed to the underlying ``save_pretrained`` (llm-compressor's
         ``save_compressed`` / ``quantization_format`` are honoured either way)
-    :raises ArmorCheckpointError: naming the module, before anything is written, if a core is not
+    :raises ARMORCheckpointError: naming the module, before anything is written, if a core is not
         2:4 or its quantization format cannot be stored
     """
     inner, foreign = _inner_save(model)
@@ -161,31 +132,30 @@ def save_armor_pretrained(
     if not linears:
         return inner(save_directory, *args, **kwargs)
     if kwargs.get("push_to_hub"):
-        raise ArmorCheckpointError(
+        raise ARMORCheckpointError(
             "push_to_hub is not supported for armor-ct saves: save to a folder, then upload it "
             "with huggingface_hub.upload_folder"
         )
     _check_cores(linears)
     if recipe is None:
         recipe = getattr(model, ARMOR_RECIPE_ATTR, None)
-    target = Path(save_directory).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.armor-tmp-", dir=target.parent))
     if kwargs.get("save_compressed", True):
         _drop_pending_decompress_hook(model)
-    token = _SAVING.set(True)
-    try:
+
+    def write(folder: Path) -> None:
         if foreign:
-            inner(str(tmp), *args, **kwargs)
+            inner(str(folder), *args, **kwargs)
         else:
-            _save_with_ct_compression(model, inner, tmp, *args, **kwargs)
-        if _is_main_process(kwargs):
-            convert_to_armor_ct(tmp, model, linears, recipe)
-            replace_directory(tmp, target)
-    finally:
-        _SAVING.reset(token)
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            _save_with_ct_compression(model, inner, folder, *args, **kwargs)
+
+    if not _is_main_process(kwargs):
+        with tempfile.TemporaryDirectory(prefix="armor-rank-save-") as scratch:
+            write(Path(scratch))
+        return None
+    with staged_replace(save_directory, keep_extra_files=True) as stage:
+        write(stage)
+        convert_to_armor_ct(stage, model, linears, recipe)
+    return None
 
 
 def _drop_pending_decompress_hook(model: nn.Module) -> None:
@@ -234,7 +204,7 @@ def convert_to_armor_ct(
     quantized = any(hasattr(m, "quantization_scheme") for m in model.modules())
     ct_config = qc if qc.get("quant_method") == "compressed-tensors" else None
     if quantized and ct_config is None:
-        raise ArmorCheckpointError(
+        raise ARMORCheckpointError(
             "the model carries compressed-tensors quantization but its save wrote no "
             "compressed-tensors quantization_config; save through model.save_pretrained"
         )
@@ -273,7 +243,7 @@ def convert_to_armor_ct(
         for name, linear in linears.items()
     }
     pruned = sum(linear.out_features * linear.in_features // 2 for linear in linears.values())
-    block = ArmorBlock(modules=modules, recipe=recipe)
+    block = ARMORBlock(modules=modules, recipe=recipe)
     config["quantization_config"] = build_quantization_config(
         ct_config if quantized else None, block, ignore, pruned / max(total, 1)
     )
@@ -284,7 +254,7 @@ def _core_key(name: str, linear: nn.Linear, where: dict, headers: dict) -> tuple
     """The saved key holding ``name``'s core and, for a bit-packed core, its bits per code."""
     for local in (ARMOR_A, ARMOR_B):
         if f"{name}.{local}" not in where:
-            raise ArmorCheckpointError(
+            raise ARMORCheckpointError(
                 f"{name}: '{local}' is missing from the saved checkpoint; the save did not write "
                 "the module's buffers"
             )
@@ -292,14 +262,14 @@ def _core_key(name: str, linear: nn.Linear, where: dict, headers: dict) -> tuple
     if f"{name}.weight" in where:
         info = headers[where[f"{name}.weight"]].tensors[f"{name}.weight"]
         if info.shape != (m, n):
-            raise ArmorCheckpointError(
+            raise ARMORCheckpointError(
                 f"{name}: the save wrote weight {list(info.shape)}, expected the dense core "
                 f"[{m}, {n}]"
             )
         return f"{name}.weight", None
     if f"{name}.{PACKED}" in where:
         return f"{name}.{PACKED}", linear.quantization_scheme.weights.num_bits
-    raise ArmorCheckpointError(
+    raise ARMORCheckpointError(
         f"{name}: the saved checkpoint has no '{name}.weight' (is the weight tied to another "
         "module, or renamed by a weight conversion?); ARMOR cannot wrap it"
     )
@@ -333,117 +303,3 @@ def _update_index(folder: Path, sizes: dict[Path, dict[str, int] | None]) -> Non
     index.setdefault("metadata", {})["total_size"] = total
     index["weight_map"] = dict(sorted(weight_map.items()))
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def _is_weight_file(name: str) -> bool:
-    return name.endswith(_WEIGHT_FILE_SUFFIXES)
-
-
-def replace_directory(new: Path, target: Path) -> None:
-    """Move the finished folder ``new`` to ``target``.
-
-    An existing ``target`` is renamed aside, ``new`` renamed into place, and the old one deleted;
-    entries of the old folder that ``new`` lacks and that are not weight files are copied into
-    ``new`` first. If the second rename fails the old folder is put back.
-    """
-    if target.is_file():
-        raise ArmorCheckpointError(f"{target} is a file; save_directory must be a folder")
-    if not target.exists():
-        os.replace(new, target)
-        return
-    for item in target.iterdir():
-        if (new / item.name).exists() or _is_weight_file(item.name):
-            continue
-        if item.is_dir():
-            shutil.copytree(item, new / item.name, symlinks=True)
-        else:
-            shutil.copy2(item, new / item.name)
-    aside = target.with_name(f".{target.name}.armor-old-{uuid.uuid4().hex[:8]}")
-    os.replace(target, aside)
-    try:
-        os.replace(new, target)
-    except OSError:
-        os.replace(aside, target)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-
-
-def install_save_hook(model: nn.Module, recipe: dict[str, Any] | None = None) -> None:
-    """Make ``model.save_pretrained`` write armor-ct, outside any wrapper already installed.
-
-    Idempotent. Call it after llm-compressor has wrapped ``save_pretrained`` (``ARMORModifier``
-    does, and the armor-ct loader does on every loaded model). The hook is marked ``_overridden``
-    so llm-compressor does not wrap it again; in that case the compressed-tensors compression its
-    wrapper would do is done here (its ``recipe.yaml`` is then not written).
-
-    :param recipe: stored as ``model.armor_recipe`` and written to ``armor.recipe``
-    """
-    if recipe is not None:
-        setattr(model, ARMOR_RECIPE_ATTR, recipe)
-    own = model.__dict__.get("save_pretrained")
-    if getattr(own, "_armor_save", False):
-        return
-    ref = weakref.ref(model)
-
-    def save_pretrained(save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
-        target = ref()
-        if target is None:
-            raise ReferenceError("the model of this save_pretrained hook no longer exists")
-        return save_armor_pretrained(target, save_directory, *args, **kwargs)
-
-    save_pretrained._overridden = True
-    save_pretrained._armor_save = True
-    save_pretrained._armor_inner = own
-    model.save_pretrained = save_pretrained
-
-
-def remove_save_hook(model: nn.Module) -> None:
-    """Undo :func:`install_save_hook` (restoring the wrapper it enclosed, if any)."""
-    own = model.__dict__.get("save_pretrained")
-    if not getattr(own, "_armor_save", False):
-        return
-    if own._armor_inner is None:
-        del model.__dict__["save_pretrained"]
-    else:
-        model.save_pretrained = own._armor_inner
-
-
-def _refuse_inside_foreign_wrapper(model: nn.Module) -> None:
-    """Raise: we are the inner save of a wrapper (llm-compressor's) that rewrites ``config.json``
-    after us, so an armor-ct checkpoint cannot be written from here.
-
-    That wrapper converted the model to accelerate offloading before calling us and converts it
-    back only on success; undo it first (``from_accelerate`` is idempotent) so the model stays
-    usable and can be saved again after :func:`install_save_hook`.
-    """
-    from compressed_tensors.offload import from_accelerate
-
-    from_accelerate(model)
-    raise ArmorCheckpointError(
-        f"{type(model).__name__} has ARMOR Linears, but its save_pretrained is wrapped (e.g. by "
-        "llm-compressor's oneshot) without armor-modifier's save hook, and that wrapper would "
-        "overwrite the armor-ct config after this save. Nothing was written. Call "
-        "armor_modifier.install_save_hook(model) and save again (ARMORModifier does this)."
-    )
-
-
-def patch_save_pretrained() -> None:
-    """Route ``PreTrainedModel.save_pretrained`` of models with ARMOR Linears to
-    :func:`save_armor_pretrained` (idempotent; other models are untouched)."""
-    from transformers import PreTrainedModel
-
-    current = PreTrainedModel.save_pretrained
-    if getattr(current, "_armor_original", None) is not None:
-        return
-
-    @functools.wraps(current)
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        if _SAVING.get() or not armor_linears(self):
-            return current(self, save_directory, *args, **kwargs)
-        own = self.__dict__.get("save_pretrained")
-        if own is not None and not getattr(own, "_armor_save", False):
-            _refuse_inside_foreign_wrapper(self)
-        return save_armor_pretrained(self, save_directory, *args, **kwargs)
-
-    save_pretrained._armor_original = current
-    PreTrainedModel.save_pretrained = save_pretrained

@@ -1,7 +1,7 @@
 """The transformers loader for armor-ct: ``AutoModelForCausalLM.from_pretrained(path)`` after
 ``import armor_modifier``, no ``trust_remote_code``.
 
-:class:`ArmorCTConfig` and :class:`ArmorCTHfQuantizer` subclass transformers' compressed-tensors
+:class:`ARMORCTConfig` and :class:`ARMORCTHfQuantizer` subclass transformers' compressed-tensors
 config and quantizer, so quantized cores go through compressed-tensors' own schemes and
 compressors. Loading then runs:
 
@@ -9,7 +9,7 @@ compressors. Loading then runs:
    compressed-tensors apply its quantization (scales, compressed dtypes); give each listed Linear a
    ``weight [m, n/2]`` (the core's kept values, in the dtype compressed-tensors expects, or
    int32-packed for ``pack-quantized`` cores) and a ``weight_bitmask``; validate every safetensors
-   header against this skeleton (:mod:`.checkpoint_validate`), so a damaged file fails with the
+   header against this skeleton (:mod:`.validate`), so a damaged file fails with the
    module named;
 2. transformers loads the tensors;
 3. after weights: rebuild each dense ``[m, n]`` core from values and mask, then let
@@ -32,24 +32,25 @@ from transformers.quantizers.quantizer_compressed_tensors import CompressedTenso
 from transformers.utils import logging
 from transformers.utils.quantization_config import CompressedTensorsConfig
 
-from .checkpoint import install_save_hook, patch_save_pretrained
-from .checkpoint_config import ArmorBlock, parse_armor_block
-from .checkpoint_format import ARMOR_CT, BITMASK, ArmorCheckpointError, decompress_core
-from .checkpoint_packed import PACKED, decompress_packed_core, packed_columns
-from .checkpoint_validate import validate_checkpoint
-from .runtime import attach_wrappers
+from armor_modifier.runtime import attach_wrappers
 
-__all__ = ["ArmorCTConfig", "ArmorCTHfQuantizer", "register"]
+from .codec import ARMOR_CT, BITMASK, ARMORCheckpointError, decompress_core
+from .config import ARMORBlock, parse_armor_block
+from .hooks import install_save_hook
+from .packed import PACKED, decompress_packed_core, packed_columns
+from .validate import validate_checkpoint
+
+__all__ = ["ARMORCTConfig", "ARMORCTHfQuantizer", "register"]
 
 logger = logging.get_logger(__name__)
 
 
-class ArmorCTConfig(CompressedTensorsConfig):
+class ARMORCTConfig(CompressedTensorsConfig):
     """``quantization_config`` of an armor-ct checkpoint: compressed-tensors' config plus the
     ``armor`` block and ``sparsity_config``.
 
     :param armor: the ``armor`` block (validated: an unknown ``format_version`` raises
-        :class:`ArmorCheckpointError`); may be omitted only when the config is passed to
+        :class:`ARMORCheckpointError`); may be omitted only when the config is passed to
         ``from_pretrained`` to override loading attributes (``dequantize``)
     :param sparsity_config: compressed-tensors ``sparse-24-bitmask`` config (informational)
     :param kwargs: compressed-tensors quantization keys (``config_groups``, ``format``, ...)
@@ -62,7 +63,7 @@ class ArmorCTConfig(CompressedTensorsConfig):
         quant_method: str = ARMOR_CT,
         **kwargs: Any,
     ):
-        self.armor_block: ArmorBlock | None = None if armor is None else parse_armor_block(armor)
+        self.armor_block: ARMORBlock | None = None if armor is None else parse_armor_block(armor)
         self.sparsity_config = sparsity_config
         super().__init__(**kwargs)
         self.quant_method = ARMOR_CT
@@ -83,14 +84,14 @@ class ArmorCTConfig(CompressedTensorsConfig):
         return self.to_dict()
 
 
-class ArmorCTHfQuantizer(CompressedTensorsHfQuantizer):
+class ARMORCTHfQuantizer(CompressedTensorsHfQuantizer):
     """Loads armor-ct checkpoints (see the module docstring for the steps)."""
 
-    quantization_config: ArmorCTConfig
+    quantization_config: ARMORCTConfig
 
-    def __init__(self, quantization_config: ArmorCTConfig, **kwargs: Any):
+    def __init__(self, quantization_config: ARMORCTConfig, **kwargs: Any):
         if getattr(quantization_config, "armor_block", None) is None:
-            raise ArmorCheckpointError(
+            raise ARMORCheckpointError(
                 f"quantization_config has quant_method {ARMOR_CT!r} but no 'armor' block; the "
                 "config.json is damaged or was not written by armor-modifier"
             )
@@ -112,18 +113,18 @@ class ArmorCTHfQuantizer(CompressedTensorsHfQuantizer):
             try:
                 module = model.get_submodule(name)
             except AttributeError as err:
-                raise ArmorCheckpointError(
+                raise ARMORCheckpointError(
                     f"{name}: listed in armor.modules but {type(model).__name__} has no such "
                     "module; load the checkpoint with the model class that saved it"
                 ) from err
             if not isinstance(module, nn.Linear):
-                raise ArmorCheckpointError(
+                raise ARMORCheckpointError(
                     f"{name}: listed in armor.modules but is a {type(module).__name__}, not an "
                     "nn.Linear"
                 )
             m, n = module.out_features, module.in_features
             if m % b_a or n % b_b or n % 4:
-                raise ArmorCheckpointError(
+                raise ARMORCheckpointError(
                     f"{name}: wrapper blocks [{b_a}, {b_b}] do not tile the {m}x{n} weight"
                 )
             linears[name] = module
@@ -150,7 +151,7 @@ class ArmorCTHfQuantizer(CompressedTensorsHfQuantizer):
         if files and all(str(f).endswith(".safetensors") for f in files):
             validate_checkpoint(files, model, block)
         elif files:
-            raise ArmorCheckpointError(
+            raise ARMORCheckpointError(
                 f"armor-ct checkpoints are safetensors files, got {[str(f) for f in files]}"
             )
 
@@ -210,7 +211,7 @@ def _register(mapping: dict[str, type], cls: type, kind: str) -> None:
         cls.__module__,
         cls.__qualname__,
     ):
-        raise ArmorCheckpointError(
+        raise ARMORCheckpointError(
             f"another {kind} ({existing.__module__}.{existing.__qualname__}) is already registered "
             f"with transformers for quant_method {ARMOR_CT!r}"
         )
@@ -218,15 +219,14 @@ def _register(mapping: dict[str, type], cls: type, kind: str) -> None:
 
 
 def register() -> None:
-    """Register the armor-ct config and quantizer with transformers and route
-    ``save_pretrained`` of ARMOR models to armor-ct (idempotent; run on ``import armor_modifier``).
-    """
+    """Register the armor-ct config and quantizer with transformers (idempotent; run on
+    ``import armor_modifier``). Loaded models get the armor-ct save hook on the instance."""
     if ARMOR_CT not in hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
-        hf_auto.register_quantization_config(ARMOR_CT)(ArmorCTConfig)
+        hf_auto.register_quantization_config(ARMOR_CT)(ARMORCTConfig)
     else:
-        _register(hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, ArmorCTConfig, "config")
+        _register(hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, ARMORCTConfig, "config")
     if ARMOR_CT not in hf_auto.AUTO_QUANTIZER_MAPPING:
-        hf_auto.register_quantizer(ARMOR_CT)(ArmorCTHfQuantizer)
+        hf_auto.register_quantizer(ARMOR_CT)(ARMORCTHfQuantizer)
     else:
-        _register(hf_auto.AUTO_QUANTIZER_MAPPING, ArmorCTHfQuantizer, "quantizer")
-    patch_save_pretrained()
+        _register(hf_auto.AUTO_QUANTIZER_MAPPING, ARMORCTHfQuantizer, "quantizer")
+

@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import torch
 
+from armor_modifier.core.errors import ARMORCheckpointError
+
 __all__ = [
     "ARMOR_CT",
     "BITMASK",
     "CORE_FORMAT",
     "FORMAT_VERSION",
     "SUPPORTED_FORMAT_VERSIONS",
-    "ArmorCheckpointError",
+    "ARMORCheckpointError",
     "broken_groups",
     "compress_core",
     "core_nbytes",
@@ -44,10 +46,6 @@ CORE_FORMAT = "sparse-24-bitmask"
 BITMASK = "weight_bitmask"
 
 _BITS_DTYPE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-class ArmorCheckpointError(ValueError):
-    """An armor-ct checkpoint, or a model about to be saved as one, is not what it should be."""
 
 
 def _as_bits(t: torch.Tensor) -> torch.Tensor:
@@ -113,10 +111,10 @@ def compress_core(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.
     :param weight: ``[m, n]`` any dtype, ``4 | n``, at most 2 non-zeros in every 4-group
     :param name: module name, for error messages
     :return: ``values [m, n/2]`` (``weight.dtype``), ``bitmask [m, ceil(n/8)]`` uint8
-    :raises ArmorCheckpointError: if ``weight`` is not 2-D, ``4 ∤ n`` or not 2:4
+    :raises ARMORCheckpointError: if ``weight`` is not 2-D, ``4 ∤ n`` or not 2:4
     """
     if weight.dim() != 2 or weight.shape[1] % 4:
-        raise ArmorCheckpointError(
+        raise ARMORCheckpointError(
             f"{name}: the core must be 2-D with in_features divisible by 4, got shape "
             f"{list(weight.shape)}"
         )
@@ -126,7 +124,7 @@ def compress_core(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.
     counts = group_counts(nonzero)
     broken = int((counts > 2).sum())
     if broken:
-        raise ArmorCheckpointError(
+        raise ARMORCheckpointError(
             f"{name}: the core is not 2:4 ({broken} of {m * n // 4} groups of 4 hold more than 2 "
             "non-zeros); something rewrote the weight after ARMOR (e.g. GPTQ, or an asymmetric "
             "quantization that maps zero to a non-zero code). Re-run ARMOR or use an RTN scheme."
@@ -156,11 +154,11 @@ def decompress_core(values: torch.Tensor, bitmask: torch.Tensor, n: int, name: s
     :param n: in_features
     :param name: module name, for error messages
     :return: ``[m, n]`` with ``values.dtype``, zeros (all bits clear) off the mask
-    :raises ArmorCheckpointError: if the shapes disagree or the mask is not exactly 2 of 4
+    :raises ARMORCheckpointError: if the shapes disagree or the mask is not exactly 2 of 4
     """
     m = values.shape[0]
     if values.shape != (m, n // 2) or bitmask.shape != (m, (n + 7) // 8) or n % 4:
-        raise ArmorCheckpointError(
+        raise ARMORCheckpointError(
             f"{name}: core values {list(values.shape)} and bitmask {list(bitmask.shape)} do not "
             f"describe a 2:4 [{m}, {n}] weight (expected [{m}, {n // 2}] and "
             f"[{m}, {(n + 7) // 8}])"
@@ -170,7 +168,7 @@ def decompress_core(values: torch.Tensor, bitmask: torch.Tensor, n: int, name: s
     index = patterns.long()
     bad = int((~valid[index]).sum())
     if bad:
-        raise ArmorCheckpointError(
+        raise ARMORCheckpointError(
             f"{name}: the stored bitmask is corrupt ({bad} groups of 4 do not mark exactly 2 "
             "kept entries); re-save or re-download the checkpoint"
         )

@@ -18,31 +18,34 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from dataclasses import dataclass, field
 from typing import Any
 
-from .checkpoint_format import (
+from .codec import (
     ARMOR_CT,
     CORE_FORMAT,
     FORMAT_VERSION,
     SUPPORTED_FORMAT_VERSIONS,
-    ArmorCheckpointError,
+    ARMORCheckpointError,
 )
 
-__all__ = ["ArmorBlock", "parse_armor_block", "build_quantization_config", "CT_RESERVED_KEYS"]
+__all__ = ["ARMORBlock", "parse_armor_block", "build_quantization_config", "CT_RESERVED_KEYS"]
 
 #: Keys of ``quantization_config`` that armor-ct owns; the rest belongs to compressed-tensors.
 CT_RESERVED_KEYS = ("quant_method", "sparsity_config", "armor")
 
 
 def _producer() -> str:
-    from . import __version__
-
-    return f"armor-modifier {__version__}"
+    try:
+        version = importlib.metadata.version("armor-modifier")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return f"armor-modifier {version}"
 
 
 @dataclass(frozen=True)
-class ArmorBlock:
+class ARMORBlock:
     """The ``armor`` block: which Linears carry wrappers and how the cores are stored.
 
     :ivar modules: ``{module name: (b_A, b_B)}``
@@ -67,33 +70,33 @@ class ArmorBlock:
         }
 
 
-def parse_armor_block(block: object) -> ArmorBlock:
+def parse_armor_block(block: object) -> ARMORBlock:
     """Validate the ``armor`` block of a ``quantization_config``.
 
-    :raises ArmorCheckpointError: on an unknown ``format_version`` or ``core_format``, or a
+    :raises ARMORCheckpointError: on an unknown ``format_version`` or ``core_format``, or a
         malformed module list
     """
     if not isinstance(block, dict):
-        raise ArmorCheckpointError(
+        raise ARMORCheckpointError(
             f"quantization_config has quant_method {ARMOR_CT!r} but its 'armor' block is "
             f"{block!r}, not a mapping; the config.json is damaged or was not written by "
             "armor-modifier"
         )
     version = block.get("format_version")
     if version not in SUPPORTED_FORMAT_VERSIONS:
-        raise ArmorCheckpointError(
+        raise ARMORCheckpointError(
             f"armor-ct format_version {version!r} is not supported by {_producer()} (it reads "
             f"versions {list(SUPPORTED_FORMAT_VERSIONS)}); upgrade armor-modifier, or re-export "
             "the checkpoint with the version that reads it"
         )
     core_format = block.get("core_format", CORE_FORMAT)
     if core_format != CORE_FORMAT:
-        raise ArmorCheckpointError(
+        raise ARMORCheckpointError(
             f"armor-ct core_format {core_format!r} is not supported (only {CORE_FORMAT!r})"
         )
     modules = block.get("modules")
     if not isinstance(modules, dict) or not modules:
-        raise ArmorCheckpointError(
+        raise ARMORCheckpointError(
             f"armor-ct block lists no wrapped modules (modules={modules!r}); the config.json is "
             "damaged"
         )
@@ -104,12 +107,12 @@ def parse_armor_block(block: object) -> ArmorBlock:
             or len(pair) != 2
             or not all(isinstance(b, int) and b > 0 for b in pair)
         ):
-            raise ArmorCheckpointError(
+            raise ARMORCheckpointError(
                 f"{name}: armor-ct wrapper block sizes must be [b_A, b_B] positive ints, got "
                 f"{pair!r}"
             )
         parsed[name] = (pair[0], pair[1])
-    return ArmorBlock(
+    return ARMORBlock(
         modules=parsed,
         recipe=block.get("recipe"),
         format_version=version,
@@ -120,7 +123,7 @@ def parse_armor_block(block: object) -> ArmorBlock:
 
 def build_quantization_config(
     ct_config: dict[str, Any] | None,
-    block: ArmorBlock,
+    block: ARMORBlock,
     ignore: list[str],
     global_sparsity: float,
 ) -> dict[str, Any]:

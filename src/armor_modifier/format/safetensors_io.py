@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_format import ArmorCheckpointError
+from .codec import ARMORCheckpointError
 
 __all__ = [
     "TORCH_TO_SAFETENSORS",
@@ -81,7 +81,7 @@ class Header:
 def read_header(path: str | os.PathLike) -> Header:
     """Parse a safetensors header without reading the data.
 
-    :raises ArmorCheckpointError: if the file is too short for its header or the header is not
+    :raises ARMORCheckpointError: if the file is too short for its header or the header is not
         valid safetensors JSON
     """
     path = Path(path)
@@ -89,13 +89,13 @@ def read_header(path: str | os.PathLike) -> Header:
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ArmorCheckpointError(
+            raise ARMORCheckpointError(
                 f"{path} is truncated ({size} bytes, shorter than a safetensors header); "
                 "re-save or re-download the checkpoint"
             )
         (length,) = struct.unpack("<Q", head)
         if 8 + length > size:
-            raise ArmorCheckpointError(
+            raise ARMORCheckpointError(
                 f"{path} is truncated: its header alone needs {8 + length} bytes but the file has "
                 f"{size}; re-save or re-download the checkpoint"
             )
@@ -108,7 +108,7 @@ def read_header(path: str | os.PathLike) -> Header:
             for key, e in entries.items()
         }
     except (ValueError, KeyError, TypeError, AttributeError) as err:
-        raise ArmorCheckpointError(
+        raise ARMORCheckpointError(
             f"{path} does not hold a valid safetensors header ({err}); re-save or re-download it"
         ) from err
     return Header(path, tensors, metadata, 8 + length, size)
@@ -123,7 +123,7 @@ def shard_files(folder: str | os.PathLike) -> list[Path]:
         return [folder / name for name in sorted(set(weight_map.values()))]
     if (folder / SINGLE_NAME).exists():
         return [folder / SINGLE_NAME]
-    raise ArmorCheckpointError(
+    raise ARMORCheckpointError(
         f"{folder} holds neither {SINGLE_NAME} nor {INDEX_NAME}; armor-ct needs safetensors "
         "(do not pass safe_serialization=False)"
     )
@@ -189,7 +189,7 @@ def rewrite_safetensors(
                 while left:
                     chunk = src_file.read(min(left, _COPY_CHUNK))
                     if not chunk:
-                        raise ArmorCheckpointError(f"{path} ended while copying its tensors")
+                        raise ARMORCheckpointError(f"{path} ended while copying its tensors")
                     out.write(chunk)
                     left -= len(chunk)
             else:

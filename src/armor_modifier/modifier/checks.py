@@ -9,14 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+import torch
 from compressed_tensors.utils import match_named_modules, match_targets
 from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import PRUNABLE_LAYER_TYPES
+from loguru import logger
 from torch import nn
 
-from .runtime import is_armor_linear
+from armor_modifier.runtime import is_armor_linear
 
 __all__ = [
     "MODIFIERS_REFUSED_AFTER",
+    "check_calibration_set",
     "check_recipe_composition",
     "check_shared_calibration_pass",
     "check_target_linear",
@@ -49,6 +52,10 @@ MODIFIERS_REFUSED_AFTER: dict[str, str] = {
         "a second pruning pass would re-prune ARMOR's core with the wrong statistics"
     ),
 }
+
+
+#: Fewer calibration tokens than this get a warning (one 512-token window).
+MIN_TOKENS = 512
 
 
 def is_ignored(name: str, module: nn.Module, ignore: Sequence[str]) -> bool:
@@ -139,6 +146,12 @@ def check_target_linear(
         raise ValueError(
             f"module {name!r} already carries ARMOR wrappers; it cannot be pruned twice"
         )
+    if module.weight.device.type != "meta" and not torch.isfinite(module.weight).all():
+        bad = int((~torch.isfinite(module.weight)).sum())
+        raise ValueError(
+            f"module {name!r} has {bad} non-finite (NaN/Inf) weight entries; nothing was pruned. "
+            f"Repair the checkpoint or add {name!r} to `ignore`."
+        )
 
 
 def check_target_linears(model: nn.Module, modules: dict[str, nn.Linear]) -> None:
@@ -146,6 +159,32 @@ def check_target_linears(model: nn.Module, modules: dict[str, nn.Linear]) -> Non
     shared = _shared_parameter_names(model)
     for name, module in modules.items():
         check_target_linear(name, module, shared)
+
+
+def check_calibration_set(calib: object) -> None:
+    """Refuse an empty calibration set; warn when it holds fewer than :data:`MIN_TOKENS` tokens.
+
+    :param calib: llm-compressor's calibration dataloader (``state.data.calib``) or ``None``
+    """
+    if calib is None or not hasattr(calib, "__len__"):
+        return
+    if len(calib) == 0:
+        raise ValueError(
+            "the calibration set is empty; ARMOR needs calibration tokens for every target "
+            "(pass a non-empty `dataset` to oneshot)"
+        )
+    dataset = getattr(calib, "dataset", None)
+    if dataset is None or not hasattr(dataset, "__getitem__"):
+        return
+    try:
+        tokens = sum(len(row["input_ids"]) for row in dataset)
+    except (KeyError, TypeError):
+        return
+    if tokens < MIN_TOKENS:
+        logger.warning(
+            f"the calibration set holds {tokens} tokens in {len(dataset)} samples, fewer than "
+            f"{MIN_TOKENS}: the statistics will be poor (docs use 16 samples x 512 tokens)"
+        )
 
 
 def check_recipe_composition(me: object, modifiers: Iterable[object]) -> None:
@@ -164,7 +203,7 @@ def check_recipe_composition(me: object, modifiers: Iterable[object]) -> None:
             continue
         for cls in type(later).__mro__:
             reason = MODIFIERS_REFUSED_AFTER.get(cls.__name__)
-            if reason is None or type(later).__name__ == type(me).__name__:
+            if reason is None:
                 continue
             raise ValueError(
                 f"{type(later).__name__} after ARMORModifier is not supported: {reason}. Use "

@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .checkpoint_format import compress_core, decompress_core
+from .codec import compress_core, decompress_core
 
 __all__ = ["PACKED", "packed_columns", "compress_packed_core", "decompress_packed_core"]
 

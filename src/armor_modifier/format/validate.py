@@ -3,7 +3,7 @@
 transformers with a quantizer attached does not compare shapes (it assigns whatever the file
 holds) and fills missing tensors with fresh initialisations, so a damaged checkpoint would load as
 a different model. :func:`validate_checkpoint` reads only the safetensors headers and raises
-:class:`ArmorCheckpointError` naming the module, the tensor and the problem.
+:class:`ARMORCheckpointError` naming the module, the tensor and the problem.
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .checkpoint_config import ArmorBlock
-from .checkpoint_format import BITMASK, ArmorCheckpointError
-from .checkpoint_safetensors import TORCH_TO_SAFETENSORS, TensorInfo, read_header
-from .runtime import ARMOR_A, ARMOR_B
+from armor_modifier.runtime import ARMOR_A, ARMOR_B
+
+from .codec import BITMASK, ARMORCheckpointError
+from .config import ARMORBlock
+from .safetensors_io import TORCH_TO_SAFETENSORS, TensorInfo, read_header
 
 __all__ = ["validate_checkpoint", "ARMOR_LOCAL_NAMES"]
 
@@ -37,14 +38,14 @@ def _list(names: Sequence[str], limit: int = 4) -> str:
 
 
 def validate_checkpoint(
-    files: Sequence[str | os.PathLike], model: nn.Module, block: ArmorBlock
+    files: Sequence[str | os.PathLike], model: nn.Module, block: ARMORBlock
 ) -> None:
     """Validate the safetensors ``files`` of an armor-ct checkpoint against ``model``.
 
     ``model`` is the skeleton after the loader registered the armor-ct tensors (``weight``
     ``[m, n/2]``, ``weight_bitmask``, ``armor_A``, ``armor_B``) on every listed module.
 
-    :raises ArmorCheckpointError: for a truncated or unreadable file; a listed module missing one of
+    :raises ARMORCheckpointError: for a truncated or unreadable file; a listed module missing one of
         its four tensors; a tensor whose shape differs from the model's; an 8-bit core stored with
         another dtype; wrapper tensors for a module the config does not list
     """
@@ -54,7 +55,7 @@ def validate_checkpoint(
         if cut:
             modules = sorted({_module_of(k)[0] for k in cut})
             needed = header.data_start + max(header.tensors[k].end for k in cut)
-            raise ArmorCheckpointError(
+            raise ARMORCheckpointError(
                 f"{header.path} is truncated ({header.file_size} of {needed} bytes): it cuts off "
                 f"{len(cut)} tensors of {_list(modules)}; {_REBUILD}"
             )
@@ -66,7 +67,7 @@ def validate_checkpoint(
     for name in block.modules:
         for local in ARMOR_LOCAL_NAMES:
             if f"{name}.{local}" not in where:
-                raise ArmorCheckpointError(
+                raise ARMORCheckpointError(
                     f"{name}: '{local}' is missing from the checkpoint although config.json lists "
                     f"{name} as ARMOR-wrapped; the checkpoint is incomplete ({_REBUILD})"
                 )
@@ -74,12 +75,12 @@ def validate_checkpoint(
     for key, (file_name, info) in where.items():
         module, local = _module_of(key)
         if module in listed and key not in expected:
-            raise ArmorCheckpointError(
+            raise ARMORCheckpointError(
                 f"{module}: the checkpoint holds '{local}' ({file_name}), which an armor-ct Linear "
                 f"does not store; the file was not written by armor-modifier ({_REBUILD})"
             )
         if local in (ARMOR_A, ARMOR_B, BITMASK) and module not in listed:
-            raise ArmorCheckpointError(
+            raise ARMORCheckpointError(
                 f"{module}: the checkpoint holds '{local}' ({file_name}) but config.json's "
                 "armor.modules does not list the module; config.json and the weights do not match "
                 f"({_REBUILD})"
@@ -88,7 +89,7 @@ def validate_checkpoint(
             continue
         want = expected[key]
         if tuple(want.shape) != info.shape:
-            raise ArmorCheckpointError(
+            raise ARMORCheckpointError(
                 f"{module}: tensor '{local}' has shape {list(info.shape)} in {file_name}, expected "
                 f"{list(want.shape)}{_hint(module, local, want, block)}; the checkpoint does not "
                 f"match its config.json ({_REBUILD})"
@@ -97,7 +98,7 @@ def validate_checkpoint(
             _check_dtype(module, local, want.dtype, info.dtype, file_name)
 
 
-def _hint(module: str, local: str, want: torch.Tensor, block: ArmorBlock) -> str:
+def _hint(module: str, local: str, want: torch.Tensor, block: ARMORBlock) -> str:
     if module not in block.modules:
         return ""
     b_a, b_b = block.modules[module]
@@ -118,7 +119,7 @@ def _check_dtype(module: str, local: str, want: torch.dtype, got: str, file_name
     else:
         ok = got == TORCH_TO_SAFETENSORS.get(want)
     if not ok:
-        raise ArmorCheckpointError(
+        raise ARMORCheckpointError(
             f"{module}: tensor '{local}' is stored as {got} in {file_name}, but the config's "
             f"quantization expects {TORCH_TO_SAFETENSORS.get(want, want)}; the checkpoint does not "
             f"match its config.json ({_REBUILD})"

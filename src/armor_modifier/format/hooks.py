@@ -1,0 +1,63 @@
+"""The per-model ``save_pretrained`` hook that makes a model with ARMOR Linears save as armor-ct.
+
+Why a wrapper around the whole save rather than a state-dict hook: llm-compressor's wrapper rewrites
+``config.json`` *after* transformers returns (``resave_config``, then compressed-tensors'
+``update_config``), so only code that runs after it can write the armor-ct config. Hence
+:func:`install_save_hook` puts an instance-level ``save_pretrained`` *outside* whatever is there and
+marks it ``_overridden`` so llm-compressor does not wrap it again. ``ARMORModifier`` installs it
+(its ``on_finalize`` runs after ``oneshot`` has wrapped the model) and the armor-ct loader installs
+it on every model it loads. Nothing is patched globally: a model whose wrappers were attached by
+hand is saved with :func:`armor_modifier.save_armor_pretrained` (or after ``install_save_hook``).
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import Any
+
+from torch import nn
+
+from .save import ARMOR_RECIPE_ATTR, save_armor_pretrained
+
+__all__ = ["install_save_hook", "remove_save_hook"]
+
+
+def install_save_hook(model: nn.Module, recipe: dict[str, Any] | None = None) -> None:
+    """Make ``model.save_pretrained`` write armor-ct, outside any wrapper already installed.
+
+    Idempotent. Call it after llm-compressor has wrapped ``save_pretrained`` (``ARMORModifier``
+    does, and the armor-ct loader does on every loaded model). The hook is marked ``_overridden``
+    so llm-compressor does not wrap it again; in that case the compressed-tensors compression its
+    wrapper would do is done here (its ``recipe.yaml`` is then not written).
+
+    :param recipe: stored as ``model.armor_recipe`` and written to ``armor.recipe``
+    """
+    if recipe is not None:
+        setattr(model, ARMOR_RECIPE_ATTR, recipe)
+    own = model.__dict__.get("save_pretrained")
+    if getattr(own, "_armor_save", False):
+        return
+    ref = weakref.ref(model)
+
+    def save_pretrained(save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        target = ref()
+        if target is None:
+            raise ReferenceError("the model of this save_pretrained hook no longer exists")
+        return save_armor_pretrained(target, save_directory, *args, **kwargs)
+
+    save_pretrained._overridden = True
+    save_pretrained._armor_save = True
+    save_pretrained._armor_inner = own
+    model.save_pretrained = save_pretrained
+
+
+def remove_save_hook(model: nn.Module) -> None:
+    """Undo :func:`install_save_hook` (restoring the wrapper it enclosed, if any)."""
+    own = model.__dict__.get("save_pretrained")
+    if not getattr(own, "_armor_save", False):
+        return
+    if own._armor_inner is None:
+        del model.__dict__["save_pretrained"]
+    else:
+        model.save_pretrained = own._armor_inner

@@ -1,0 +1,16 @@
+"""The llm-compressor adapter: :class:`ARMORModifier` and its helpers.
+
+Importing this package imports llm-compressor and registers ``ARMORModifier`` with its
+``ModifierFactory`` so YAML recipes can name it. Modules: :mod:`.base` the modifier,
+:mod:`.checks` target resolution and recipe checks, :mod:`.stats` input statistics,
+:mod:`.parallel` the torch.distributed path, :mod:`.report` per-module results and the summary.
+"""
+
+from armor_modifier.core.errors import ARMORCompressionError
+
+from .base import ARMORModifier, register
+from .report import ARMORModuleResult
+
+register()
+
+__all__ = ["ARMORCompressionError", "ARMORModifier", "ARMORModuleResult", "register"]
