@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 
 import armor_modifier.modifier.base as modifier_base
 from armor_modifier.core import count_broken_groups, nowag_p, proxy_loss
-from armor_modifier.core.output import output_loss
+from armor_modifier.core.scoring import output_loss
 from armor_modifier.core.sparsegpt import sparsegpt_2of4
 from armor_modifier.modifier import ARMORCompressionError, ARMORModifier, register
 from armor_modifier.modifier.checks import check_target_linear, resolve_target_linears

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .core import FIELD_HELP, INITS, MODES, OBJECTIVES, SolverSettings
-from .core.output import DAMPING_KINDS
+from .core.scoring import DAMPING_KINDS
 from .format.staging import check_writable, staged_replace
 
 __all__ = ["QUANT_SCHEMES", "add_prune_arguments", "build_recipe", "run_prune"]

@@ -15,10 +15,12 @@ from .errors import (
     ARMORRuntimeError,
     HessianNotPositiveDefinite,
 )
-from .output import OutputObjective, output_loss, output_ridge
+from .output import OutputObjective
 from .problem import choose_wrapper_block_size, largest_block_within, wrapper_overhead
+from .proxy import nowag_p
+from .scoring import output_loss, output_ridge, proxy_loss
 from .settings import FIELD_HELP, INITS, MODES, OBJECTIVES, SolverSettings
-from .solver import ARMORFactors, factorize, nowag_p, proxy_loss
+from .solver import ARMORFactors, factorize
 from .sparsegpt import SparseGPTResult, sparsegpt_2of4, sparsegpt_prune
 from .sparsity import count_broken_groups, is_2_of_4, top2_of_4_mask
 

@@ -35,59 +35,30 @@ from dataclasses import dataclass
 
 import torch
 
-from .blockdiag import left_blockdiag, right_blockdiag
+from .blockdiag import identity_blocks, left_blockdiag, right_blockdiag
 from .discrete import best_two_of_four
-from .iterate import Iterate, reconstruct
+from .iterate import Iterate, Start, identity_fold, reconstruct
 from .linalg import damped_block_solve
-from .problem import check_weight, normalize
-from .sparsegpt import check_hessian
+from .problem import normalize
+from .proxy import nowag_mask
+from .scoring import output_loss, output_ridge
+from .sparsegpt import (
+    MAX_DAMPING_INCREASES,
+    HessianNotPositiveDefinite,
+    check_hessian,
+    inverse_hessian_factor,
+    sparsegpt_prune,
+)
 
-__all__ = ["DAMPING_KINDS", "OutputObjective", "output_loss", "output_ridge"]
+__all__ = ["OUTPUT_B_STEPS", "OutputObjective", "damped", "output_start"]
 
-DAMPING_KINDS = ("identity", "diagonal")
+#: Preconditioned CG steps on ``B`` per iteration of the output objective.
+OUTPUT_B_STEPS = 1
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> float:
     """``<x, y>`` accumulated in float64."""
     return float((x * y).sum(dtype=torch.float64))
-
-
-def output_ridge(H: torch.Tensor, amount: float, kind: str) -> torch.Tensor:
-    """The diagonal ``D`` ([n]) of the output objective's ridge on ``H`` ([n, n]).
-
-    ``kind="identity"``: ``amount * mean(diag H)`` everywhere; ``"diagonal"``:
-    ``amount * diag(H)``.
-    """
-    if kind not in DAMPING_KINDS:
-        raise ValueError(f"output_damping_kind must be one of {DAMPING_KINDS}, got {kind!r}")
-    diag = H.diagonal()
-    if kind == "identity":
-        return torch.full_like(diag, amount * float(diag.mean()))
-    return amount * diag
-
-
-def output_loss(weight: torch.Tensor, H: torch.Tensor, approximation: torch.Tensor) -> float:
-    """Relative output error ``tr(E H E^T) / tr(W H W^T)``, ``E = approximation - weight``.
-
-    With ``H = X^T X / N`` this is ``||E X^T||^2 / ||W X^T||^2`` (computed in float64).
-
-    :param weight: ``[m, n]``
-    :param H: ``[n, n]``, finite (symmetrised)
-    :param approximation: ``[m, n]``
-    :return: ``0.0`` when ``tr(W H W^T) <= 0``
-    """
-    check_weight(weight)
-    check_hessian(H, weight.shape[1])
-    W = weight.detach().double()
-    Hs = H.detach().double()
-    Hs = (Hs + Hs.T) / 2
-    if approximation.shape != W.shape:
-        raise ValueError(
-            f"approximation has shape {tuple(approximation.shape)}, weight {tuple(W.shape)}"
-        )
-    E = approximation.detach().to(W) - W
-    denom = float((W @ Hs * W).sum())
-    return float((E @ Hs * E).sum()) / denom if denom > 0 else 0.0
 
 
 @dataclass
@@ -421,3 +392,64 @@ class OutputObjective:
         gB = torch.bmm(Qk.transpose(1, 2), EH.reshape(m, q, b).transpose(0, 1)) * scale
         gW = self.gradient_S(EH, it.A, it.B) * it.M * scale
         return gA, gB, gW, self.loss_of_residual(E, EH)
+
+
+def output_start(
+    W: torch.Tensor,
+    h: torch.Tensor,
+    b: int,
+    H: torch.Tensor,
+    init: str,
+    percdamp: float,
+    output_damping: float,
+    output_damping_kind: str,
+) -> Start:
+    """The output error from SparseGPT's (or NoWag-P's) solution, identity wrappers.
+
+    ``H`` must factorise after damping (``percdamp * mean(diag H)``, times 10 at most
+    ``MAX_DAMPING_INCREASES`` times, dead columns set to 1 as in SparseGPT). If an increase was
+    needed, ``H`` is materially indefinite (or too ill-conditioned for float32) and the objective
+    uses ``H + lambda I`` with the ``lambda`` that worked. If every try fails, NoWag-P is returned
+    without descent (SparseGPT needs the same factorisation). ``output_damping * mean(diag H)``
+    (``output_damping_kind="identity"``) or ``output_damping * diag(H)`` (``"diagonal"``) is added
+    to the objective's ``H`` (not to SparseGPT's).
+    """
+    m, n = W.shape
+    Hs = check_hessian(H, n)
+    try:
+        if init == "sparsegpt":
+            sgpt = sparsegpt_prune(W, Hs, percdamp=percdamp)
+            core, mask = sgpt.weight, sgpt.mask
+            damping, increases = sgpt.damping, sgpt.num_damping_increases
+        else:
+            Hd = Hs.clone()
+            dead = Hd.diagonal() == 0
+            Hd[dead, dead] = 1.0
+            _, damping, increases = inverse_hessian_factor(Hd, percdamp)
+            mask = nowag_mask(W, h)
+            core = W * mask
+    except HessianNotPositiveDefinite:
+        mask = nowag_mask(W, h)
+        eye_p = identity_blocks(m // b, b, device=W.device)
+        it = Iterate(eye_p, identity_blocks(n // b, b, device=W.device), W * mask, mask)
+        return Start(
+            None,
+            it,
+            output_loss(W, Hs, W * mask),
+            identity_fold,
+            "nowag",
+            MAX_DAMPING_INCREASES,
+            1,
+        )
+    Hs = damped(Hs, output_damping, output_damping_kind, damping if increases else 0.0)
+    objective = OutputObjective(W, Hs, b, b_steps=OUTPUT_B_STEPS)
+    it = objective.initial_iterate(core, mask)
+    return Start(objective, it, objective.loss(it), objective.to_original, init, increases)
+
+
+def damped(H: torch.Tensor, amount: float, kind: str, extra_ridge: float) -> torch.Tensor:
+    """``H`` ([n, n]) + the ridge :func:`~.output.output_ridge` + ``extra_ridge * I``."""
+    ridge = output_ridge(H, amount, kind) + extra_ridge
+    if not bool(ridge.any()):
+        return H
+    return H + torch.diag(ridge)

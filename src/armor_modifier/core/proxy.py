@@ -15,11 +15,18 @@ import torch
 
 from .blockdiag import left_blockdiag, right_blockdiag
 from .discrete import best_two_of_four
-from .iterate import Iterate, reconstruct
+from .iterate import Iterate, Start, reconstruct
 from .linalg import damped_block_solve
+from .problem import check_weight, normalize, sanitize_h
+from .sparsegpt import (
+    MAX_DAMPING_INCREASES,
+    HessianNotPositiveDefinite,
+    check_hessian,
+    sparsegpt_prune,
+)
 from .sparsity import top2_of_4_mask
 
-__all__ = ["DiagonalProxy"]
+__all__ = ["DiagonalProxy", "nowag_mask", "nowag_p", "proxy_start"]
 
 
 class DiagonalProxy:
@@ -200,3 +207,51 @@ class DiagonalProxy:
         gB = torch.bmm(ASk.transpose(1, 2), Rh.reshape(m, q, b).transpose(0, 1))
         gW = right_blockdiag(left_blockdiag(it.A.transpose(1, 2), Rh), it.B.transpose(1, 2))
         return gA, gB, gW * it.M, self.loss_of_residual(R)
+
+
+def nowag_mask(W: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    return top2_of_4_mask(normalize(W).Wbar.square() * h)
+
+
+def nowag_p(weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """NoWag-P 2:4 pruning: keep the 2 largest ``Wbar_ij^2 h_j`` of every 4-group.
+
+    :param weight: ``[m, n]``
+    :param h: ``[n]``
+    :return: ``[m, n]`` float32, ``weight`` with the pruned entries zeroed
+    """
+    W = check_weight(weight)
+    h, _ = sanitize_h(h, W.shape[1])
+    return W * nowag_mask(W, h)
+
+
+def proxy_start(
+    W: torch.Tensor,
+    h: torch.Tensor,
+    b: int,
+    H: torch.Tensor | None,
+    init: str,
+    percdamp: float,
+    groups_per_tile: int,
+) -> Start:
+    """The paper's proxy from NoWag-P, or from SparseGPT's solution (NoWag-P if ``H`` fails)."""
+    nw = normalize(W)
+    objective = DiagonalProxy(nw.Wbar, h, b, groups_per_tile=groups_per_tile)
+
+    def fold(it: Iterate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return it.A * nw.r.reshape(-1, b, 1), it.B * nw.c.reshape(-1, 1, b), it.S
+
+    it = objective.initial_iterate()
+    start = Start(objective, it, 0.0, fold, init)
+    if init == "sparsegpt":
+        try:
+            sgpt = sparsegpt_prune(W, check_hessian(H, W.shape[1]), percdamp=percdamp)
+        except HessianNotPositiveDefinite:
+            start.init = "nowag"
+            start.num_damping_increases, start.num_h_failures = MAX_DAMPING_INCREASES, 1
+        else:
+            core = sgpt.weight / nw.r[:, None] / nw.c[None, :]
+            start.iterate = Iterate(it.A, it.B, core, sgpt.mask)
+            start.num_damping_increases = sgpt.num_damping_increases
+    start.loss = objective.loss(start.iterate)
+    return start

@@ -13,8 +13,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .output import DAMPING_KINDS
 from .problem import choose_wrapper_block_size, largest_block_within, wrapper_overhead
+from .scoring import DAMPING_KINDS
 
 __all__ = ["DAMPING_KINDS", "FIELD_HELP", "INITS", "MODES", "OBJECTIVES", "SolverSettings"]
 

@@ -14,35 +14,20 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
 from .adam import AdamState
-from .blockdiag import identity_blocks
-from .iterate import Iterate, reconstruct
-from .output import OutputObjective, output_loss, output_ridge
-from .problem import (
-    check_weight,
-    normalize,
-    sanitize_h,
-    wrapper_overhead,
-)
-from .proxy import DiagonalProxy
-from .settings import INITS, MODES, OBJECTIVES, SolverSettings
-from .sparsegpt import (
-    MAX_DAMPING_INCREASES,
-    HessianNotPositiveDefinite,
-    check_hessian,
-    inverse_hessian_factor,
-    sparsegpt_prune,
-)
-from .sparsity import top2_of_4_mask
+from .iterate import Iterate, Objective, reconstruct
+from .output import output_start
+from .problem import check_weight, sanitize_h, wrapper_overhead
+from .proxy import nowag_p, proxy_start
+from .scoring import output_loss, proxy_loss
+from .settings import SolverSettings
+from .sparsegpt import check_hessian
 
-__all__ = ["ARMORFactors", "factorize", "nowag_p", "proxy_loss", "MODES", "OBJECTIVES", "INITS"]
-
-#: Preconditioned CG steps on ``B`` per iteration of the output objective.
-OUTPUT_B_STEPS = 1
+__all__ = ["ARMORFactors", "factorize", "nowag_p", "output_loss", "proxy_loss"]
 
 
 @dataclass(frozen=True)
@@ -105,169 +90,6 @@ class ARMORFactors:
     def dense(self) -> torch.Tensor:
         """The reconstruction ``blockdiag(A) @ core @ blockdiag(B)``, ``[m, n]`` fp32."""
         return reconstruct(self.A, self.core, self.B)
-
-
-def nowag_p(weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """NoWag-P 2:4 pruning: keep the 2 largest ``Wbar_ij^2 h_j`` of every 4-group.
-
-    :param weight: ``[m, n]``
-    :param h: ``[n]``
-    :return: ``[m, n]`` float32, ``weight`` with the pruned entries zeroed
-    """
-    W = check_weight(weight)
-    h, _ = sanitize_h(h, W.shape[1])
-    return W * _nowag_mask(W, h)
-
-
-def proxy_loss(weight: torch.Tensor, h: torch.Tensor, approximation: torch.Tensor) -> float:
-    """Relative NoWag proxy loss of any ``approximation [m, n]`` of ``weight [m, n]``.
-
-    ``sum h_j (approx_bar - Wbar)^2 / sum h_j Wbar^2`` with both in ``weight``'s normalised
-    units, so NoWag-P, Wanda, SparseGPT and ARMOR are comparable on one scale.
-    """
-    W = check_weight(weight)
-    h, _ = sanitize_h(h, W.shape[1])
-    if approximation.shape != W.shape:
-        raise ValueError(
-            f"approximation has shape {tuple(approximation.shape)}, weight {tuple(W.shape)}"
-        )
-    nw = normalize(W)
-    approx_bar = approximation.to(W) / nw.r[:, None] / nw.c[None, :]
-    denom = float((h * nw.Wbar.square()).sum())
-    return float((h * (approx_bar - nw.Wbar).square()).sum()) / denom if denom > 0 else 0.0
-
-
-class Objective(Protocol):
-    """What the block coordinate descent needs from an objective (see :class:`DiagonalProxy`)."""
-
-    def loss(self, it: Iterate) -> float: ...
-    def update_A(self, it: Iterate) -> int: ...
-    def update_B(self, it: Iterate) -> int: ...
-    def update_core(self, it: Iterate, steps: int) -> None: ...
-    def discrete_step(
-        self, it: Iterate, generator: torch.Generator
-    ) -> tuple[int, torch.Tensor]: ...
-    def gradients(self, it: Iterate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]: ...
-
-
-Fold = Callable[[Iterate], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class _Start:
-    """The starting point of a descent and how to express its iterates in original units.
-
-    ``objective is None`` means no descent: ``iterate`` (original units) is the answer.
-    """
-
-    objective: Objective | None
-    iterate: Iterate
-    loss: float
-    fold: Fold
-    init: str
-    num_damping_increases: int = 0
-    num_h_failures: int = 0
-
-
-def _identity_fold(it: Iterate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return it.A, it.B, it.S
-
-
-def _nowag_mask(W: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    return top2_of_4_mask(normalize(W).Wbar.square() * h)
-
-
-def _proxy_start(
-    W: torch.Tensor,
-    h: torch.Tensor,
-    b: int,
-    H: torch.Tensor | None,
-    init: str,
-    percdamp: float,
-    groups_per_tile: int,
-) -> _Start:
-    """The paper's proxy from NoWag-P, or from SparseGPT's solution (NoWag-P if ``H`` fails)."""
-    nw = normalize(W)
-    objective = DiagonalProxy(nw.Wbar, h, b, groups_per_tile=groups_per_tile)
-
-    def fold(it: Iterate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return it.A * nw.r.reshape(-1, b, 1), it.B * nw.c.reshape(-1, 1, b), it.S
-
-    it = objective.initial_iterate()
-    start = _Start(objective, it, 0.0, fold, init)
-    if init == "sparsegpt":
-        try:
-            sgpt = sparsegpt_prune(W, check_hessian(H, W.shape[1]), percdamp=percdamp)
-        except HessianNotPositiveDefinite:
-            start.init = "nowag"
-            start.num_damping_increases, start.num_h_failures = MAX_DAMPING_INCREASES, 1
-        else:
-            core = sgpt.weight / nw.r[:, None] / nw.c[None, :]
-            start.iterate = Iterate(it.A, it.B, core, sgpt.mask)
-            start.num_damping_increases = sgpt.num_damping_increases
-    start.loss = objective.loss(start.iterate)
-    return start
-
-
-def _output_start(
-    W: torch.Tensor,
-    h: torch.Tensor,
-    b: int,
-    H: torch.Tensor,
-    init: str,
-    percdamp: float,
-    output_damping: float,
-    output_damping_kind: str,
-) -> _Start:
-    """The output error from SparseGPT's (or NoWag-P's) solution, identity wrappers.
-
-    ``H`` must factorise after damping (``percdamp * mean(diag H)``, times 10 at most
-    ``MAX_DAMPING_INCREASES`` times, dead columns set to 1 as in SparseGPT). If an increase was
-    needed, ``H`` is materially indefinite (or too ill-conditioned for float32) and the objective
-    uses ``H + lambda I`` with the ``lambda`` that worked. If every try fails, NoWag-P is returned
-    without descent (SparseGPT needs the same factorisation). ``output_damping * mean(diag H)``
-    (``output_damping_kind="identity"``) or ``output_damping * diag(H)`` (``"diagonal"``) is added
-    to the objective's ``H`` (not to SparseGPT's).
-    """
-    m, n = W.shape
-    Hs = check_hessian(H, n)
-    try:
-        if init == "sparsegpt":
-            sgpt = sparsegpt_prune(W, Hs, percdamp=percdamp)
-            core, mask = sgpt.weight, sgpt.mask
-            damping, increases = sgpt.damping, sgpt.num_damping_increases
-        else:
-            Hd = Hs.clone()
-            dead = Hd.diagonal() == 0
-            Hd[dead, dead] = 1.0
-            _, damping, increases = inverse_hessian_factor(Hd, percdamp)
-            mask = _nowag_mask(W, h)
-            core = W * mask
-    except HessianNotPositiveDefinite:
-        mask = _nowag_mask(W, h)
-        eye_p = identity_blocks(m // b, b, device=W.device)
-        it = Iterate(eye_p, identity_blocks(n // b, b, device=W.device), W * mask, mask)
-        return _Start(
-            None,
-            it,
-            output_loss(W, Hs, W * mask),
-            _identity_fold,
-            "nowag",
-            MAX_DAMPING_INCREASES,
-            1,
-        )
-    Hs = _damped(Hs, output_damping, output_damping_kind, damping if increases else 0.0)
-    objective = OutputObjective(W, Hs, b, b_steps=OUTPUT_B_STEPS)
-    it = objective.initial_iterate(core, mask)
-    return _Start(objective, it, objective.loss(it), objective.to_original, init, increases)
-
-
-def _damped(H: torch.Tensor, amount: float, kind: str, extra_ridge: float) -> torch.Tensor:
-    """``H`` ([n, n]) + the ridge :func:`~.output.output_ridge` + ``extra_ridge * I``."""
-    ridge = output_ridge(H, amount, kind) + extra_ridge
-    if not bool(ridge.any()):
-        return H
-    return H + torch.diag(ridge)
 
 
 def _descend(
@@ -381,9 +203,9 @@ def factorize(
     b = settings.block_size_for(m, n)
     H = H.to(W.device) if isinstance(H, torch.Tensor) else H
     if settings.objective == "proxy":
-        start = _proxy_start(W, h, b, H, init, settings.dampening_frac, settings.groups_per_tile)
+        start = proxy_start(W, h, b, H, init, settings.dampening_frac, settings.groups_per_tile)
     else:
-        start = _output_start(
+        start = output_start(
             W, h, b, H, init, settings.dampening_frac, settings.output_damping,
             settings.output_damping_kind,
         )  # fmt: skip

@@ -7,7 +7,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["SUPPORTS", "top2_of_4_mask", "is_2_of_4", "count_broken_groups"]
+__all__ = [
+    "SUPPORTS",
+    "count_broken_groups",
+    "group_counts",
+    "is_2_of_4",
+    "pattern_supports",
+    "top2_of_4_mask",
+]
 
 #: The 6 two-element supports of a 4-group, in a fixed order, ``[6, 2]``.
 SUPPORTS = torch.tensor([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
@@ -26,14 +33,34 @@ def top2_of_4_mask(score: torch.Tensor) -> torch.Tensor:
     return mask.reshape(m, n)
 
 
+def pattern_supports(device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:data:`SUPPORTS` indexed by 4-bit group pattern (bit ``k`` = column ``k`` kept).
+
+    :return: ``positions [16, 2]`` int64 (the kept columns of each 2-bit pattern, zeros elsewhere)
+        and ``valid [16]`` bool (the pattern keeps exactly 2 columns)
+    """
+    bits = (1 << SUPPORTS).sum(-1)
+    positions = torch.zeros(16, 2, dtype=torch.int64).index_copy_(0, bits, SUPPORTS)
+    valid = torch.zeros(16, dtype=torch.bool).index_fill_(0, bits, True)
+    return positions.to(device), valid.to(device)
+
+
+def group_counts(mask: torch.Tensor) -> torch.Tensor:
+    """``True`` entries in each group of 4 columns: bool ``[m, n]`` -> int ``[m, n/4]``."""
+    m, n = mask.shape
+    return mask.reshape(m, n // 4, 4).sum(-1)
+
+
 def count_broken_groups(mask_or_weight: torch.Tensor) -> int:
-    """Number of 4-groups holding more than 2 non-zeros (a bool mask or a weight).
+    """Number of 4-groups holding more than 2 non-zeros (a bool mask or a weight of any dtype,
+    FP8 included).
 
     :param mask_or_weight: ``[m, n]``, ``4 | n``
     """
-    m, n = mask_or_weight.shape
-    nonzero = (mask_or_weight != 0).reshape(m, n // 4, 4).sum(-1)
-    return int((nonzero > 2).sum())
+    t = mask_or_weight
+    if t.is_floating_point() and t.element_size() == 1:
+        t = t.float()  # FP8 has no comparison kernels on CPU
+    return int((group_counts(t != 0) > 2).sum())
 
 
 def is_2_of_4(mask: torch.Tensor) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from armor_modifier.core.errors import ARMORCheckpointError
+from armor_modifier.core.sparsity import group_counts, pattern_supports
 
 __all__ = [
     "ARMOR_CT",
@@ -26,11 +27,9 @@ __all__ = [
     "FORMAT_VERSION",
     "SUPPORTED_FORMAT_VERSIONS",
     "ARMORCheckpointError",
-    "broken_groups",
     "compress_core",
     "core_nbytes",
     "decompress_core",
-    "group_counts",
     "pack_bitmask",
     "unpack_bitmask",
 ]
@@ -64,19 +63,6 @@ def pack_bitmask(mask: torch.Tensor) -> torch.Tensor:
     return packed
 
 
-def group_counts(mask: torch.Tensor) -> torch.Tensor:
-    """``True`` entries in each group of 4 columns: bool ``[m, n]`` -> uint8 ``[m, n/4]``."""
-    m, n = mask.shape
-    g = mask.view(torch.uint8).reshape(m, n // 4, 4)
-    return g[..., 0] + g[..., 1] + g[..., 2] + g[..., 3]
-
-
-def broken_groups(weight: torch.Tensor) -> int:
-    """Groups of 4 columns of a ``[m, n]`` core holding more than 2 non-zeros."""
-    fp8 = weight.is_floating_point() and weight.element_size() == 1
-    return int((group_counts((weight.float() if fp8 else weight) != 0) > 2).sum())
-
-
 def unpack_bitmask(bitmask: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_bitmask`: uint8 ``[m, ceil(n/8)]`` -> bool ``[m, n]``."""
     shifts = torch.arange(8, dtype=torch.uint8, device=bitmask.device)
@@ -84,18 +70,6 @@ def unpack_bitmask(bitmask: torch.Tensor, n: int) -> torch.Tensor:
         (torch.arange(256, device=bitmask.device).to(torch.uint8)[:, None] >> shifts) & 1
     ).bool()
     return table[bitmask.long()].reshape(bitmask.shape[0], -1)[:, :n]
-
-
-def _supports(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each 4-bit group pattern: its 2 kept positions ``[16, 2]`` and whether it has exactly 2
-    bits ``[16]``."""
-    positions = torch.zeros(16, 2, dtype=torch.int64)
-    valid = torch.zeros(16, dtype=torch.bool)
-    for i in range(4):
-        for j in range(i + 1, 4):
-            positions[(1 << i) | (1 << j)] = torch.tensor([i, j])
-            valid[(1 << i) | (1 << j)] = True
-    return positions.to(device), valid.to(device)
 
 
 def _patterns(mask: torch.Tensor) -> torch.Tensor:
@@ -121,7 +95,7 @@ def compress_core(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.
     m, n = weight.shape
     fp8 = weight.is_floating_point() and weight.element_size() == 1
     nonzero = (weight.float() if fp8 else weight) != 0
-    counts = group_counts(nonzero)
+    counts = group_counts(nonzero).to(torch.uint8)
     broken = int((counts > 2).sum())
     if broken:
         raise ARMORCheckpointError(
@@ -136,7 +110,7 @@ def compress_core(weight: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.
         fill = zero & (zero.cumsum(-1, dtype=torch.int8) <= missing)
         mask = nonzero | fill.reshape(m, n)
     patterns = _patterns(mask)
-    positions, _ = _supports(weight.device)
+    positions, _ = pattern_supports(weight.device)
     keep = positions[patterns.long()]
     values = _as_bits(weight).reshape(m, n // 4, 4).gather(-1, keep).reshape(m, n // 2)
     pairs = torch.nn.functional.pad(patterns, (0, (n // 4) % 2)).reshape(m, -1, 2)
@@ -164,7 +138,7 @@ def decompress_core(values: torch.Tensor, bitmask: torch.Tensor, n: int, name: s
             f"[{m}, {(n + 7) // 8}])"
         )
     patterns = torch.stack((bitmask & 15, bitmask >> 4), dim=-1).reshape(m, -1)[:, : n // 4]
-    positions, valid = _supports(values.device)
+    positions, valid = pattern_supports(values.device)
     index = patterns.long()
     bad = int((~valid[index]).sum())
     if bad:

@@ -31,9 +31,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from armor_modifier.core.sparsity import count_broken_groups
 from armor_modifier.runtime import ARMOR_A, ARMOR_B, armor_linears
 
-from .codec import BITMASK, ARMORCheckpointError, broken_groups, compress_core
+from .codec import BITMASK, ARMORCheckpointError, compress_core
 from .config import ARMORBlock, build_quantization_config
 from .packed import PACKED, compress_packed_core
 from .safetensors_io import INDEX_NAME, read_header, rewrite_safetensors, shard_files
@@ -91,7 +92,7 @@ def _check_cores(linears: dict[str, nn.Linear]) -> None:
                     "FP8, INT8 / W8A8, W8A16, W4A16). Pick one of those schemes for this module."
                 )
         if isinstance(weight, torch.Tensor) and weight.device.type != "meta":
-            broken = broken_groups(weight.detach())
+            broken = count_broken_groups(weight.detach())
             if broken:
                 raise ARMORCheckpointError(
                     f"{name}: the core is not 2:4 ({broken} groups of 4 hold more than 2 "
