@@ -20,7 +20,7 @@ tests (``tests/test_cuda.py``, marker ``gpu``) hold the accuracy bounds.
 from __future__ import annotations
 
 import functools
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +110,8 @@ def _scaled_8bit_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     from compressed_tensors.quantization.lifecycle.forward import quantize
     from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
 
-    args = self.quantization_scheme.input_activations
+    scheme: Any = self.quantization_scheme
+    args = scheme.input_activations
     scale, zero_point = compute_dynamic_scales_and_zp(value=x, args=args, module=self)
     codes = quantize(x, scale, zero_point, args, dtype=args.pytorch_dtype())
     n = x.shape[-1]
@@ -121,7 +122,8 @@ def _scaled_8bit_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         codes = F.pad(codes.view(torch.uint8), (0, 0, 0, pad)).view(codes.dtype)
     acc = torch._cslt_sparse_mm(getattr(self, _PACKED), codes.t(), out_dtype=torch.bfloat16)
     x_scale = scale.float().expand(*x.shape[:-1], 1).reshape(-1, 1)
-    out = acc[:, :tokens].t().float() * x_scale * self.weight_scale.float().reshape(1, -1)
+    weight_scale: Any = self.weight_scale
+    out = acc[:, :tokens].t().float() * x_scale * weight_scale.float().reshape(1, -1)
     out = out.to(x.dtype)
     if self.bias is not None:
         out = out + self.bias.to(out.dtype)
@@ -131,7 +133,7 @@ def _scaled_8bit_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def _convert_8bit(name: str, linear: nn.Linear) -> str:
     from compressed_tensors.quantization.lifecycle.forward import quantize
 
-    scheme = linear.quantization_scheme
+    scheme: Any = linear.quantization_scheme
     w_args, x_args = scheme.weights, scheme.input_activations
     ok = (
         w_args is not None
@@ -167,7 +169,7 @@ def _convert_8bit(name: str, linear: nn.Linear) -> str:
     _check_shape(name, weight, "cusparselt")
     setattr(linear, _PACKED, torch._cslt_compress(weight.contiguous()))
     linear.__dict__[_FORWARD] = linear.__dict__.get("forward")
-    linear.forward = _scaled_8bit_forward.__get__(linear)
+    linear.__dict__["forward"] = _scaled_8bit_forward.__get__(linear)
     return f"cusparselt-{str(dtype).removeprefix('torch.')}"
 
 
@@ -246,6 +248,6 @@ def to_dense(model: nn.Module) -> int:
             if forward is None:
                 del linear.__dict__["forward"]
             else:
-                linear.forward = forward
+                linear.__dict__["forward"] = forward
             restored += 1
     return restored

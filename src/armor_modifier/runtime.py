@@ -54,10 +54,9 @@ def _pre_hook(module: nn.Linear, args: tuple) -> tuple:
 
 
 def _post_hook(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    bias = module.bias
-    if bias is None:
+    if module.bias is None:
         return apply_output_wrapper(output, getattr(module, ARMOR_A))
-    bias = bias.to(output.dtype)
+    bias = module.bias.to(output.dtype)
     return apply_output_wrapper(output - bias, getattr(module, ARMOR_A)) + bias
 
 

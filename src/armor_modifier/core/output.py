@@ -131,10 +131,12 @@ class OutputObjective:
 
     def _state(self, it: Iterate) -> tuple[torch.Tensor, torch.Tensor]:
         """``(E, EH)`` of ``it`` (cached; the cache owns both tensors and updates them in place)."""
-        if self._cache is None or not self._cache.matches(it):
+        cache = self._cache
+        if cache is None or not cache.matches(it):
             E = self.residual(it)
-            self._remember(it, E, E @ self.H)
-        return self._cache.E, self._cache.EH
+            cache = _Cache((it.A, it.B, it.Wp, it.M), E, E @ self.H)
+            self._cache = cache
+        return cache.E, cache.EH
 
     def _remember(self, it: Iterate, E: torch.Tensor, EH: torch.Tensor) -> None:
         self._cache = _Cache((it.A, it.B, it.Wp, it.M), E, EH)

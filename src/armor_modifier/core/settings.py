@@ -48,8 +48,8 @@ FIELD_HELP: dict[str, str] = {
 
 
 def _number(name: str, value: object, *, low: float, low_open: bool, rule: str) -> None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
+    ok = False
+    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         ok = value > low if low_open else value >= low
     if not ok:
         raise ValueError(f"{name} must be {rule}, got {value!r}")

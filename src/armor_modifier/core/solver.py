@@ -124,8 +124,8 @@ def _descend(
             fallbacks += objective.update_A(it) + objective.update_B(it)
             objective.update_core(it, cg_steps)
         else:
-            *grads, _ = objective.gradients(it)
-            adam.step(it, tuple(grads))
+            grad_A, grad_B, grad_S, _ = objective.gradients(it)
+            adam.step(it, (grad_A, grad_B, grad_S))
         if update_mask:
             failed, touched = objective.discrete_step(it, generator)
             fallbacks += failed
@@ -205,6 +205,7 @@ def factorize(
     if settings.objective == "proxy":
         start = proxy_start(W, h, b, H, init, settings.dampening_frac, settings.groups_per_tile)
     else:
+        assert H is not None  # _check_data: the output objective always has H
         start = output_start(
             W, h, b, H, init, settings.dampening_frac, settings.output_damping,
             settings.output_damping_kind,

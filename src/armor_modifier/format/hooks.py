@@ -46,18 +46,19 @@ def install_save_hook(model: nn.Module, recipe: dict[str, Any] | None = None) ->
             raise ReferenceError("the model of this save_pretrained hook no longer exists")
         return save_armor_pretrained(target, save_directory, *args, **kwargs)
 
-    save_pretrained._overridden = True
-    save_pretrained._armor_save = True
-    save_pretrained._armor_inner = own
-    model.save_pretrained = save_pretrained
+    hook: Any = save_pretrained
+    hook._overridden = True  # llm-compressor's marker: do not wrap this save again
+    hook._armor_save = True
+    hook._armor_inner = own
+    model.__dict__["save_pretrained"] = hook
 
 
 def remove_save_hook(model: nn.Module) -> None:
     """Undo :func:`install_save_hook` (restoring the wrapper it enclosed, if any)."""
-    own = model.__dict__.get("save_pretrained")
+    own: Any = model.__dict__.get("save_pretrained")
     if not getattr(own, "_armor_save", False):
         return
     if own._armor_inner is None:
         del model.__dict__["save_pretrained"]
     else:
-        model.save_pretrained = own._armor_inner
+        model.__dict__["save_pretrained"] = own._armor_inner

@@ -15,6 +15,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -149,7 +150,7 @@ def rewrite_safetensors(
     """
     path = Path(path)
     header = read_header(path)
-    entries: list[tuple[str, str, tuple[int, ...], int, object]] = []
+    entries: list[tuple[str, str, tuple[int, ...], int, TensorInfo | torch.Tensor]] = []
     for key, info in header.tensors.items():
         if key not in replace:
             entries.append((key, info.dtype, info.shape, _itemsize(info), info))
@@ -166,7 +167,8 @@ def rewrite_safetensors(
                 )
             )
     entries.sort(key=lambda e: (-e[3], e[0]))
-    layout, offset = {}, 0
+    layout: dict[str, dict[str, Any]] = {}
+    offset = 0
     for key, dtype, shape, _, src in entries:
         nbytes = src.nbytes if isinstance(src, TensorInfo) else src.numel() * src.element_size()
         layout[key] = {

@@ -55,20 +55,21 @@ STORABLE_CT_FORMATS = (
 )
 
 
-def _original_save(model: nn.Module) -> Callable[..., Any]:
-    method = type(model).save_pretrained
-    return functools.partial(getattr(method, "_armor_original", method), model)
+def _class_save(model: nn.Module) -> Callable[..., Any]:
+    """The model class's own ``save_pretrained`` (transformers'), bound to ``model``."""
+    cls: Any = type(model)
+    return functools.partial(cls.save_pretrained, model)
 
 
 def _inner_save(model: nn.Module) -> tuple[Callable[..., Any], bool]:
     """The save that writes a regular checkpoint, and whether it is a foreign (llm-compressor)
     wrapper that handles compressed-tensors compression itself."""
-    own = model.__dict__.get("save_pretrained")
+    own: Any = model.__dict__.get("save_pretrained")
     if getattr(own, "_armor_save", False):
         own = own._armor_inner
     if own is not None:
         return own, bool(getattr(own, "_overridden", False))
-    return _original_save(model), False
+    return _class_save(model), False
 
 
 def _check_cores(linears: dict[str, nn.Linear]) -> None:
@@ -269,7 +270,8 @@ def _core_key(name: str, linear: nn.Linear, where: dict, headers: dict) -> tuple
             )
         return f"{name}.weight", None
     if f"{name}.{PACKED}" in where:
-        return f"{name}.{PACKED}", linear.quantization_scheme.weights.num_bits
+        scheme: Any = linear.quantization_scheme
+        return f"{name}.{PACKED}", int(scheme.weights.num_bits)
     raise ARMORCheckpointError(
         f"{name}: the saved checkpoint has no '{name}.weight' (is the weight tied to another "
         "module, or renamed by a weight conversion?); ARMOR cannot wrap it"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -133,8 +134,8 @@ class ARMORModifier(Modifier):
     output_damping_kind: Literal["identity", "diagonal"] = _DEFAULTS.output_damping_kind
 
     _modules: dict[str, nn.Linear] = PrivateAttr(default_factory=dict)
-    _names: dict[nn.Module, str] = PrivateAttr(default_factory=dict)
-    _stats: dict[nn.Module, InputStatistics] = PrivateAttr(default_factory=dict)
+    _names: dict[nn.Linear, str] = PrivateAttr(default_factory=dict)
+    _stats: dict[nn.Linear, InputStatistics] = PrivateAttr(default_factory=dict)
     _compressed: list[str] = PrivateAttr(default_factory=list)
     _results: dict[str, ARMORModuleResult] = PrivateAttr(default_factory=dict)
     _progress: Any = PrivateAttr(default=None)
@@ -167,7 +168,7 @@ class ARMORModifier(Modifier):
         return list(self._compressed)
 
     @property
-    def statistics(self) -> dict[nn.Module, InputStatistics]:
+    def statistics(self) -> dict[nn.Linear, InputStatistics]:
         """The input statistics collected so far, per target Linear (shared with the ranks)."""
         return self._stats
 
@@ -232,11 +233,12 @@ class ARMORModifier(Modifier):
                 with_gram=self.solver_settings.needs_hessian,
             )
             return
+        hook: Callable[..., None] = self.calibrate_module
         for module in self._names:
-            self.register_hook(module, self.calibrate_module, "forward")
+            self.register_hook(module, hook, "forward")
 
     def calibrate_module(
-        self, module: nn.Module, args: tuple[torch.Tensor, ...], _output: torch.Tensor
+        self, module: nn.Linear, args: tuple[torch.Tensor, ...], _output: torch.Tensor
     ) -> None:
         """Forward hook: add the input's ``x^2`` per channel (fp32) and its token count."""
         if is_armor_linear(module):
@@ -276,7 +278,7 @@ class ARMORModifier(Modifier):
 
     # ---- compression -----------------------------------------------------------------------
 
-    def compress_modules(self, modules: list[nn.Module] | None = None) -> None:
+    def compress_modules(self, modules: list[nn.Linear] | None = None) -> None:
         """Factorize, write back and wrap ``modules`` (default: every calibrated, uncompressed
         target), in model order. Under torch.distributed the work is shared across ranks."""
         if modules is None:
@@ -346,11 +348,11 @@ class ARMORModifier(Modifier):
             self._progress = tqdm(total=len(self._modules), desc="ARMOR", unit="module")
         self._progress.update(1)
 
-    def name_of(self, module: nn.Module) -> str:
+    def name_of(self, module: nn.Linear) -> str:
         """The model's name for a target module."""
         return self._names[module]
 
-    def require_tokens(self, modules: list[nn.Module]) -> None:
+    def require_tokens(self, modules: Sequence[nn.Linear]) -> None:
         """Raise naming the modules that received no calibration tokens."""
         empty = [
             self._names[m]
@@ -382,7 +384,7 @@ class ARMORModifier(Modifier):
             self._progress.close()
             self._progress = None
 
-    def _pending(self) -> list[nn.Module]:
+    def _pending(self) -> list[nn.Linear]:
         done = set(self._compressed)
         return [m for name, m in self._modules.items() if name not in done]
 
