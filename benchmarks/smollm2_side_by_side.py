@@ -59,6 +59,12 @@ ARMOR_METHODS = {
     "armor-output-b32-it10-diag1": _armor(32, 10, "output", output_damping_kind="diagonal",
                                           output_damping=1.0),
     "armor-output-b32-it10-damp03": _armor(32, 10, "output", output_damping=0.3),
+    # wrapper size per Linear from an overhead budget (max_wrapper_overhead; SmolLM2: q/o 24,
+    # k/v 12, MLP 32 at 0.10)
+    "armor-output-ovh10-it10": {"max_wrapper_overhead": 0.10, "num_iterations": 10,
+                                "objective": "output"},
+    "armor-output-ovh15-it10": {"max_wrapper_overhead": 0.15, "num_iterations": 10,
+                                "objective": "output"},
 }
 #: method name -> one ARMORModifier's fields per group of targets (wrapper size per layer type)
 MIXED_METHODS = {
@@ -168,6 +174,8 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=64,
                     help="first N windows of each test text (same for every method); 0: all")
     ap.add_argument("--texts", nargs="+", default=["wikivital", "ptb"])
+    ap.add_argument("--split", choices=["test", "valid"], default="test",
+                    help="evaluation split (choose defaults on 'valid', report 'test')")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save-reload", action="store_true")
@@ -188,11 +196,11 @@ def main() -> None:
     _, tokenizer, _ = load_default_model()
     calibration = calibration_samples(tokenizer, load_text("wikivital", "train"),
                                       args.num_samples, args.seq_len, seed=args.seed)
-    texts = {name: load_text(name, "test") for name in args.texts}
+    texts = {name: load_text(name, args.split) for name in args.texts}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
         row = run_method(method, calibration, texts, args)
-        row["setup"] = {"num_samples": args.num_samples, "seq_len": args.seq_len,
+        row["setup"] = {"num_samples": args.num_samples, "seq_len": args.seq_len, "split": args.split,
                         "eval_windows": args.eval_windows, "threads": args.threads,
                         "date": str(date.today()), "machine": platform.machine(),
                         "cpus": torch.get_num_threads()}

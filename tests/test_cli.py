@@ -2,6 +2,7 @@
 
 import json
 import random
+import re
 
 import pytest
 
@@ -128,24 +129,116 @@ def test_prune_eval_and_export_end_to_end(tiny_folder, text_file, tmp_path, caps
     assert config["quantization_config"]["quant_method"] == "armor-ct"
     assert (out / "tokenizer.json").exists()
     capsys.readouterr()
-    assert (
-        main(
-            [
-                "eval",
-                str(out),
-                "--dataset",
-                str(text_file),
-                "--seq-len",
-                str(SEQ_LEN),
-                "--max-windows",
-                "2",
-                "--split",
-                "test",
-            ]
-        )
-        == 0
-    )
-    assert "| " in capsys.readouterr().out
+    eval_args = ["--dataset", str(text_file), "--seq-len", str(SEQ_LEN), "--max-windows", "2"]
+    assert main(["eval", str(out), *eval_args]) == 0
+    pruned_ppl = _perplexity_row(capsys.readouterr().out)
     dense = tmp_path / "dense"
     assert main(["export-dense", str(out), str(dense)]) == 0
     assert "quantization_config" not in json.loads((dense / "config.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(dense), *eval_args]) == 0
+    # The dense export multiplies A core B out: same model up to fp32 rounding (observed equal to
+    # the printed 3 decimals); a different model would print another perplexity.
+    assert _perplexity_row(capsys.readouterr().out) == pytest.approx(pruned_ppl, rel=1e-4)
+    assert main(["eval", str(tiny_folder), *eval_args]) == 0
+    assert _perplexity_row(capsys.readouterr().out) != pruned_ppl  # pruning changed the model
+
+
+def _perplexity_row(out: str) -> float:
+    """The perplexity printed in ``armor eval``'s one table row of 2 windows."""
+    rows = [line for line in out.splitlines() if re.match(rf"\| .+ \| 2 x {SEQ_LEN} \| ", line)]
+    assert len(rows) == 1, out
+    value = float(rows[0].split("|")[3])
+    assert 1.0 < value < float("inf")
+    return value
+
+
+# ---- issue 11: bad input fails before any work, with one line naming the value and the rule
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--wrapper-block-size", "0", "wrapper_block_size must be a positive multiple of 4"),
+        ("--wrapper-block-size", "3", "wrapper_block_size must be a positive multiple of 4"),
+        ("--wrapper-block-size", "-4", "wrapper_block_size must be a positive multiple of 4"),
+        ("--num-iterations", "-1", "num_iterations must be an integer >= 0, got -1"),
+        ("--max-wrapper-overhead", "0", "max_wrapper_overhead must be a number > 0"),
+        ("--output-damping", "-0.5", "output_damping must be a number >= 0 (try 0.1), got -0.5"),
+    ],
+)
+def test_prune_bad_solver_option_names_field_value_and_rule(
+    tiny_folder, text_file, tmp_path, capsys, option, value, message
+):
+    code = main(["prune", str(tiny_folder), "--dataset", str(text_file), option, value,
+                 "--output", str(tmp_path / "out")])  # fmt: skip
+    assert code == 2
+    line = _error_line(capsys)
+    assert message in line and f"(the option is {option})" in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "yaml_text, message",
+    [
+        ("foo: bar\n", "contains no ARMORModifier (modifiers found: none)"),
+        ("stage: 5\n", "contains no ARMORModifier (modifiers found: none)"),
+        ("s:\n  m:\n    ARMORModifier: {}\n", "contains no ARMORModifier (modifiers found: none)"),
+        ("s:\n  pruning_modifiers: {}\n", "contains no ARMORModifier (modifiers found: none)"),
+        (
+            "x_stage:\n  pruning_modifiers:\n    NoSuchModifier: {}\n",
+            "is not a valid llm-compressor recipe: No modifier of type 'NoSuchModifier' found.",
+        ),
+        (
+            "x_stage:\n  quant_modifiers:\n    QuantizationModifier:\n      targets: Linear\n"
+            "      scheme: FP8_DYNAMIC\n",
+            "contains no ARMORModifier (modifiers found: ['QuantizationModifier'])",
+        ),
+    ],
+)
+def test_prune_recipe_without_armor_fails_before_work(
+    tiny_folder, text_file, tmp_path, capsys, yaml_text, message
+):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml_text)
+    code = main(["prune", str(tiny_folder), "--dataset", str(text_file), "--recipe", str(recipe),
+                 "--output", str(tmp_path / "out")])  # fmt: skip
+    assert code == 2
+    line = _error_line(capsys)
+    assert message in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_prune_output_under_a_file_fails_before_loading(tiny_folder, tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    loaded = []
+    monkeypatch.setattr("armor_modifier.cli._load", lambda model: loaded.append(model))
+    code = main(["prune", str(tiny_folder), "--output", str(blocker / "out")])
+    assert code == 2
+    assert f"{blocker} is a file, not a folder" in _error_line(capsys)
+    assert loaded == []  # the model was never loaded
+
+
+def test_export_dense_output_under_a_file(tiny_folder, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["export-dense", str(tiny_folder), str(blocker / "out")]) == 2
+    assert f"{blocker} is a file, not a folder" in _error_line(capsys)
+
+
+def test_relative_model_path_that_does_not_exist(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["prune", "nope_dir", "--output", "out"]) == 2
+    assert _error_line(capsys) == (
+        "armor: error: model folder nope_dir does not exist (pass a model folder, a hub id like "
+        "org/name, or 'smollm2')"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_threads_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", "smollm2", "--threads", "-1"])
+    assert exit_info.value.code == 2
+    assert "--threads must be at least 1, got -1" in capsys.readouterr().err

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="prune a model with ARMOR 2:4 (optionally quantize) and save it as armor-ct",
         description="Prune every Linear (except lm_head) with ARMOR 2:4 through llm-compressor's "
         "oneshot and save the result as an armor-ct checkpoint. Quantization schemes: "
-        + ", ".join(QUANT_SCHEMES) + ".",
+        + ", ".join(QUANT_SCHEMES)
+        + ".",
     )
     add_prune_arguments(prune)
 
@@ -53,15 +54,27 @@ def build_parser() -> argparse.ArgumentParser:
         "SparseGPT/Wanda papers compute it (the text is tokenized once, cut into windows).",
     )
     ev.add_argument("model", help="model folder (dense or armor-ct), hub id, or 'smollm2'")
-    ev.add_argument("--dataset", nargs="+", default=["wikivital"], metavar="TEXT",
-                    help="'wikivital', 'ptb', a local text file or 'hf:NAME[:CONFIG]' "
-                    "(default: wikivital); the test split is used")
+    ev.add_argument(
+        "--dataset",
+        nargs="+",
+        default=["wikivital"],
+        metavar="TEXT",
+        help="'wikivital', 'ptb', a local text file or 'hf:NAME[:CONFIG]' "
+        "(default: wikivital); the test split is used",
+    )
     ev.add_argument("--split", default="test", help="split of wikivital/ptb/hf (default: test)")
     ev.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
-    ev.add_argument("--max-windows", type=int, default=None,
-                    help="evaluate only the first N windows (default: all)")
-    ev.add_argument("--add-bos", action="store_true",
-                    help="start each window with the BOS token (default: off, as the papers)")
+    ev.add_argument(
+        "--max-windows",
+        type=int,
+        default=None,
+        help="evaluate only the first N windows (default: all)",
+    )
+    ev.add_argument(
+        "--add-bos",
+        action="store_true",
+        help="start each window with the BOS token (default: off, as the papers)",
+    )
     ev.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
 
     ex = sub.add_parser(
@@ -72,8 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ex.add_argument("src", help="armor-ct checkpoint folder")
     ex.add_argument("dst", help="output folder")
-    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                    help="weight dtype of the export (default: the checkpoint's)")
+    ex.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="weight dtype of the export (default: the checkpoint's)",
+    )
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     return parser
 
@@ -82,8 +99,9 @@ def _check_output_folder(path: Path, overwrite: bool) -> None:
     if path.exists() and not path.is_dir():
         raise CLIError(f"output {path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise CLIError(f"output folder {path} exists and is not empty; pass --overwrite "
-                       "to replace it")
+        raise CLIError(
+            f"output folder {path} exists and is not empty; pass --overwrite to replace it"
+        )
 
 
 def _check_model_path(model: str) -> None:
@@ -91,8 +109,10 @@ def _check_model_path(model: str) -> None:
     if model == DEFAULT_MODEL or Path(model).expanduser().exists():
         return
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise CLIError(f"model folder {model} does not exist (pass a model folder, a hub id "
-                       f"like org/name, or '{DEFAULT_MODEL}')")
+        raise CLIError(
+            f"model folder {model} does not exist (pass a model folder, a hub id "
+            f"like org/name, or '{DEFAULT_MODEL}')"
+        )
 
 
 def _load(model: str):
@@ -101,6 +121,9 @@ def _load(model: str):
     if model == DEFAULT_MODEL:
         return load_default_model()
     _check_model_path(model)
+    from .format.loader import check_not_mislabelled
+
+    check_not_mislabelled(Path(model).expanduser())
     return load_model(model)
 
 
@@ -113,10 +136,19 @@ def run_eval(args: argparse.Namespace) -> None:
     model, tokenizer, _ = _load(args.model)
     print("| text | windows x tokens | perplexity | seconds |\n|---|---|---|---|")
     for name, text in texts.items():
-        result = perplexity(model, tokenizer, text, seq_len=args.seq_len,
-                            max_windows=args.max_windows, add_bos=args.add_bos)
-        print(f"| {name} ({args.split}) | {result.num_windows} x {result.seq_len} | "
-              f"{result.ppl:.3f} | {result.seconds:.1f} |", flush=True)
+        result = perplexity(
+            model,
+            tokenizer,
+            text,
+            seq_len=args.seq_len,
+            max_windows=args.max_windows,
+            add_bos=args.add_bos,
+        )
+        print(
+            f"| {name} ({args.split}) | {result.num_windows} x {result.seq_len} | "
+            f"{result.ppl:.3f} | {result.seconds:.1f} |",
+            flush=True,
+        )
 
 
 def run_export(args: argparse.Namespace) -> None:

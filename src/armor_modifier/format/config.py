@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,8 +74,9 @@ class ARMORBlock:
 def parse_armor_block(block: object) -> ARMORBlock:
     """Validate the ``armor`` block of a ``quantization_config``.
 
-    :raises ARMORCheckpointError: on an unknown ``format_version`` or ``core_format``, or a
-        malformed module list
+    :raises ARMORCheckpointError: on a missing, non-int or unknown ``format_version``, an unknown
+        ``core_format``, or a malformed module list (not a mapping, empty, an empty name, block
+        sizes that are not two positive ints)
     """
     if not isinstance(block, dict):
         raise ARMORCheckpointError(
@@ -82,43 +84,73 @@ def parse_armor_block(block: object) -> ARMORBlock:
             f"{block!r}, not a mapping; the config.json is damaged or was not written by "
             "armor-modifier"
         )
-    version = block.get("format_version")
+    version = _format_version(block)
+    core_format = block.get("core_format", CORE_FORMAT)
+    if core_format != CORE_FORMAT:
+        raise ARMORCheckpointError(
+            f"armor-ct core_format {core_format!r} is not supported (only {CORE_FORMAT!r})"
+        )
+    return ARMORBlock(
+        modules=_modules(block.get("modules")),
+        recipe=block.get("recipe"),
+        format_version=version,
+        core_format=core_format,
+        producer=block.get("producer", "unknown"),
+    )
+
+
+def _format_version(block: dict[str, Any]) -> int:
+    if "format_version" not in block:
+        raise ARMORCheckpointError(
+            "armor-ct block has no format_version; the config.json is damaged or was not "
+            f'written by armor-modifier (this version writes "format_version": {FORMAT_VERSION})'
+        )
+    version = block["format_version"]
+    # bool is an int subclass and 1.0 == 1: both would pass a plain membership test.
+    if type(version) is not int:
+        raise ARMORCheckpointError(
+            f"armor-ct format_version must be an integer, got {json.dumps(version, default=repr)} "
+            f"({type(version).__name__}); the config.json is damaged (this version writes "
+            f'"format_version": {FORMAT_VERSION})'
+        )
     if version not in SUPPORTED_FORMAT_VERSIONS:
         raise ARMORCheckpointError(
             f"armor-ct format_version {version!r} is not supported by {_producer()} (it reads "
             f"versions {list(SUPPORTED_FORMAT_VERSIONS)}); upgrade armor-modifier, or re-export "
             "the checkpoint with the version that reads it"
         )
-    core_format = block.get("core_format", CORE_FORMAT)
-    if core_format != CORE_FORMAT:
+    return version
+
+
+def _modules(modules: object) -> dict[str, tuple[int, int]]:
+    if not isinstance(modules, dict):
+        what = "missing" if modules is None else f"a {type(modules).__name__}"
         raise ARMORCheckpointError(
-            f"armor-ct core_format {core_format!r} is not supported (only {CORE_FORMAT!r})"
+            f"armor-ct block's modules is {what}, not a mapping {{module name: [b_A, b_B]}}; the "
+            "config.json is damaged or was not written by armor-modifier"
         )
-    modules = block.get("modules")
-    if not isinstance(modules, dict) or not modules:
+    if not modules:
         raise ARMORCheckpointError(
-            f"armor-ct block lists no wrapped modules (modules={modules!r}); the config.json is "
-            "damaged"
+            "armor-ct block lists no wrapped modules (modules={}); the config.json is damaged"
         )
     parsed = {}
     for name, pair in modules.items():
+        if not name:
+            raise ARMORCheckpointError(
+                f"armor-ct modules has an empty module name (block sizes {pair!r}); the "
+                "config.json is damaged"
+            )
         if (
             not isinstance(pair, (list, tuple))
             or len(pair) != 2
-            or not all(isinstance(b, int) and b > 0 for b in pair)
+            or not all(type(b) is int and b > 0 for b in pair)
         ):
             raise ARMORCheckpointError(
                 f"{name}: armor-ct wrapper block sizes must be [b_A, b_B] positive ints, got "
-                f"{pair!r}"
+                f"{json.dumps(pair, default=repr)}; the config.json is damaged"
             )
         parsed[name] = (pair[0], pair[1])
-    return ARMORBlock(
-        modules=parsed,
-        recipe=block.get("recipe"),
-        format_version=version,
-        core_format=core_format,
-        producer=block.get("producer", "unknown"),
-    )
+    return parsed
 
 
 def build_quantization_config(

@@ -5,6 +5,10 @@
 config and quantizer, so quantized cores go through compressed-tensors' own schemes and
 compressors. Loading then runs:
 
+0. parse ``quantization_config``: the ``armor`` block (:mod:`.config`), compressed-tensors' keys,
+   and only formats armor-ct stores (``STORABLE_CT_FORMATS``). A ``compressed-tensors`` config that
+   carries an ``armor`` block (a mislabelled armor-ct checkpoint) never reaches this loader;
+   :func:`check_not_mislabelled` refuses it for the CLI and dense export;
 1. before weights: attach ``armor_A``/``armor_B`` buffers and hooks to every listed Linear; let
    compressed-tensors apply its quantization (scales, compressed dtypes); give each listed Linear a
    ``weight [m, n/2]`` (the core's kept values, in the dtype compressed-tensors expects, or
@@ -22,8 +26,13 @@ Without this package transformers warns about the unknown ``quant_method`` and t
 
 from __future__ import annotations
 
+import json
+import os
+import reprlib
+from pathlib import Path
 from typing import Any
 
+import pydantic
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -38,22 +47,33 @@ from .codec import ARMOR_CT, BITMASK, ARMORCheckpointError, decompress_core
 from .config import ARMORBlock, parse_armor_block
 from .hooks import install_save_hook
 from .packed import PACKED, decompress_packed_core, packed_columns
-from .validate import validate_checkpoint
+from .save import STORABLE_CT_FORMATS
+from .validate import _REBUILD, validate_checkpoint
 
-__all__ = ["ARMORCTConfig", "ARMORCTHfQuantizer", "register"]
+__all__ = ["ARMORCTConfig", "ARMORCTHfQuantizer", "check_not_mislabelled", "register"]
 
 logger = logging.get_logger(__name__)
+
+#: compressed-tensors' top-level ``format`` when config groups use different formats.
+MIXED = "mixed-precision"
+_FORMAT_FIX = (
+    f"armor-ct format 1 stores 2:4 cores only in the compressed-tensors formats "
+    f"{list(STORABLE_CT_FORMATS)}; the config.json was altered or not written by armor-modifier "
+    "(re-save the model with one of those quantization schemes)"
+)
 
 
 class ARMORCTConfig(CompressedTensorsConfig):
     """``quantization_config`` of an armor-ct checkpoint: compressed-tensors' config plus the
     ``armor`` block and ``sparsity_config``.
 
-    :param armor: the ``armor`` block (validated: an unknown ``format_version`` raises
-        :class:`ARMORCheckpointError`); may be omitted only when the config is passed to
-        ``from_pretrained`` to override loading attributes (``dequantize``)
+    :param armor: the ``armor`` block (validated by :func:`.config.parse_armor_block`); may be
+        omitted only when the config is passed to ``from_pretrained`` to override loading
+        attributes (``dequantize``)
     :param sparsity_config: compressed-tensors ``sparse-24-bitmask`` config (informational)
     :param kwargs: compressed-tensors quantization keys (``config_groups``, ``format``, ...)
+    :raises ARMORCheckpointError: for a malformed ``armor`` block, quantization keys
+        compressed-tensors rejects, or a compressed-tensors format armor-ct cannot store
     """
 
     def __init__(
@@ -65,8 +85,21 @@ class ARMORCTConfig(CompressedTensorsConfig):
     ):
         self.armor_block: ARMORBlock | None = None if armor is None else parse_armor_block(armor)
         self.sparsity_config = sparsity_config
-        super().__init__(**kwargs)
+        _check_stated_formats(kwargs)
+        try:
+            super().__init__(**kwargs)
+        except pydantic.ValidationError as err:
+            first = err.errors()[0]
+            # pydantic names validator steps in loc ("function-after[...]"): keep the field path
+            where = ".".join(str(part) for part in first["loc"] if "[" not in str(part))
+            raise ARMORCheckpointError(
+                f"quantization_config: compressed-tensors rejects its quantization keys ({where}: "
+                f"{first['msg']}, got {reprlib.repr(first.get('input'))}); the config.json is "
+                "damaged or was written by an incompatible compressed-tensors version"
+            ) from err
         self.quant_method = ARMOR_CT
+        if self.is_quantized:
+            _check_inferred_formats(self.quantization_config)
 
     def post_init(self) -> None:
         if self.is_quantized:
@@ -119,13 +152,16 @@ class ARMORCTHfQuantizer(CompressedTensorsHfQuantizer):
                 ) from err
             if not isinstance(module, nn.Linear):
                 raise ARMORCheckpointError(
-                    f"{name}: listed in armor.modules but is a {type(module).__name__}, not an "
-                    "nn.Linear"
+                    f"{name}: listed in armor.modules but is {type(module).__name__}, not an "
+                    f"nn.Linear; config.json does not match {type(model).__name__} ({_REBUILD})"
                 )
             m, n = module.out_features, module.in_features
             if m % b_a or n % b_b or n % 4:
                 raise ARMORCheckpointError(
-                    f"{name}: wrapper blocks [{b_a}, {b_b}] do not tile the {m}x{n} weight"
+                    f"{name}: wrapper blocks [{b_a}, {b_b}] in armor.modules do not tile the "
+                    f"{m}x{n} weight (b_A must divide out_features {m}, b_B in_features {n}, and "
+                    f"4 in_features); config.json does not match {type(model).__name__} "
+                    f"({_REBUILD})"
                 )
             linears[name] = module
         return linears
@@ -203,6 +239,66 @@ class ARMORCTHfQuantizer(CompressedTensorsHfQuantizer):
         return self._process_model_after_weight_loading(model, **kwargs)
 
 
+def _check_stated_formats(ct_keys: dict[str, Any]) -> None:
+    """Refuse compressed-tensors formats armor-ct cannot store, as written in config.json: the
+    top-level ``format`` (``mixed-precision`` when groups differ) and each group's ``format``."""
+    stated = {"format": ct_keys.get("format")}
+    groups = ct_keys.get("config_groups")
+    if isinstance(groups, dict):
+        for group, scheme in groups.items():
+            if isinstance(scheme, dict):
+                stated[f"config_groups.{group}.format"] = scheme.get("format")
+    for where, fmt in stated.items():
+        allowed = (*STORABLE_CT_FORMATS, MIXED) if where == "format" else STORABLE_CT_FORMATS
+        if fmt is not None and fmt not in allowed:
+            raise ARMORCheckpointError(f"quantization_config.{where} is {fmt!r}; {_FORMAT_FIX}")
+
+
+def _check_inferred_formats(ct_config: Any) -> None:
+    """A group without ``format`` is compressed in the format compressed-tensors infers for it."""
+    from compressed_tensors.compressors.format import infer_module_format
+
+    if ct_config.quantization_status != "compressed":
+        return
+    for group, scheme in ct_config.config_groups.items():
+        if scheme.format is not None or scheme.weights is None:
+            continue
+        fmt = getattr(infer_module_format(nn.Linear, scheme), "value", None)
+        if fmt not in STORABLE_CT_FORMATS:
+            raise ARMORCheckpointError(
+                f"quantization_config.config_groups.{group} has no format and compressed-tensors "
+                f"stores its scheme as {fmt!r}; {_FORMAT_FIX}"
+            )
+
+
+def check_not_mislabelled(folder: str | os.PathLike) -> None:
+    """Raise if ``folder``'s ``config.json`` is an armor-ct checkpoint labelled
+    ``compressed-tensors`` (an ``armor`` block under another ``quant_method``).
+
+    transformers would hand such a folder to compressed-tensors, which fails deep inside
+    transformers (sparse cores) or loads ``[m, n/2]`` cores into a model that breaks on its first
+    forward. Replacing transformers' compressed-tensors config class to catch this in
+    ``from_pretrained`` would patch transformers globally, so the check is explicit: the ``armor``
+    CLI and :func:`~armor_modifier.export_dense` run it before loading.
+    """
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        return
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    inner = config.get("quantization_config") if isinstance(config, dict) else None
+    if isinstance(inner, dict) and "armor" in inner and inner.get("quant_method") != ARMOR_CT:
+        raise ARMORCheckpointError(
+            f"quantization_config has quant_method {inner.get('quant_method')!r} but carries "
+            f"an 'armor' block: an armor-ct checkpoint mislabelled. If its weights hold "
+            f'armor_A/armor_B/weight_bitmask tensors, set "quant_method": "{ARMOR_CT}" in '
+            "config.json's quantization_config (and import armor_modifier before loading); "
+            "otherwise delete the 'armor' block"
+        )
+
+
 def _register(mapping: dict[str, type], cls: type, kind: str) -> None:
     existing = mapping.get(ARMOR_CT)
     if existing is cls:
@@ -220,7 +316,8 @@ def _register(mapping: dict[str, type], cls: type, kind: str) -> None:
 
 def register() -> None:
     """Register the armor-ct config and quantizer with transformers (idempotent; run on
-    ``import armor_modifier``). Loaded models get the armor-ct save hook on the instance."""
+    ``import armor_modifier``). Loaded models get the armor-ct save hook on the instance; nothing
+    of transformers is patched."""
     if ARMOR_CT not in hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING:
         hf_auto.register_quantization_config(ARMOR_CT)(ARMORCTConfig)
     else:
@@ -229,4 +326,3 @@ def register() -> None:
         hf_auto.register_quantizer(ARMOR_CT)(ARMORCTHfQuantizer)
     else:
         _register(hf_auto.AUTO_QUANTIZER_MAPPING, ARMORCTHfQuantizer, "quantizer")
-

@@ -24,6 +24,8 @@ __all__ = ["validate_checkpoint", "ARMOR_LOCAL_NAMES"]
 
 #: What every wrapped Linear stores: core values, packed mask, output and input wrapper.
 ARMOR_LOCAL_NAMES = ("weight", BITMASK, ARMOR_A, ARMOR_B)
+#: How ``armor_A``/``armor_B`` may be stored (the loader casts them to the model dtype).
+_WRAPPER_DTYPES = ("F32", "F16", "BF16", "F64")
 _REBUILD = "re-save the model with armor_modifier.save_armor_pretrained, or re-download it"
 
 
@@ -47,7 +49,9 @@ def validate_checkpoint(
 
     :raises ARMORCheckpointError: for a truncated or unreadable file; a listed module missing one of
         its four tensors; a tensor whose shape differs from the model's; an 8-bit core stored with
-        another dtype; wrapper tensors for a module the config does not list
+        another dtype; wrappers not stored as 16-, 32- or 64-bit floats; an integer or bool tensor
+        where the model holds a floating-point one; wrapper tensors for a module the config does
+        not list
     """
     headers = [read_header(f) for f in files]
     for header in headers:
@@ -96,6 +100,28 @@ def validate_checkpoint(
             )
         if module in listed and local in ("weight", BITMASK):
             _check_dtype(module, local, want.dtype, info.dtype, file_name)
+        elif local in (ARMOR_A, ARMOR_B) and info.dtype not in _WRAPPER_DTYPES:
+            raise ARMORCheckpointError(
+                f"{module}: tensor '{local}' is stored as {info.dtype} in {file_name}, but ARMOR "
+                f"wrappers must be floating point ({', '.join(_WRAPPER_DTYPES)}; this model holds "
+                f"them as {_st_name(want.dtype)}); the file was altered or not written by "
+                f"armor-modifier ({_REBUILD})"
+            )
+        elif want.dtype.is_floating_point and not _is_float(info.dtype):
+            raise ARMORCheckpointError(
+                f"{module}: tensor '{local}' is stored as {info.dtype} in {file_name}, but the "
+                f"model holds it as {_st_name(want.dtype)}; loading would cast integers or bools "
+                f"into it silently. The file was altered or not written by armor-modifier "
+                f"({_REBUILD})"
+            )
+
+
+def _is_float(safetensors_dtype: str) -> bool:
+    return safetensors_dtype.startswith("F") or safetensors_dtype == "BF16"
+
+
+def _st_name(dtype: torch.dtype) -> str:
+    return TORCH_TO_SAFETENSORS.get(dtype, str(dtype))
 
 
 def _hint(module: str, local: str, want: torch.Tensor, block: ARMORBlock) -> str:
