@@ -200,9 +200,10 @@ def main() -> None:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
         row = run_method(method, calibration, texts, args)
-        row["setup"] = {"num_samples": args.num_samples, "seq_len": args.seq_len, "split": args.split,
-                        "eval_windows": args.eval_windows, "threads": args.threads,
-                        "date": str(date.today()), "machine": platform.machine(),
+        row["setup"] = {"num_samples": args.num_samples, "seq_len": args.seq_len,
+                        "split": args.split, "eval_windows": args.eval_windows,
+                        "threads": args.threads, "date": str(date.today()),
+                        "machine": platform.machine(),
                         "cpus": torch.get_num_threads()}
         print("RESULT " + json.dumps(row), flush=True)
         with args.results.open("a") as f:
