@@ -2,7 +2,9 @@
 
 Same engine as llm-compressor 0.14's GPTQModifier (ARCHITECTURE.md fact 12): every rank calibrates
 on its shard of the data; the ``x^2`` sums, the token counts (and ``X^T X`` for the output
-objective) are all-reduced, so every rank holds the statistics of the whole calibration set;
+objective) are all-reduced, so every rank holds the statistics of the whole calibration set. The
+sums are float64, so the float32 ``h`` and ``H`` the solver receives do not depend on how the data
+was split (bit for bit in ``tests/test_distributed.py``; see ``stats.py`` for why it matters);
 matrices are assigned to ranks with ``compressed_tensors.distributed.greedy_bin_packing`` by cost
 ``m n b``; each rank factorises its share, and the owner broadcasts ``A``, ``B`` and the core so
 that every rank ends with the same model. Works with gloo (CPU) and nccl (GPU): tensors travel on
@@ -56,7 +58,8 @@ def rank_and_world() -> tuple[int, int]:
 def reduce_statistics(stats: Sequence[InputStatistics]) -> None:
     """All-reduce (sum) every statistic's tensors (``sums``, ``count``, ``gram``) in place.
 
-    Every rank must pass the same modules in the same order, with the same settings.
+    Every rank must pass the same modules in the same order, with the same settings. The float64
+    sums make the reduction order (the backend's, not ours) irrelevant after rounding to float32.
     """
     pending = [
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM, async_op=True)

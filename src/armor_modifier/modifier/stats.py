@@ -2,8 +2,20 @@
 
 ``h [n]`` is the mean over calibration tokens of ``x_j^2`` at a Linear's input (ARMOR_SPEC.md
 section 7); the output-aware objective also needs the layer Hessian ``H = X^T X / N`` (section 11).
-Both are kept as running fp32 sums and an int64 token count, so ranks can all-reduce them and
+Both are kept as running float64 sums and an int64 token count, so ranks can all-reduce them and
 divide once (the mean of the union, independent of how tokens were split).
+
+Why float64: the solver's discrete decisions (SparseGPT's mask, the accept tests of the 2:4 step)
+flip on last-bit changes of ``h`` and ``H``, and under sequential calibration a changed layer
+changes every later layer's inputs. With float32 sums, 2 ranks and 1 process add the same
+per-sample terms in another order: ``tests/test_distributed.py`` measured 8.6e-8 relative on
+layer 0, which became a 1.4e-3 change of one ``A S B``, 2.3e-4 on layer 1's statistics and a
+different SparseGPT mask there. Every product of two float32 inputs is exact in float64, and
+float64 sums of them differ between orders by ~1e-15 relative (observed), far below float32's
+rounding step (~6e-8), so :meth:`InputStatistics.mean` and :meth:`InputStatistics.hessian`, rounded
+once to float32, come out bit-identical unless a value lies within ~1e-15 of a float32 rounding
+boundary. Cost: ``8 n^2`` bytes per ``X^T X`` (twice float32) and a float64 ``addmm`` per batch
+(1.9x float32's on one CPU thread at 2048 x 1024).
 
 :func:`collect_dense_statistics` runs one forward pass of the unpruned model over the calibration
 set, outside llm-compressor's pipelines, for ``calibration="dense"`` (the paper's statistics).
@@ -11,8 +23,9 @@ set, outside llm-compressor's pipelines, for ``calibration="dense"`` (the paper'
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from compressed_tensors.offload import get_execution_device
@@ -23,16 +36,19 @@ from loguru import logger
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ["InputStatistics", "collect_dense_statistics"]
+__all__ = ["ACCUMULATOR_DTYPE", "InputStatistics", "collect_dense_statistics"]
+
+#: dtype of the running sums (see the module docstring: order-independent after rounding)
+ACCUMULATOR_DTYPE = torch.float64
 
 
 @dataclass
 class InputStatistics:
     """Running ``sum_t x_tj^2``, token count and, optionally, ``sum_t x_t x_t^T`` for one Linear.
 
-    :ivar sums: ``[n]`` float32, on the module's execution device
+    :ivar sums: ``[n]`` float64, on the module's execution device
     :ivar count: ``[]`` int64 number of tokens seen
-    :ivar gram: ``[n, n]`` float32 ``X^T X`` when the layer Hessian is needed (``objective=
+    :ivar gram: ``[n, n]`` float64 ``X^T X`` when the layer Hessian is needed (``objective=
         "output"`` or ``init="sparsegpt"``), else ``None``
     """
 
@@ -43,14 +59,14 @@ class InputStatistics:
     @classmethod
     def empty(cls, n: int, device: torch.device, with_gram: bool = False) -> InputStatistics:
         return cls(
-            sums=torch.zeros(n, dtype=torch.float32, device=device),
+            sums=torch.zeros(n, dtype=ACCUMULATOR_DTYPE, device=device),
             count=torch.zeros((), dtype=torch.int64, device=device),
-            gram=torch.zeros(n, n, dtype=torch.float32, device=device) if with_gram else None,
+            gram=torch.zeros(n, n, dtype=ACCUMULATOR_DTYPE, device=device) if with_gram else None,
         )
 
     def add(self, x: torch.Tensor) -> None:
-        """Accumulate inputs ``x [..., n]`` (any float dtype; accumulated in fp32)."""
-        flat = x.detach().reshape(-1, x.shape[-1]).to(device=self.sums.device, dtype=torch.float32)
+        """Accumulate inputs ``x [..., n]`` (any float dtype) in the sums' dtype (float64)."""
+        flat = x.detach().reshape(-1, x.shape[-1]).to(self.sums.device, self.sums.dtype)
         self.sums += flat.square().sum(dim=0)
         self.count += flat.shape[0]
         if self.gram is not None:
@@ -65,22 +81,24 @@ class InputStatistics:
         return int(self.count)
 
     def mean(self) -> torch.Tensor:
-        """``h [n]`` float32; all zeros if no token was seen (the solver then sanitises it)."""
-        return self.sums / self.count.clamp(min=1).to(torch.float32)
+        """``h [n]`` float32 (divided in float64, rounded once); all zeros if no token was seen
+        (the solver then sanitises it)."""
+        return (self.sums / self.count.clamp(min=1)).to(torch.float32)
 
     def hessian(self) -> torch.Tensor | None:
-        """``H = X^T X / N`` ``[n, n]`` float32, or ``None`` when not collected."""
+        """``H = X^T X / N`` ``[n, n]`` float32 (divided in float64, rounded once), or ``None``
+        when not collected."""
         if self.gram is None:
             return None
-        return self.gram / self.count.clamp(min=1).to(torch.float32)
+        return (self.gram / self.count.clamp(min=1)).to(torch.float32)
 
 
 def collect_dense_statistics(
     hooks: HooksMixin,
     model: nn.Module,
     dataloader: Iterable[dict],
-    modules: dict[nn.Module, str],
-    stats: dict[nn.Module, InputStatistics],
+    modules: Mapping[nn.Linear, str],
+    stats: dict[nn.Linear, InputStatistics],
     make_hook: Callable[[InputStatistics], Callable],
     with_gram: bool = False,
 ) -> int:
@@ -112,7 +130,7 @@ def collect_dense_statistics(
             HooksMixin.disable_hooks(keep=handles),
         ):
             for batch in tqdm(dataloader, desc="ARMOR dense statistics"):
-                model(**tensors_to_device(batch, device))
+                model(**cast(dict, tensors_to_device(batch, device)))
                 num_batches += 1
     finally:
         hooks.remove_hooks(handles)
