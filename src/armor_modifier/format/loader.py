@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import reprlib
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,8 @@ class ARMORCTConfig(CompressedTensorsConfig):
                 f"{first['msg']}, got {reprlib.repr(first.get('input'))}); the config.json is "
                 "damaged or was written by an incompatible compressed-tensors version"
             ) from err
-        self.quant_method = ARMOR_CT
+        method: Any = ARMOR_CT  # transformers types quant_method as its own enum
+        self.quant_method = method
         if self.is_quantized:
             _check_inferred_formats(self.quantization_config)
 
@@ -139,8 +141,18 @@ class ARMORCTHfQuantizer(CompressedTensorsHfQuantizer):
             )
             self.use_fp8_kernel = False
 
-    def _linears(self, model: nn.Module) -> dict[str, nn.Linear]:
+    @property
+    def _block(self) -> ARMORBlock:
         block = self.quantization_config.armor_block
+        if block is None:
+            raise ARMORCheckpointError(
+                "the armor-ct quantization_config has no 'armor' block; load the checkpoint's own "
+                "config.json (pass no quantization_config override without it)"
+            )
+        return block
+
+    def _linears(self, model: nn.Module) -> dict[str, nn.Linear]:
+        block = self._block
         linears = {}
         for name, (b_a, b_b) in block.modules.items():
             try:
@@ -167,12 +179,12 @@ class ARMORCTHfQuantizer(CompressedTensorsHfQuantizer):
         return linears
 
     def _process_model_before_weight_loading(self, model: PreTrainedModel, **kwargs: Any):
-        block = self.quantization_config.armor_block
+        block = self._block
         linears = self._linears(model)
         for name, linear in linears.items():
             b_a, b_b = block.modules[name]
             m, n = linear.weight.shape
-            like = {"device": linear.weight.device, "dtype": linear.weight.dtype}
+            like: dict[str, Any] = {"device": linear.weight.device, "dtype": linear.weight.dtype}
             attach_wrappers(
                 linear,
                 torch.empty(m // b_a, b_a, b_a, **like),
@@ -180,7 +192,7 @@ class ARMORCTHfQuantizer(CompressedTensorsHfQuantizer):
             )
         if self.quantization_config.is_quantized:
             super()._process_model_before_weight_loading(model, **kwargs)
-        self._packed_bits = {}
+        self._packed_bits: dict[str, int] = {}
         for name, linear in linears.items():
             self._register_core(name, linear)
         files = kwargs.get("checkpoint_files")
@@ -197,7 +209,8 @@ class ARMORCTHfQuantizer(CompressedTensorsHfQuantizer):
         m, n = linear.out_features, linear.in_features
         packed = getattr(linear, PACKED, None)
         if isinstance(packed, torch.Tensor):
-            bits = linear.quantization_scheme.weights.num_bits
+            scheme: Any = linear.quantization_scheme
+            bits = int(scheme.weights.num_bits)
             self._packed_bits[name] = bits
             delattr(linear, PACKED)
             shape, dtype, device = (m, packed_columns(n // 2, bits)), torch.int32, packed.device
@@ -226,7 +239,7 @@ class ARMORCTHfQuantizer(CompressedTensorsHfQuantizer):
             linear.register_parameter(PACKED, nn.Parameter(packed, requires_grad=False))
         if self.quantization_config.is_quantized:
             super()._process_model_after_weight_loading(model, **kwargs)
-        install_save_hook(model, recipe=self.quantization_config.armor_block.recipe)
+        install_save_hook(model, recipe=self._block.recipe)
         return model
 
     def postprocess_model(self, model: PreTrainedModel, **kwargs: Any):
@@ -299,7 +312,7 @@ def check_not_mislabelled(folder: str | os.PathLike) -> None:
         )
 
 
-def _register(mapping: dict[str, type], cls: type, kind: str) -> None:
+def _register(mapping: MutableMapping[str, Any], cls: type, kind: str) -> None:
     existing = mapping.get(ARMOR_CT)
     if existing is cls:
         return
