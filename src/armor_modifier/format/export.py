@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -25,7 +26,17 @@ from .staging import WEIGHT_FILE_SUFFIXES, copy_extra_files, resolve_target, sta
 
 __all__ = ["export_dense", "densify_model"]
 
-def _model_class(config: dict) -> type:
+#: Top-level entries of the source never copied into an export: a git clone's history (with
+#: git-lfs it holds every weight file again) and ``huggingface_hub``'s download records, which
+#: describe the source's weights, not the export's.
+NOT_EXPORTED = (".git", ".cache")
+
+
+def _not_exported(name: str) -> bool:
+    return name.endswith(WEIGHT_FILE_SUFFIXES) or name in NOT_EXPORTED
+
+
+def _model_class(config: dict) -> Any:
     import transformers
 
     for name in config.get("architectures") or []:
@@ -47,7 +58,8 @@ def densify_model(model: nn.Module, dtype: torch.dtype | None = None) -> int:
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and quantizer.quantization_config.is_quantized:
         quantizer.compressor.decompress_model(model)
-    dtype = dtype or model.dtype
+    model_dtype: Any = model.dtype
+    dtype = dtype or model_dtype
     linears = armor_linears(model)
     with torch.no_grad():
         for linear in linears.values():
@@ -62,7 +74,8 @@ def densify_model(model: nn.Module, dtype: torch.dtype | None = None) -> int:
                     delattr(module, attr)
     if quantizer is not None:
         quantizer.remove_quantization_config(model)
-    model.config._is_quantized = False
+    config: Any = model.config
+    config._is_quantized = False
     remove_save_hook(model)
     model.to(dtype)
     return len(linears)
@@ -74,21 +87,30 @@ def export_dense(
     """Write ``src`` (an armor-ct checkpoint folder) as a plain dense checkpoint in ``dst``.
 
     Loadable by stock transformers without this package. Files of ``src`` that are not weights
-    (tokenizer, ``recipe.yaml``, ...) are copied. ``dst`` is written to a temporary folder next to
-    it and moved into place (an existing ``dst`` is replaced as a whole).
+    (tokenizer, ``recipe.yaml``, ...) are copied, regular files only (see
+    :func:`.staging.copy_extra_files`; ``.git`` and ``.cache`` are not). ``dst`` is written to a
+    staging folder next to it and swapped into place (:func:`.staging.staged_replace`: an existing
+    ``dst`` is replaced as a whole, and is at every instant the complete old or new folder).
 
     :param src: armor-ct checkpoint folder
     :param dst: output folder
     :param dtype: weight dtype of the export (default: the checkpoint's ``dtype``)
     :return: ``dst`` as an absolute path
-    :raises ARMORCheckpointError: if ``src`` is not an armor-ct checkpoint or is damaged
+    :raises ARMORCheckpointError: if ``src`` is not an armor-ct checkpoint or is damaged, or if
+        ``dst`` is ``src``, lies inside it or contains it
     """
-    from .loader import register
+    from .loader import check_not_mislabelled, register
 
     src, dst = Path(src).resolve(), resolve_target(dst)
+    if dst == src or src in dst.parents or dst in src.parents:
+        raise ARMORCheckpointError(
+            f"export_dense cannot write {dst}: it is, contains or lies inside its source {src}; "
+            "pick a folder outside the source"
+        )
     config_path = src / "config.json"
     if not config_path.is_file():
         raise ARMORCheckpointError(f"{src} has no config.json; pass an armor-ct checkpoint folder")
+    check_not_mislabelled(src)
     config = json.loads(config_path.read_text())
     method = (config.get("quantization_config") or {}).get("quant_method")
     if method != ARMOR_CT:
@@ -96,15 +118,10 @@ def export_dense(
             f"{src} is not an armor-ct checkpoint (quantization_config.quant_method is "
             f"{method!r}); export_dense multiplies out ARMOR wrappers only"
         )
-    if dst == src or src in dst.parents or dst in src.parents:
-        raise ARMORCheckpointError(
-            f"export_dense cannot write {dst}: it is, contains or lies inside its source {src}; "
-            "pick a folder outside the source"
-        )
     register()
     model = _model_class(config).from_pretrained(src, dtype=dtype or "auto")
     densify_model(model, dtype)
     with staged_replace(dst) as stage:
         model.save_pretrained(stage)
-        copy_extra_files(src, stage, skip=lambda name: name.endswith(WEIGHT_FILE_SUFFIXES))
+        copy_extra_files(src, stage, skip=_not_exported)
     return dst
