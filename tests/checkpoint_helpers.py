@@ -16,32 +16,22 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from armor_modifier import factorize
 from armor_modifier.format.hooks import install_save_hook
 from armor_modifier.runtime import attach_wrappers
+from tiny_llama import UNTIED, VOCAB, load_tiny_llama, save_tiny_llama
 
-VOCAB = 128
 WRAPPER_BLOCK = 16
 
 
 def tiny_llama(folder: Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> LlamaForCausalLM:
-    """A 2-layer Llama (hidden 64, intermediate 128, vocab 128), saved to ``folder`` and reloaded
-    from there (oneshot re-reads the config from ``name_or_path``)."""
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).to(dtype).save_pretrained(folder)
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    """The tiny Llama with an untied ``lm_head`` (:data:`tiny_llama.UNTIED`: hidden 64,
+    intermediate 128, vocab 128, transformers' default init), saved to ``folder`` without a
+    tokenizer and reloaded from there (oneshot re-reads the config from ``name_or_path``)."""
+    saved = save_tiny_llama(folder, seed, dtype, tokenizer=False, **UNTIED)
+    return load_tiny_llama(saved, dtype)
 
 
 def armorize(model: nn.Module, num_iterations: int = 2, seed: int = 0) -> list[str]:

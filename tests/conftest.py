@@ -1,10 +1,20 @@
-"""Shared test settings.
+"""Shared test settings and fixtures.
 
 - One intra-op thread: these machines have 2 cores, and multi-threaded BLAS/LAPACK on a busy
   2-core machine was measured 50x slower on the solver's small batched solves (0.64 s vs 0.012 s
   per update of A on a 1536x576 layer).
 - ``gpu`` tests skip without a CUDA device of compute capability >= 8.0.
+- ``tiny_llama_folder``: the tiny Llama of ``tests/tiny_llama.py`` and its tokenizer, saved once
+  per session (oneshot needs a model on disk, ARCHITECTURE.md fact 7).
+- After every test, llm-compressor's active session is reset if llm-compressor was imported, so no
+  test sees another's recipe, modifiers or model (nothing here imports llm-compressor itself).
 """
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,3 +33,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default tiny Llama (tied embeddings) and its tokenizer, saved to a session folder.
+
+    Read-only for the tests: reload it with ``tiny_llama.load_tiny_llama`` or ``run_oneshot``.
+    """
+    from tiny_llama import save_tiny_llama  # imports transformers: only when a test asks
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(autouse=True)
+def _reset_llmcompressor_session() -> Iterator[None]:
+    """Reset llm-compressor's active session after the test, if anything imported llm-compressor
+    (the check keeps tests that never touch it from importing it)."""
+    yield
+    if "llmcompressor" in sys.modules:
+        from llmcompressor.core import reset_session
+
+        reset_session()

@@ -1,7 +1,7 @@
 """The armor-ct checkpoint: format helpers, save, reload in a fresh process, bad input, export.
 
-Fixtures build a tiny ARMOR-pruned Llama three ways (fp32 sparse-only; FP8_DYNAMIC and W8A8 cores
-through llm-compressor's oneshot), save each as armor-ct and keep the in-memory logits. Fresh
+Fixtures build a tiny ARMOR-pruned Llama four ways (fp32 sparse-only; FP8_DYNAMIC, W8A8 and W4A16
+cores through llm-compressor's oneshot), save each as armor-ct and keep the in-memory logits. Fresh
 interpreters then reload them with plain ``AutoModelForCausalLM.from_pretrained`` (one with
 ``import armor_modifier``, one without it, which must refuse the checkpoint and load the dense
 exports).
@@ -109,7 +109,7 @@ def test_armor_block_rejects_unknown_version_and_bad_modules():
         parse_armor_block({"format_version": 1, "modules": {"a": [4]}})
 
 
-def test_register_is_idempotent_and_runs_on_import():
+def test_register_runs_on_import_and_is_idempotent():
     from transformers.quantizers.auto import (
         AUTO_QUANTIZATION_CONFIG_MAPPING,
         AUTO_QUANTIZER_MAPPING,
@@ -117,6 +117,10 @@ def test_register_is_idempotent_and_runs_on_import():
 
     from armor_modifier.format.loader import ARMORCTConfig, ARMORCTHfQuantizer, register
 
+    # Registered by ``import armor_modifier`` (top of this file), before any call here.
+    assert AUTO_QUANTIZATION_CONFIG_MAPPING[ARMOR_CT] is ARMORCTConfig
+    assert AUTO_QUANTIZER_MAPPING[ARMOR_CT] is ARMORCTHfQuantizer
+    # transformers' own register_* raise "already registered" on a second call; ours must not.
     register()
     register()
     assert AUTO_QUANTIZATION_CONFIG_MAPPING[ARMOR_CT] is ARMORCTConfig
@@ -124,7 +128,7 @@ def test_register_is_idempotent_and_runs_on_import():
     assert armor_modifier.export_dense is export_dense
 
 
-# ---------------------------------------------------------------- fixtures: three armor-ct saves
+# ---------------------------------------------------------------- fixtures: four armor-ct saves
 
 
 @pytest.fixture(scope="module")
@@ -256,7 +260,7 @@ def test_cores_are_stored_compressed(saved, variant, dtype, bits, per_word, rati
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_reload_in_fresh_process_gives_identical_logits(saved, reloaded, variant):
-    # Bit-exact for all three (observed max |diff| 0.0): the same cores, scales and hooks run.
+    # Bit-exact for all four (observed max |diff| 0.0): the same cores, scales and hooks run.
     assert torch.equal(reloaded[variant]["logits"], saved[variant]["logits"])
     assert reloaded[variant]["broken"] == 0
     memory = saved[variant]["model"]
@@ -304,7 +308,7 @@ def test_sharded_save_round_trip(saved, tmp_path):
     model.save_pretrained(tmp_path / "sharded", max_shard_size="60KB")
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
-    assert len(shards) > 1
+    assert len(shards) > 1  # observed 10 shards of <= 60 KB
     stored = {}
     for shard in shards:
         with safe_open(tmp_path / "sharded" / shard, "pt") as f:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from compressed_tensors.utils import match_named_modules
 from llmcompressor import oneshot
 from llmcompressor.core import State
-from llmcompressor.modifiers.factory import ModifierFactory
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from torch import nn
@@ -26,9 +26,10 @@ import armor_modifier.modifier.base as modifier_base
 from armor_modifier.core import count_broken_groups, nowag_p, proxy_loss
 from armor_modifier.core.scoring import output_loss
 from armor_modifier.core.sparsegpt import sparsegpt_2of4
-from armor_modifier.modifier import ARMORCompressionError, ARMORModifier, register
+from armor_modifier.modifier import ARMORCompressionError, ARMORModifier
 from armor_modifier.modifier.checks import check_target_linear, resolve_target_linears
 from armor_modifier.runtime import ARMOR_A, ARMOR_B, effective_weight, is_armor_linear
+from checkpoint_helpers import run_python
 from tiny_llama import (
     LAYERS,
     SEQ_LEN,
@@ -38,7 +39,6 @@ from tiny_llama import (
     load_tiny_llama,
     run_oneshot,
     sample_input,
-    save_tiny_llama,
     target_names,
 )
 
@@ -47,8 +47,8 @@ BLOCK = 32
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+def folder(tiny_llama_folder) -> Path:
+    return tiny_llama_folder
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,12 @@ def dense(folder):
 @pytest.fixture(scope="module")
 def pruned(folder):
     """(model, modifier) after an ARMOR oneshot with the paper's proxy and dense calibration."""
-    modifier = armor(ignore=["re:.*lm_head"], num_iterations=ITERATIONS, wrapper_block_size=BLOCK,
-                     objective="proxy")
+    modifier = armor(
+        ignore=["re:.*lm_head"],
+        num_iterations=ITERATIONS,
+        wrapper_block_size=BLOCK,
+        objective="proxy",
+    )
     return run_oneshot(folder, [modifier]), modifier
 
 
@@ -122,9 +126,9 @@ def test_wrapped_forward_matches_dense_reconstruction(pruned):
     for name in target_names():
         x, y = seen[name]
         expected = (x.double() @ effective_weight(modules[name]).double().T).float()
-        # observed max |diff| 1.9e-5 on outputs up to 5.2 (v_proj, whose B reaches 24): fp32
-        # rounding of the three chained products, ~4e-6 of the output scale
         atol = 1e-5 * float(expected.abs().max())
+        # observed max |diff| 2.4e-5 on outputs up to 16.7, at most 4.2e-6 of each module's
+        # largest output: fp32 rounding of the three chained products
         torch.testing.assert_close(y, expected, rtol=0, atol=atol)
 
 
@@ -161,7 +165,7 @@ def test_calibration_modes_against_unpruned_statistics(folder, dense, pruned):
     _, default = pruned
     assert default.effective_calibration == "dense"
     for name in target_names():
-        # observed relative difference <= 1.2e-7 (fp32 vs fp64 accumulation)
+        # observed relative difference <= 1.9e-7 (fp32 rounding of the two loss computations)
         assert default.results[name].initial_loss == pytest.approx(expected[name], rel=1e-5)
     sequential = armor(
         objective="proxy",
@@ -174,9 +178,9 @@ def test_calibration_modes_against_unpruned_statistics(folder, dense, pruned):
     for name in target_names():
         got = sequential.results[name].initial_loss
         if name.startswith("model.layers.0."):
-            assert got == pytest.approx(expected[name], rel=1e-5)
+            assert got == pytest.approx(expected[name], rel=1e-5)  # observed <= 1.9e-7
         elif name.startswith(f"model.layers.{LAYERS - 1}."):
-            # observed relative differences 2.2e-4 .. 2.2e-3: the pruned layer 0 changes the inputs
+            # observed relative differences 1.9e-4 .. 1.1e-2: the pruned layer 0 changes the inputs
             assert got != pytest.approx(expected[name], rel=1e-5), name
 
 
@@ -340,14 +344,34 @@ def test_bad_fields_fail_at_construction(fields, message):
         ARMORModifier(**fields)
 
 
-def test_register_is_idempotent():
-    register()
-    register()
-    assert ModifierFactory._registered_registry["ARMORModifier"] is ARMORModifier
-    made = ModifierFactory.create(
-        "ARMORModifier", allow_registered=True, allow_experimental=False, num_iterations=1
-    )
-    assert isinstance(made, ARMORModifier) and made.num_iterations == 1
+def test_lazy_import_registers_for_yaml_and_plain_import_stays_light(tmp_path):
+    """In a fresh interpreter: ``import armor_modifier`` does not import llm-compressor, so
+    ``recipes/armor_2of4.yaml`` (which names ARMORModifier) does not resolve yet;
+    ``from armor_modifier import ARMORModifier`` alone registers it and the same file then builds
+    exactly one ARMORModifier through llm-compressor's ``Recipe``."""
+    path = Path(__file__).resolve().parents[1] / "recipes" / "armor_2of4.yaml"
+    expected = yaml.safe_load(path.read_text())["armor_stage"]["pruning_modifiers"]
+    code = f"""
+import json, sys
+import armor_modifier
+result = {{"light": "llmcompressor" not in sys.modules}}
+from llmcompressor.recipe import Recipe
+try:
+    Recipe.create_instance({str(path)!r})
+    result["before"] = "resolved"
+except Exception as err:
+    result["before"] = type(err).__name__ + ": " + str(err)
+from armor_modifier import ARMORModifier
+modifiers = Recipe.create_instance({str(path)!r}).modifiers
+result["after"] = [(type(m) is ARMORModifier, m.num_iterations, m.ignore) for m in modifiers]
+print(json.dumps(result))
+"""
+    result = json.loads(run_python(code, tmp_path).stdout.strip().splitlines()[-1])
+    assert result["light"] is True
+    # control: before the lazy import the same file does not resolve (the check can fail)
+    assert "ARMORModifier" in result["before"], result["before"]
+    settings = expected["ARMORModifier"]
+    assert result["after"] == [[True, settings["num_iterations"], settings["ignore"]]]
 
 
 @pytest.mark.integration
@@ -387,7 +411,7 @@ def test_output_objective_starts_at_sparsegpt_of_dense_hessian(folder, dense):
         expected = output_loss(W, H, sparsegpt_2of4(W, H)[0])
         result = modifier.results[name]
         assert (result.objective, result.init) == ("output", "sparsegpt")
-        # observed relative difference <= 4.8e-8 (H accumulated in fp32 vs fp64)
+        # observed relative difference <= 1.2e-7 (fp32 rounding of the two loss computations)
         assert result.initial_loss == pytest.approx(expected, rel=1e-5), name
         assert result.final_loss <= result.initial_loss
         assert count_broken_groups(modules[name].weight) == 0
@@ -413,8 +437,9 @@ def test_two_modifiers_give_layer_types_their_own_block_size(folder, tmp_path):
     armor-ct checkpoint keeps each module's size and reloads to the same logits."""
     from transformers import AutoModelForCausalLM
 
-    attention = armor(targets=["re:.*self_attn\\..*_proj$"], wrapper_block_size=16,
-                      num_iterations=1)
+    attention = armor(
+        targets=["re:.*self_attn\\..*_proj$"], wrapper_block_size=16, num_iterations=1
+    )
     mlp = armor(targets=["re:.*mlp\\..*_proj$"], wrapper_block_size=8, num_iterations=1)
     model = run_oneshot(folder, [attention, mlp])
     assert sorted([*attention.results, *mlp.results]) == sorted(target_names())

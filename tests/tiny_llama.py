@@ -1,17 +1,19 @@
 """A tiny Llama, an offline tokenizer and a calibration set for the llm-compressor tests.
 
 Everything is built locally (no network): a 2-layer Llama (hidden 64, intermediate 128, vocab 128,
-tied embeddings) saved to a folder and reloaded, because ``oneshot`` re-reads the config from
-``name_or_path`` (ARCHITECTURE.md fact 7); a word-level ``PreTrainedTokenizerFast``; and a
-``datasets.Dataset`` of ``input_ids`` windows.
+tied embeddings by default) from the one builder :func:`build_tiny_llama`, saved to a folder and
+reloaded, because ``oneshot`` re-reads the config from ``name_or_path`` (ARCHITECTURE.md fact 7);
+a word-level ``PreTrainedTokenizerFast``; and a ``datasets.Dataset`` of ``input_ids`` windows.
 
-Imported by ``tests/test_modifier.py``, ``tests/test_recipes.py`` and ``tests/test_distributed.py``
-(also as a script under ``torchrun``), so it is a plain module, not a conftest.
+Imported by the tests, by ``tests/checkpoint_helpers.py`` and by ``tests/test_distributed.py``
+(also as a script under ``torchrun``), so it is a plain module, not a conftest; the conftest's
+``tiny_llama_folder`` fixture saves the default model once per session.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset
@@ -65,32 +67,72 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build_config() -> LlamaConfig:
+def build_config(
+    *,
+    vocab_size: int = VOCAB,
+    hidden_size: int = HIDDEN,
+    intermediate_size: int = INTERMEDIATE,
+    max_position_embeddings: int = 4 * SEQ_LEN,
+    tie_word_embeddings: bool = True,
+    initializer_range: float = 0.2,
+    pad_token_id: int | None = 0,
+) -> LlamaConfig:
+    """The tiny Llama's config: ``LAYERS`` layers, 4 attention heads, 2 key/value heads.
+
+    The defaults are the llm-compressor tests' model (tied embeddings, weights drawn with std 0.2
+    so that predictions are peaked and errors show). The keywords are what the other tests vary:
+    the checkpoint tests use :data:`UNTIED` (``lm_head`` its own Linear, transformers' default
+    init, no pad token).
+    """
     return LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
         num_hidden_layers=LAYERS,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=4 * SEQ_LEN,
+        max_position_embeddings=max_position_embeddings,
         bos_token_id=1,
         eos_token_id=2,
-        pad_token_id=0,
-        tie_word_embeddings=True,
-        initializer_range=0.2,
+        pad_token_id=pad_token_id,
+        tie_word_embeddings=tie_word_embeddings,
+        initializer_range=initializer_range,
     )
 
 
-def save_tiny_llama(folder: Path, seed: int = 0) -> Path:
-    """Build the tiny Llama with ``seed``, save it and its tokenizer to ``folder``.
+#: :func:`build_config` keywords of the checkpoint / CUDA tests' model (``checkpoint_helpers``)
+UNTIED = {
+    "tie_word_embeddings": False,
+    "initializer_range": 0.02,
+    "max_position_embeddings": 64,
+    "pad_token_id": None,
+}
+
+
+def build_tiny_llama(
+    seed: int = 0, dtype: torch.dtype = torch.float32, **config: Any
+) -> LlamaForCausalLM:
+    """The one tiny-Llama builder: :func:`build_config` ``(**config)``, weights drawn after
+    ``torch.manual_seed(seed)``, cast to ``dtype``, in eval mode, in memory only."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(build_config(**config)).to(dtype).eval()
+
+
+def save_tiny_llama(
+    folder: Path,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    tokenizer: bool = True,
+    **config: Any,
+) -> Path:
+    """Build the tiny Llama (:func:`build_tiny_llama`), save it and (``tokenizer=True``) its
+    tokenizer to ``folder``.
 
     :return: ``folder``
     """
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(build_config()).eval()
-    model.save_pretrained(folder)
-    build_tokenizer().save_pretrained(folder)
+    build_tiny_llama(seed, dtype, **config).save_pretrained(folder)
+    if tokenizer:
+        build_tokenizer().save_pretrained(folder)
     return folder
 
 
