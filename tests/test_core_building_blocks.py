@@ -132,3 +132,35 @@ def test_best_two_of_four_keeps_better_old_values_and_survives_degenerate_groups
     torch.testing.assert_close(upd.values, old)  # observed equal: the old values are kept
     assert torch.equal(upd.mask, old_mask)
     assert torch.isfinite(upd.values).all()
+
+
+@pytest.mark.parametrize(
+    "m, n", [(576, 576), (192, 576), (1536, 576), (576, 1536), (64, 64), (8, 12)]
+)
+@pytest.mark.parametrize("budget", [0.01, 0.05, 0.1, 0.15, 0.5])
+def test_largest_block_within_budget_against_brute_force(m, n, budget):
+    from armor_modifier.core import SolverSettings, largest_block_within, wrapper_overhead
+
+    fitting = [
+        b for b in range(4, min(m, n) + 1, 4)
+        if m % b == 0 and n % b == 0 and wrapper_overhead(m, n, b) <= budget
+    ]  # fmt: skip
+    expected = max(fitting) if fitting else 4  # nothing fits: the smallest wrapper
+    assert largest_block_within(m, n, budget) == expected
+    settings = SolverSettings(max_wrapper_overhead=budget)
+    assert settings.block_size_for(m, n) == expected
+    # an explicit wrapper_block_size wins over the budget
+    assert (
+        SolverSettings(max_wrapper_overhead=budget, wrapper_block_size=4).block_size_for(m, n) == 4
+    )
+
+
+def test_smollm2_block_sizes_at_the_default_budget():
+    from armor_modifier.core import SolverSettings
+
+    settings = SolverSettings()
+    sizes = {
+        shape: settings.block_size_for(*shape)
+        for shape in [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+    }
+    assert sizes == {(576, 576): 24, (192, 576): 12, (1536, 576): 32, (576, 1536): 32}

@@ -454,3 +454,55 @@ def test_two_modifiers_give_layer_types_their_own_block_size(folder, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(sample_input()).logits, model(sample_input()).logits)
+
+
+@pytest.mark.integration
+def test_nan_weight_is_refused_before_any_module_is_compressed(folder):
+    model = load_tiny_llama(folder)
+    bad = "model.layers.1.mlp.down_proj"
+    with torch.no_grad():
+        model.get_submodule(bad).weight[3, 5] = float("nan")
+        model.get_submodule(bad).weight[0, 0] = float("inf")
+    message = rf"module '{bad}' has 2 non-finite \(NaN/Inf\) weight entries; nothing was pruned"
+    with pytest.raises(ValueError, match=message):
+        oneshot(
+            model=model,
+            processor=build_tokenizer(),
+            dataset=DataLoader([{"input_ids": torch.arange(SEQ_LEN)[None]}]),
+            recipe=[armor(ignore=["re:.*lm_head"], num_iterations=0)],
+        )
+    # Layer 0 comes first in the pipeline: it must not have been pruned either.
+    assert not any(is_armor_linear(m) for m in model.modules())
+
+
+def test_small_calibration_set_warns_with_its_token_count():
+    from loguru import logger
+
+    from armor_modifier.modifier.checks import MIN_TOKENS, check_calibration_set
+
+    lines: list[str] = []
+    sink = logger.add(lambda message: lines.append(str(message)), level="WARNING")
+    try:
+        check_calibration_set(DataLoader([{"input_ids": [7]}]))
+        assert len(lines) == 1
+        assert f"holds 1 tokens in 1 samples, fewer than {MIN_TOKENS}" in lines[0]
+        lines.clear()
+        check_calibration_set(DataLoader([{"input_ids": list(range(MIN_TOKENS))}]))
+        assert lines == []
+    finally:
+        logger.remove(sink)
+
+
+@pytest.mark.integration
+def test_overhead_budget_picks_each_layers_block_and_the_summary_reports_it(folder):
+    modifier = armor(ignore=["re:.*lm_head"], num_iterations=1, max_wrapper_overhead=0.3)
+    run_oneshot(folder, [modifier])
+    for result in modifier.results.values():
+        m, n = result.shape
+        fitting = [
+            b for b in range(4, min(m, n) + 1, 4)
+            if m % b == 0 and n % b == 0 and (m + n) * b <= 0.3 * m * n
+        ]  # fmt: skip
+        assert result.wrapper_block_size == max(fitting), result.name
+        assert result.requested_block_size is None
+        assert "(from max_wrapper_overhead)" in result.log_line()
