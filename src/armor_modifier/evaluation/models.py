@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -66,12 +64,6 @@ def _is_checkpoint(folder: Path) -> bool:
     return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _write_default_cache(folder: Path) -> None:
     """Dequantize the GGUF model and save it, with its tokenizer, as a plain fp32 checkpoint.
 
@@ -92,19 +84,11 @@ def _write_default_cache(folder: Path) -> None:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict())
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
-    try:
-        staging.chmod(0o777 & ~_umask())
-        plain.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        try:
-            staging.rename(folder)
-        except OSError:
-            if not _is_checkpoint(folder):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    from armor_modifier.format.staging import staged_replace
+
+    with staged_replace(folder) as stage:  # atomic; leftovers of a killed run are cleaned
+        plain.save_pretrained(stage)
+        tokenizer.save_pretrained(stage)
 
 
 def load_default_model(
