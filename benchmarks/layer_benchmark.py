@@ -162,6 +162,7 @@ def main() -> None:
                 wrapper_block_size=args.block,
                 num_iterations=k,
                 objective="output",
+                output_damping=0.0,  # as measured in docs/layer_benchmark.md (no ridge)
                 H=H,
                 patience=k + 1,
             )

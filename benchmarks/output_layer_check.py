@@ -105,7 +105,9 @@ def main() -> None:
         row("SparseGPT", sparsegpt_2of4(W, H)[0])
         print(f"|  | (SparseGPT took {time.perf_counter() - start:.2f} s) | | | | |")
         common = dict(wrapper_block_size=args.block)
-        f, wall, cpu = run(W, h, None, num_iterations=args.proxy_iterations, **common)
+        f, wall, cpu = run(
+            W, h, None, num_iterations=args.proxy_iterations, objective="proxy", **common
+        )
         row(f"ARMOR proxy, exact, {args.proxy_iterations} it", f.dense(), wall, cpu)
         variants = [("sparsegpt", False, 0.0), ("sparsegpt", True, 0.0), ("nowag", True, 0.0)]
         variants += [("sparsegpt", True, damping) for damping in args.output_damping]

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The test command: set up ./.venv (scripts/setup.sh), type-check src/ (mypy, settings in
-# pyproject.toml) and run the default test suite (offline, CPU-only; `slow` and `gpu` tests are
+# The test command: set up ./.venv (scripts/setup.sh), lint (ruff: style and the one-way import
+# rules), type-check src/ (mypy; settings in pyproject.toml) and run the default test suite (offline, CPU-only; `slow` and `gpu` tests are
 # deselected by pyproject's addopts).
 # Extra arguments go to pytest, e.g. `scripts/test.sh -m slow`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+"${ARMOR_VENV:-.venv}/bin/python" -m ruff check src tests benchmarks examples
 "${ARMOR_VENV:-.venv}/bin/python" -m mypy
 exec "${ARMOR_VENV:-.venv}/bin/python" -m pytest -q "$@"

@@ -515,3 +515,24 @@ def test_export_refuses_a_checkpoint_that_is_not_armor_ct(tmp_path):
 def test_armor_linears_finds_the_wrapped_modules(saved):
     assert sorted(armor_linears(saved["sparse"]["model"])) == sorted(saved["names"])
     assert count_broken_groups(saved["sparse"]["model"].get_submodule(Q_PROJ).weight) == 0
+
+
+def test_deep_copy_saves_itself_and_a_hooked_model_pickles(tmp_path):
+    """The save hook is a bound method: ``deepcopy`` rebinds it to the copy (a closure would keep
+    saving the original) and ``torch.save`` can pickle the model."""
+    import copy
+    import io
+
+    model = tiny_llama(tmp_path / "base")
+    armorize(model)
+    install_save_hook(model)
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        clone.get_submodule(Q_PROJ).armor_A.mul_(2.0)
+    clone.save_pretrained(tmp_path / "clone")
+    saved = load_file(tmp_path / "clone" / "model.safetensors")
+    assert torch.equal(saved[f"{Q_PROJ}.armor_A"], clone.get_submodule(Q_PROJ).armor_A)
+    assert not torch.equal(saved[f"{Q_PROJ}.armor_A"], model.get_submodule(Q_PROJ).armor_A)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    assert buffer.tell() > 0

@@ -242,3 +242,35 @@ def test_threads_must_be_positive(capsys):
         main(["eval", "smollm2", "--threads", "-1"])
     assert exit_info.value.code == 2
     assert "--threads must be at least 1, got -1" in capsys.readouterr().err
+
+
+def test_prune_recipe_with_a_bad_field_names_it(tiny_folder, text_file, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "armor_stage:\n  pruning_modifiers:\n    ARMORModifier:\n      wrapper_block_size: 30\n"
+    )
+    code = main(["prune", str(tiny_folder), "--dataset", str(text_file), "--recipe", str(recipe),
+                 "--output", str(tmp_path / "out")])  # fmt: skip
+    assert code == 2
+    line = _error_line(capsys)
+    assert "is not a valid llm-compressor recipe: wrapper_block_size must be a positive " in line
+    assert "got 30" in line, line
+
+
+def test_prune_recipe_refuses_flags_it_would_ignore(tiny_folder, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("armor_stage:\n  pruning_modifiers:\n    ARMORModifier: {}\n")
+    code = main(["prune", str(tiny_folder), "--recipe", str(recipe), "--num-iterations", "3",
+                 "--quantize", "w4a16", "--output", str(tmp_path / "out")])  # fmt: skip
+    assert code == 2
+    assert (
+        "--recipe sets every ARMOR and quantization option itself; drop ['--num-iterations', "
+        "'--quantize'] or write them into the recipe"
+    ) in _error_line(capsys)
+
+
+def test_prune_overhead_above_one_is_refused(tiny_folder, tmp_path, capsys):
+    code = main(["prune", str(tiny_folder), "--max-wrapper-overhead", "10",
+                 "--output", str(tmp_path / "out")])  # fmt: skip
+    assert code == 2
+    assert "max_wrapper_overhead is a fraction of each weight and at most 1" in _error_line(capsys)

@@ -451,6 +451,9 @@ def test_two_modifiers_give_layer_types_their_own_block_size(folder, tmp_path):
         assert getattr(modules[name], ARMOR_A).shape[-1] == b, name
         assert count_broken_groups(modules[name].weight) == 0, name
     model.save_pretrained(tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    recorded = config["quantization_config"]["armor"]["recipe"]
+    assert recorded == {"modifiers": [attention.settings(), mlp.settings()]}
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(sample_input()).logits, model(sample_input()).logits)

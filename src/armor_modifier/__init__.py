@@ -19,6 +19,8 @@ from .core.errors import (
     ARMORCompressionError,
     ARMORError,
     ARMORRuntimeError,
+    ARMORTypeError,
+    ARMORValueError,
     HessianNotPositiveDefinite,
 )
 from .format import export_dense, install_save_hook, save_armor_pretrained
@@ -54,6 +56,8 @@ __all__ = [
     "ARMORModifier",
     "ARMORModuleResult",
     "ARMORRuntimeError",
+    "ARMORTypeError",
+    "ARMORValueError",
     "HessianNotPositiveDefinite",
     "SolverSettings",
     "export_dense",

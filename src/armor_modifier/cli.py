@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_prune import QUANT_SCHEMES, add_prune_arguments, run_prune
+from .cli_prune import QUANT_SCHEMES, add_prune_arguments, one_line, run_prune
+from .core.errors import ARMORError
 
 __all__ = ["main", "build_parser"]
 
@@ -168,20 +169,6 @@ def run_export(args: argparse.Namespace) -> None:
     print(f"wrote dense checkpoint {out} in {time.perf_counter() - start:.1f} s")
 
 
-def _one_line(err: BaseException) -> str:
-    """The first line of an error; pydantic's errors as ``field: message (got value)``."""
-    errors = getattr(err, "errors", None)
-    if callable(errors) and type(err).__name__ == "ValidationError":
-        first = errors()[0]
-        field = ".".join(str(part) for part in first.get("loc", ())) or type(err).__name__
-        message = str(first.get("msg", "")).removeprefix("Value error, ")
-        if message.startswith(field):
-            return message
-        return f"{field}: {message} (got {first.get('input')!r})"
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -201,8 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             run_eval(args)
         else:
             run_export(args)
-    except (CLIError, ValueError, TypeError, OSError) as err:
-        print(f"armor: error: {_one_line(err)}", file=sys.stderr)
+    except (CLIError, ARMORError, ValueError, TypeError, OSError) as err:
+        print(f"armor: error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
 

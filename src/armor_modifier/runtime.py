@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from armor_modifier.core.errors import ARMORValueError
+
 from .core.blockdiag import left_blockdiag, right_blockdiag
 
 __all__ = [
@@ -84,11 +86,10 @@ def attach_wrappers(linear: nn.Linear, A: torch.Tensor, B: torch.Tensor) -> None
     m, n = linear.weight.shape
     for name, blocks, dim in (("A", A, m), ("B", B, n)):
         if blocks.dim() != 3 or blocks.shape[1] != blocks.shape[2]:
-            raise ValueError(f"{name} must be [n_blocks, b, b], got {tuple(blocks.shape)}")
+            raise ARMORValueError(f"{name} must be [n_blocks, b, b], got {tuple(blocks.shape)}")
         if blocks.shape[0] * blocks.shape[1] != dim:
-            raise ValueError(
-                f"{name} {tuple(blocks.shape)} does not tile dimension {dim} of the weight "
-                f"{m}x{n}"
+            raise ARMORValueError(
+                f"{name} {tuple(blocks.shape)} does not tile dimension {dim} of the weight {m}x{n}"
             )
     detach_wrappers(linear)
     dtype, device = linear.weight.dtype, linear.weight.device

@@ -13,6 +13,8 @@ from .errors import (
     ARMORCompressionError,
     ARMORError,
     ARMORRuntimeError,
+    ARMORTypeError,
+    ARMORValueError,
     HessianNotPositiveDefinite,
 )
 from .output import OutputObjective
@@ -30,6 +32,8 @@ __all__ = [
     "ARMORError",
     "ARMORFactors",
     "ARMORRuntimeError",
+    "ARMORTypeError",
+    "ARMORValueError",
     "FIELD_HELP",
     "HessianNotPositiveDefinite",
     "INITS",

@@ -12,12 +12,23 @@ __all__ = [
     "ARMORCompressionError",
     "ARMORError",
     "ARMORRuntimeError",
+    "ARMORTypeError",
+    "ARMORValueError",
     "HessianNotPositiveDefinite",
 ]
 
 
 class ARMORError(Exception):
     """Base class of every error armor-modifier raises deliberately."""
+
+
+class ARMORValueError(ARMORError, ValueError):
+    """A bad value: a setting, a shape, a target, a calibration set, a text (the message names the
+    value and the fix)."""
+
+
+class ARMORTypeError(ARMORError, TypeError):
+    """A value of the wrong type, e.g. a target module that is not an ``nn.Linear``."""
 
 
 class HessianNotPositiveDefinite(ARMORError, ValueError):

@@ -450,7 +450,7 @@ def output_start(
 
 
 def damped(H: torch.Tensor, amount: float, kind: str, extra_ridge: float) -> torch.Tensor:
-    """``H`` ([n, n]) + the ridge :func:`~.output.output_ridge` + ``extra_ridge * I``."""
+    """``H`` ([n, n]) + the ridge :func:`~.scoring.output_ridge` + ``extra_ridge * I``."""
     ridge = output_ridge(H, amount, kind) + extra_ridge
     if not bool(ridge.any()):
         return H

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import ARMORTypeError, ARMORValueError
+
 __all__ = [
     "NormalizedWeight",
     "check_weight",
@@ -44,24 +46,24 @@ def check_weight(weight: object, name: str = "weight") -> torch.Tensor:
     :return: ``[m, n]`` float32, a new tensor
     """
     if not isinstance(weight, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
+        raise ARMORTypeError(f"{name} must be a torch.Tensor, got {type(weight).__name__}")
     if weight.dim() != 2:
-        raise ValueError(
+        raise ARMORValueError(
             f"{name} must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}; "
             "reshape convolution or fused weights to 2-D first"
         )
     if not weight.is_floating_point():
-        raise TypeError(f"{name} must be a floating tensor, got dtype {weight.dtype}")
+        raise ARMORTypeError(f"{name} must be a floating tensor, got dtype {weight.dtype}")
     m, n = weight.shape
     if m % 4 or n % 4:
-        raise ValueError(
+        raise ARMORValueError(
             f"{name} has shape {m}x{n}; ARMOR 2:4 needs both dimensions to be multiples of 4. "
             "Leave this layer out with `ignore`."
         )
     w = weight.detach().to(torch.float32).clone()
     if not torch.isfinite(w).all():
         bad = int((~torch.isfinite(w)).sum())
-        raise ValueError(f"{name} holds {bad} NaN/Inf entries; fix the model before pruning")
+        raise ARMORValueError(f"{name} holds {bad} NaN/Inf entries; fix the model before pruning")
     return w
 
 
@@ -76,9 +78,9 @@ def sanitize_h(h: object, n: int) -> tuple[torch.Tensor, int]:
     :return: (``h [n]`` float32, number of entries replaced)
     """
     if not isinstance(h, torch.Tensor):
-        raise TypeError(f"h must be a torch.Tensor, got {type(h).__name__}")
+        raise ARMORTypeError(f"h must be a torch.Tensor, got {type(h).__name__}")
     if h.dim() != 1 or h.numel() != n:
-        raise ValueError(
+        raise ARMORValueError(
             f"h must have shape [{n}] (one value per input column of the weight), "
             f"got {tuple(h.shape)}"
         )
@@ -109,18 +111,18 @@ def choose_wrapper_block_size(m: int, n: int, requested: int) -> int:
     failing. ``4`` always qualifies once ``4 | m`` and ``4 | n``.
     """
     if not isinstance(requested, int) or isinstance(requested, bool) or requested < 4:
-        raise ValueError(
+        raise ARMORValueError(
             f"wrapper_block_size must be a positive multiple of 4, got {requested!r}; try 128 or 64"
         )
     if requested % 4:
-        raise ValueError(
+        raise ARMORValueError(
             f"wrapper_block_size must be a multiple of 4 (2:4 groups must not straddle blocks), "
             f"got {requested}; try {max(4, requested - requested % 4)}"
         )
     for b in range(min(requested, m, n) // 4 * 4, 3, -4):
         if m % b == 0 and n % b == 0:
             return b
-    raise ValueError(f"no wrapper block size divides {m}x{n}; both must be multiples of 4")
+    raise ARMORValueError(f"no wrapper block size divides {m}x{n}; both must be multiples of 4")
 
 
 def largest_block_within(m: int, n: int, max_overhead: float) -> int:
@@ -131,7 +133,7 @@ def largest_block_within(m: int, n: int, max_overhead: float) -> int:
     projections, 32 for the 1536x576 MLP matrices.
     """
     if m % 4 or n % 4:
-        raise ValueError(f"no wrapper block size divides {m}x{n}; both must be multiples of 4")
+        raise ARMORValueError(f"no wrapper block size divides {m}x{n}; both must be multiples of 4")
     fitting = int(max_overhead * m * n / (m + n) + 1e-9)
     if fitting < 4:
         return 4

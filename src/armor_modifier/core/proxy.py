@@ -15,6 +15,7 @@ import torch
 
 from .blockdiag import left_blockdiag, right_blockdiag
 from .discrete import best_two_of_four
+from .errors import ARMORValueError
 from .iterate import Iterate, Start, reconstruct
 from .linalg import damped_block_solve
 from .problem import check_weight, normalize, sanitize_h
@@ -42,7 +43,7 @@ class DiagonalProxy:
         self, Wbar: torch.Tensor, h: torch.Tensor, b: int, groups_per_tile: int = 1
     ) -> None:
         if groups_per_tile < 1:
-            raise ValueError(f"groups_per_tile must be >= 1, got {groups_per_tile!r}")
+            raise ARMORValueError(f"groups_per_tile must be >= 1, got {groups_per_tile!r}")
         self.Wbar, self.h, self.b = Wbar, h, b
         self.groups_per_tile = groups_per_tile
         self.m, self.n = Wbar.shape

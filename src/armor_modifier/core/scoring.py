@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import ARMORValueError
 from .problem import check_weight, normalize, sanitize_h
 from .sparsegpt import check_hessian
 
@@ -26,7 +27,7 @@ def proxy_loss(weight: torch.Tensor, h: torch.Tensor, approximation: torch.Tenso
     W = check_weight(weight)
     h, _ = sanitize_h(h, W.shape[1])
     if approximation.shape != W.shape:
-        raise ValueError(
+        raise ARMORValueError(
             f"approximation has shape {tuple(approximation.shape)}, weight {tuple(W.shape)}"
         )
     nw = normalize(W)
@@ -51,7 +52,7 @@ def output_loss(weight: torch.Tensor, H: torch.Tensor, approximation: torch.Tens
     Hs = H.detach().double()
     Hs = (Hs + Hs.T) / 2
     if approximation.shape != W.shape:
-        raise ValueError(
+        raise ARMORValueError(
             f"approximation has shape {tuple(approximation.shape)}, weight {tuple(W.shape)}"
         )
     E = approximation.detach().to(W) - W
@@ -66,7 +67,7 @@ def output_ridge(H: torch.Tensor, amount: float, kind: str) -> torch.Tensor:
     ``amount * diag(H)``.
     """
     if kind not in DAMPING_KINDS:
-        raise ValueError(f"output_damping_kind must be one of {DAMPING_KINDS}, got {kind!r}")
+        raise ARMORValueError(f"output_damping_kind must be one of {DAMPING_KINDS}, got {kind!r}")
     diag = H.diagonal()
     if kind == "identity":
         return torch.full_like(diag, amount * float(diag.mean()))

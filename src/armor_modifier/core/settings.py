@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .errors import ARMORTypeError, ARMORValueError
 from .problem import choose_wrapper_block_size, largest_block_within, wrapper_overhead
 from .scoring import DAMPING_KINDS
 
@@ -24,8 +25,9 @@ INITS = ("nowag", "sparsegpt")
 
 #: One line per field: what it does (the CLI's ``--help`` and the modifier's docstring use it).
 FIELD_HELP: dict[str, str] = {
-    "max_wrapper_overhead": "wrapper parameters allowed per Linear, as a fraction of its weight: "
-    "each Linear gets the largest wrapper block size b with (m+n)b/(mn) within it",
+    "max_wrapper_overhead": "wrapper parameters allowed per Linear, as a fraction of its weight "
+    "(at most 1): each Linear gets the largest wrapper block size b with (m+n)b/(mn) within it "
+    "(b = 4 when even that exceeds it, on tiny layers)",
     "wrapper_block_size": "wrapper block size b (a multiple of 4); wins over "
     "max_wrapper_overhead when given (the largest multiple of 4 <= b dividing both dimensions)",
     "num_iterations": "block-coordinate-descent iterations per Linear (0: the start alone)",
@@ -52,17 +54,17 @@ def _number(name: str, value: object, *, low: float, low_open: bool, rule: str) 
     if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         ok = value > low if low_open else value >= low
     if not ok:
-        raise ValueError(f"{name} must be {rule}, got {value!r}")
+        raise ARMORValueError(f"{name} must be {rule}, got {value!r}")
 
 
 def _integer(name: str, value: object, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        raise ARMORValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {value!r}")
+        raise ARMORValueError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -98,10 +100,15 @@ class SolverSettings:
             "max_wrapper_overhead", self.max_wrapper_overhead, low=0.0, low_open=True,
             rule="a number > 0 (a fraction: 0.1 allows wrappers of 10 % of each weight)",
         )  # fmt: skip
+        if self.max_wrapper_overhead > 1:
+            raise ARMORValueError(
+                "max_wrapper_overhead is a fraction of each weight and at most 1 (0.1 allows "
+                f"wrappers of 10 %), got {self.max_wrapper_overhead!r}"
+            )
         if self.wrapper_block_size is not None:
             b = self.wrapper_block_size
             if isinstance(b, bool) or not isinstance(b, int) or b < 4 or b % 4:
-                raise ValueError(
+                raise ARMORValueError(
                     "wrapper_block_size must be a positive multiple of 4 (2:4 groups must not "
                     f"straddle wrapper blocks), got {b!r}; try 32 or 64, or leave it unset to "
                     "follow max_wrapper_overhead"
@@ -111,7 +118,7 @@ class SolverSettings:
         _number("learning_rate", self.learning_rate, low=0.0, low_open=True, rule="> 0")
         _integer("cg_steps", self.cg_steps, 1)
         if not isinstance(self.update_mask, bool):
-            raise ValueError(f"update_mask must be True or False, got {self.update_mask!r}")
+            raise ARMORValueError(f"update_mask must be True or False, got {self.update_mask!r}")
         _integer("groups_per_tile", self.groups_per_tile, 1)
         _integer("patience", self.patience, 1)
         _integer("seed", self.seed, 0)
@@ -152,7 +159,7 @@ class SolverSettings:
         """A copy with ``changes`` applied (checked again)."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
-            raise TypeError(
+            raise ARMORTypeError(
                 f"unknown solver setting(s) {unknown}; known: "
                 f"{[f.name for f in dataclasses.fields(self)]}"
             )

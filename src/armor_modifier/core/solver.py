@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .adam import AdamState
+from .errors import ARMORValueError
 from .iterate import Iterate, Objective, reconstruct
 from .output import output_start
 from .problem import check_weight, sanitize_h, wrapper_overhead
@@ -150,12 +151,12 @@ def _descend(
 
 def _check_data(settings: SolverSettings, H: torch.Tensor | None, h: torch.Tensor | None) -> None:
     if H is None and settings.needs_hessian:
-        raise ValueError(
+        raise ARMORValueError(
             f"objective={settings.objective!r} with init={settings.start!r} needs the layer "
             "Hessian H = X^T X / N ([in_features, in_features]); pass H=..."
         )
     if h is None and settings.objective == "proxy":
-        raise ValueError("objective='proxy' needs h (mean x^2 per input channel)")
+        raise ARMORValueError("objective='proxy' needs h (mean x^2 per input channel)")
 
 
 def factorize(

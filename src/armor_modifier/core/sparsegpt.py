@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import HessianNotPositiveDefinite
+from .errors import ARMORTypeError, ARMORValueError, HessianNotPositiveDefinite
 from .problem import check_weight
 
 __all__ = [
@@ -62,17 +62,17 @@ def check_hessian(H: object, n: int, *, symmetrize: bool = True) -> torch.Tensor
     :return: ``[n, n]`` float32
     """
     if not isinstance(H, torch.Tensor):
-        raise TypeError(f"H must be a torch.Tensor, got {type(H).__name__}")
+        raise ARMORTypeError(f"H must be a torch.Tensor, got {type(H).__name__}")
     if H.shape != (n, n):
-        raise ValueError(
+        raise ARMORValueError(
             f"H must have shape [{n}, {n}] (in_features x in_features), got {tuple(H.shape)}"
         )
     if not H.is_floating_point():
-        raise TypeError(f"H must be a floating tensor, got dtype {H.dtype}")
+        raise ARMORTypeError(f"H must be a floating tensor, got dtype {H.dtype}")
     H = H.detach().to(torch.float32).clone()
     if not torch.isfinite(H).all():
         bad = int((~torch.isfinite(H)).sum())
-        raise ValueError(
+        raise ARMORValueError(
             f"H holds {bad} NaN/Inf entries; accumulate the Hessian in float32 or float64"
         )
     return (H + H.T) / 2 if symmetrize else H
@@ -93,7 +93,7 @@ def inverse_hessian_factor(
     :raises HessianNotPositiveDefinite: when every ``k`` fails
     """
     if not percdamp > 0:
-        raise ValueError(f"percdamp must be > 0 (SparseGPT uses 0.01), got {percdamp!r}")
+        raise ARMORValueError(f"percdamp must be > 0 (SparseGPT uses 0.01), got {percdamp!r}")
     mean_diag = float(H.diagonal().mean())
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for k in range(max_increases + 1):
@@ -136,7 +136,7 @@ def sparsegpt_prune(
     m, n = W.shape
     H = check_hessian(H, n, symmetrize=False)
     if not isinstance(blocksize, int) or blocksize < 4 or blocksize % 4:
-        raise ValueError(
+        raise ARMORValueError(
             f"blocksize must be a positive multiple of 4 (2:4 groups must not straddle blocks), "
             f"got {blocksize!r}; SparseGPT uses 128"
         )

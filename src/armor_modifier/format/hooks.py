@@ -13,14 +13,29 @@ hand is saved with :func:`armor_modifier.save_armor_pretrained` (or after ``inst
 from __future__ import annotations
 
 import os
-import weakref
+import types
 from typing import Any
 
 from torch import nn
 
-from .save import ARMOR_RECIPE_ATTR, save_armor_pretrained
+from .save import ARMOR_RECIPE_ATTR, INNER_SAVE_ATTR, save_armor_pretrained
 
-__all__ = ["install_save_hook", "remove_save_hook"]
+__all__ = ["INNER_SAVE_ATTR", "install_save_hook", "remove_save_hook"]
+
+def save_pretrained(
+    self: nn.Module, save_directory: str | os.PathLike, *args: Any, **kwargs: Any
+) -> None:
+    """The hook, bound to one model: :func:`save_armor_pretrained` of that model.
+
+    A bound method (not a closure), so ``copy.deepcopy(model)`` rebinds it to the copy and
+    ``torch.save(model)`` can pickle the model.
+    """
+    return save_armor_pretrained(self, save_directory, *args, **kwargs)
+
+
+_hook: Any = save_pretrained
+_hook._overridden = True  # llm-compressor's marker: do not wrap this save again
+_hook._armor_save = True
 
 
 def install_save_hook(model: nn.Module, recipe: dict[str, Any] | None = None) -> None:
@@ -38,19 +53,8 @@ def install_save_hook(model: nn.Module, recipe: dict[str, Any] | None = None) ->
     own = model.__dict__.get("save_pretrained")
     if getattr(own, "_armor_save", False):
         return
-    ref = weakref.ref(model)
-
-    def save_pretrained(save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
-        target = ref()
-        if target is None:
-            raise ReferenceError("the model of this save_pretrained hook no longer exists")
-        return save_armor_pretrained(target, save_directory, *args, **kwargs)
-
-    hook: Any = save_pretrained
-    hook._overridden = True  # llm-compressor's marker: do not wrap this save again
-    hook._armor_save = True
-    hook._armor_inner = own
-    model.__dict__["save_pretrained"] = hook
+    model.__dict__[INNER_SAVE_ATTR] = own
+    model.__dict__["save_pretrained"] = types.MethodType(save_pretrained, model)
 
 
 def remove_save_hook(model: nn.Module) -> None:
@@ -58,7 +62,8 @@ def remove_save_hook(model: nn.Module) -> None:
     own: Any = model.__dict__.get("save_pretrained")
     if not getattr(own, "_armor_save", False):
         return
-    if own._armor_inner is None:
+    inner = model.__dict__.pop(INNER_SAVE_ATTR, None)
+    if inner is None:
         del model.__dict__["save_pretrained"]
     else:
-        model.__dict__["save_pretrained"] = own._armor_inner
+        model.__dict__["save_pretrained"] = inner

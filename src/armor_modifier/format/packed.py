@@ -2,7 +2,7 @@
 
 compressed-tensors keeps such a core as ``weight_packed`` (int32 ``[m, ceil(n·bits/32)]``, codes
 offset to unsigned, so a zero weight is not a zero bit pattern) plus ``weight_shape``. armor-ct
-unpacks the signed codes, keeps the 2:4 entries (:func:`.checkpoint_format.compress_core`) and packs
+unpacks the signed codes, keeps the 2:4 entries (:func:`.codec.compress_core`) and packs
 the kept codes the same way: int32 ``[m, ceil((n/2)·bits/32)]``, stored under the Linear's
 ``weight`` key like every other armor-ct core (so a loader without this package fails on the
 shape). The loader reverses it into compressed-tensors' ``weight_packed``.

@@ -40,10 +40,13 @@ from .packed import PACKED, compress_packed_core
 from .safetensors_io import INDEX_NAME, read_header, rewrite_safetensors, shard_files
 from .staging import staged_replace
 
-__all__ = ["ARMOR_RECIPE_ATTR", "convert_to_armor_ct", "save_armor_pretrained"]
+__all__ = ["ARMOR_RECIPE_ATTR", "INNER_SAVE_ATTR", "convert_to_armor_ct", "save_armor_pretrained"]
 
 #: Model attribute holding the ARMOR recipe settings written to ``armor.recipe`` (JSON-able dict).
 ARMOR_RECIPE_ATTR = "armor_recipe"
+#: Model attribute holding the ``save_pretrained`` the armor-ct hook (:mod:`.hooks`) encloses
+#: (``None``: the model class's own).
+INNER_SAVE_ATTR = "_armor_inner_save"
 #: compressed-tensors formats whose cores armor-ct stores: one ``weight [m, n]`` tensor, or
 #: bit-packed int codes (:mod:`.packed`).
 STORABLE_CT_FORMATS = (
@@ -66,7 +69,7 @@ def _inner_save(model: nn.Module) -> tuple[Callable[..., Any], bool]:
     wrapper that handles compressed-tensors compression itself."""
     own: Any = model.__dict__.get("save_pretrained")
     if getattr(own, "_armor_save", False):
-        own = own._armor_inner
+        own = model.__dict__.get(INNER_SAVE_ATTR)
     if own is not None:
         return own, bool(getattr(own, "_overridden", False))
     return _class_save(model), False

@@ -301,12 +301,22 @@ def _copy_regular(real: Path, to: Path, hard_link: bool) -> bool:
     return True
 
 
+def _leads_inside(link: Path, roots: list[Path]) -> bool:
+    """Whether ``link`` resolves to an existing path inside one of ``roots``."""
+    try:
+        real = link.resolve(strict=True)
+    except (OSError, RuntimeError):
+        return False
+    return any(_inside(real, root) for root in roots)
+
+
 def copy_extra_files(
     src: Path,
     dst: Path,
     *,
     skip: Callable[[str], bool] = lambda name: False,
     hard_link: bool = False,
+    keep_links: bool = False,
 ) -> list[str]:
     """Copy ``src``'s entries that ``dst`` lacks into ``dst``; return what was left out.
 
@@ -321,6 +331,8 @@ def copy_extra_files(
 
     :param hard_link: hard-link the files instead of copying them where the file system allows
         (for carrying files over from a folder that is deleted afterwards)
+    :param keep_links: recreate links that lead outside ``src`` (or nowhere) as the same links
+        instead of skipping them: no content is read, so a re-saved folder keeps them as they were
     """
     src_real, dst_real = src.resolve(), dst.resolve()
     roots = [src_real]
@@ -334,6 +346,9 @@ def copy_extra_files(
             if top and (skip(entry.name) or os.path.lexists(into / entry.name)):
                 continue
             relative = str(entry.relative_to(src))
+            if keep_links and entry.is_symlink() and not _leads_inside(entry, roots):
+                os.symlink(os.readlink(entry), into / entry.name)
+                continue
             try:
                 real = entry.resolve()
             except (OSError, RuntimeError):  # a loop of links
@@ -387,6 +402,7 @@ def staged_replace(target: str | os.PathLike, *, keep_extra_files: bool = False)
                     stage,
                     skip=lambda name: name.endswith(WEIGHT_FILE_SUFFIXES),
                     hard_link=True,
+                    keep_links=True,
                 )
             os.chmod(stage, stat.S_IMODE(path.stat().st_mode))
         _fsync_tree(stage)

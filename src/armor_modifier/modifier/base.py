@@ -28,8 +28,9 @@ from torch import nn
 from tqdm import tqdm
 
 from armor_modifier.core import ARMORFactors, SolverSettings, factorize
-from armor_modifier.core.errors import ARMORCompressionError
+from armor_modifier.core.errors import ARMORCompressionError, ARMORValueError
 from armor_modifier.format.hooks import install_save_hook
+from armor_modifier.format.save import ARMOR_RECIPE_ATTR
 from armor_modifier.runtime import attach_wrappers, is_armor_linear
 
 from .checks import (
@@ -190,13 +191,13 @@ class ARMORModifier(Modifier):
         model = state.model
         layers = dict(match_named_modules(model, self.targets))
         if not layers:
-            raise ValueError(
+            raise ARMORValueError(
                 f"targets={self.targets!r} match no module of {type(model).__name__}; use "
                 "'Linear', a class name, an exact module name or a 're:' pattern"
             )
         modules = resolve_target_linears(layers, self.ignore)
         if not modules:
-            raise ValueError(
+            raise ARMORValueError(
                 f"targets={self.targets!r} matched {list(layers)[:5]}... but, after ignore="
                 f"{self.ignore!r}, no nn.Linear is left to prune"
             )
@@ -219,7 +220,7 @@ class ARMORModifier(Modifier):
         )
         if self.effective_calibration == "dense":
             if state.data.calib is None:
-                raise ValueError(
+                raise ARMORValueError(
                     "ARMORModifier(calibration='dense') needs calibration data: pass `dataset=` "
                     "to oneshot"
                 )
@@ -240,7 +241,8 @@ class ARMORModifier(Modifier):
     def calibrate_module(
         self, module: nn.Linear, args: tuple[torch.Tensor, ...], _output: torch.Tensor
     ) -> None:
-        """Forward hook: add the input's ``x^2`` per channel (fp32) and its token count."""
+        """Forward hook: add the input's ``x^2`` per channel (and ``X^T X`` when needed; float64
+        sums, :mod:`.stats`) and its token count."""
         if is_armor_linear(module):
             return
         if module not in self._stats:
@@ -268,12 +270,12 @@ class ARMORModifier(Modifier):
         left = [self._names[m] for m in self._pending()]
         self._stats = {}
         if left:
-            raise ValueError(
+            raise ARMORValueError(
                 f"ARMOR did not compress {len(left)} target modules: {left}; calibration never "
                 "reached them (did oneshot get a dataset?)"
             )
         # after oneshot wrapped save_pretrained: the armor-ct hook must sit outside that wrapper
-        install_save_hook(state.model, recipe=self.settings())
+        install_save_hook(state.model, recipe=_recorded(state.model, self.settings()))
         return True
 
     # ---- compression -----------------------------------------------------------------------
@@ -308,7 +310,7 @@ class ARMORModifier(Modifier):
         """Run the solver on one target from its statistics (the module is not changed)."""
         name = self.name_of(module)
         if is_armor_linear(module):
-            raise ValueError(
+            raise ARMORValueError(
                 "it already carries ARMOR wrappers (two ARMORModifiers target it); give each "
                 "ARMORModifier disjoint targets"
             )
@@ -360,7 +362,7 @@ class ARMORModifier(Modifier):
             if m not in self._stats or self._stats[m].num_tokens == 0
         ]
         if empty:
-            raise ValueError(
+            raise ARMORValueError(
                 f"ARMOR received no calibration tokens for {len(empty)} modules: {empty}. The "
                 "calibration set is empty or these modules never ran; pass a non-empty `dataset` "
                 "to oneshot or add them to `ignore`."
@@ -387,6 +389,15 @@ class ARMORModifier(Modifier):
     def _pending(self) -> list[nn.Linear]:
         done = set(self._compressed)
         return [m for name, m in self._modules.items() if name not in done]
+
+
+def _recorded(model: nn.Module, mine: dict[str, Any]) -> dict[str, Any]:
+    """``armor.recipe`` after this modifier: its settings, or, when an earlier ARMORModifier
+    already recorded its own on the model, ``{"modifiers": [earlier..., mine]}``."""
+    earlier = getattr(model, ARMOR_RECIPE_ATTR, None)
+    if not isinstance(earlier, dict):
+        return mine
+    return {"modifiers": [*earlier.get("modifiers", [earlier]), mine]}
 
 
 def _block_description(settings: SolverSettings) -> str:

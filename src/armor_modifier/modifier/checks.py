@@ -15,6 +15,7 @@ from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import PRUNABLE_LAYER_T
 from loguru import logger
 from torch import nn
 
+from armor_modifier.core.errors import ARMORTypeError, ARMORValueError
 from armor_modifier.runtime import is_armor_linear
 
 __all__ = [
@@ -88,7 +89,7 @@ def resolve_target_linears(
     seen: set[int] = set()
     for layer_name, layer in target_layers.items():
         if isinstance(layer, nn.Embedding) and not is_ignored(layer_name, layer, ignore):
-            raise TypeError(
+            raise ARMORTypeError(
                 f"target module {layer_name!r} is a {type(layer).__name__}; ARMOR prunes "
                 "nn.Linear only. Narrow `targets` (e.g. 'Linear' or 're:model.layers.\\d+$') "
                 f"or add {layer_name!r} to `ignore`."
@@ -98,7 +99,7 @@ def resolve_target_linears(
             if id(module) in seen or is_ignored(name, module, ignore):
                 continue
             if not isinstance(module, nn.Linear):
-                raise TypeError(
+                raise ARMORTypeError(
                     f"module {name!r} matched the targets but is a {type(module).__name__}; "
                     f"ARMOR prunes nn.Linear only. Add {name!r} (or "
                     f"'{type(module).__name__}') to `ignore`."
@@ -125,30 +126,30 @@ def check_target_linear(
     """
     m, n = module.weight.shape
     if m % 4 or n % 4:
-        raise ValueError(
+        raise ARMORValueError(
             f"module {name!r} has weight {m}x{n}; ARMOR 2:4 needs both dimensions divisible "
             f"by 4. Add {name!r} to `ignore`."
         )
     tied = (shared or {}).get(id(module.weight), [])
     if len(tied) > 1:
-        raise ValueError(
+        raise ARMORValueError(
             f"module {name!r} shares its weight with {[t for t in tied if t != name + '.weight']} "
             "(tied embeddings); pruning it would also prune those. Add "
             f"'re:.*{name.rsplit('.', 1)[-1]}' to `ignore`."
         )
     scheme = getattr(module, "quantization_scheme", None)
     if scheme is not None:
-        raise ValueError(
+        raise ARMORValueError(
             f"module {name!r} already has a quantization scheme; ARMORModifier must come before "
             "every quantization modifier in the recipe (and cannot prune a quantized model)."
         )
     if is_armor_linear(module):
-        raise ValueError(
+        raise ARMORValueError(
             f"module {name!r} already carries ARMOR wrappers; it cannot be pruned twice"
         )
     if module.weight.device.type != "meta" and not torch.isfinite(module.weight).all():
         bad = int((~torch.isfinite(module.weight)).sum())
-        raise ValueError(
+        raise ARMORValueError(
             f"module {name!r} has {bad} non-finite (NaN/Inf) weight entries; nothing was pruned. "
             f"Repair the checkpoint or add {name!r} to `ignore`."
         )
@@ -169,7 +170,7 @@ def check_calibration_set(calib: object) -> None:
     if calib is None or not hasattr(calib, "__len__"):
         return
     if len(calib) == 0:
-        raise ValueError(
+        raise ARMORValueError(
             "the calibration set is empty; ARMOR needs calibration tokens for every target "
             "(pass a non-empty `dataset` to oneshot)"
         )
@@ -205,7 +206,7 @@ def check_recipe_composition(me: object, modifiers: Iterable[object]) -> None:
             reason = MODIFIERS_REFUSED_AFTER.get(cls.__name__)
             if reason is None:
                 continue
-            raise ValueError(
+            raise ARMORValueError(
                 f"{type(later).__name__} after ARMORModifier is not supported: {reason}. Use "
                 "QuantizationModifier (round-to-nearest, e.g. scheme='FP8_DYNAMIC', 'W8A8' or "
                 "'W4A16'), which keeps ARMOR's 2:4 core exactly, and keep "
@@ -232,7 +233,7 @@ def check_shared_calibration_pass(
         scheme = getattr(module, "quantization_scheme", None)
         inputs = getattr(scheme, "input_activations", None)
         if inputs is not None and not inputs.dynamic:
-            raise ValueError(
+            raise ARMORValueError(
                 f"module {name!r} has static input-activation quantization calibrated in the "
                 "same pass as ARMOR (pipeline='sequential'): its observer would see x instead of "
                 "ARMOR's B·x. Use oneshot's default pipeline='independent', or a dynamic "

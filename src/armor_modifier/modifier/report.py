@@ -20,8 +20,9 @@ class ARMORModuleResult:
 
     :ivar name: module name, e.g. ``model.layers.0.mlp.up_proj``
     :ivar shape: ``(m, n)`` = ``(out_features, in_features)``
-    :ivar wrapper_block_size: the block size used (the largest multiple of 4 ``<=`` the requested
-        one that divides ``m`` and ``n``)
+    :ivar wrapper_block_size: the block size used: the largest multiple of 4 ``<=`` the requested
+        one that divides ``m`` and ``n``, or, with none requested, the largest whose overhead
+        stays within ``max_wrapper_overhead`` (4 when even that exceeds it)
     :ivar requested_block_size: the modifier's ``wrapper_block_size`` (``None``: chosen from
         ``max_wrapper_overhead``)
     :ivar objective: ``"proxy"`` (the paper's diagonal loss) or ``"output"`` (the relative output
