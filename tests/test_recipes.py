@@ -61,12 +61,14 @@ def quantized_weight(linear: torch.nn.Linear) -> torch.Tensor:
         ("armor_2of4_fp8_dynamic.yaml", True),
         ("armor_2of4_w8a8_int8.yaml", True),
         ("armor_2of4_w4a16_rtn.yaml", True),
+        ("armor_2of4_w4a16_gptq.yaml", True),
+        ("armor_2of4_w8a8_gptq.yaml", True),
     ],
 )
 def test_recipe_runs_and_keeps_2of4(folder, name, quantized):
     text, parsed = load_recipe(name)
     if quantized:
-        quantization = parsed["armor_stage"]["quantization_modifiers"]["QuantizationModifier"]
+        (quantization,) = parsed["armor_stage"]["quantization_modifiers"].values()
         assert quantization["ignore"] == ["re:.*lm_head"]
     model = run_oneshot(folder, text)
     modules = dict(model.named_modules())

@@ -18,9 +18,20 @@ from .format.staging import check_writable, staged_replace
 
 __all__ = ["QUANT_SCHEMES", "add_prune_arguments", "build_recipe", "one_line", "run_prune"]
 
-#: ``--quantize`` choices -> llm-compressor preset scheme names (round-to-nearest only: GPTQ
-#: breaks 2:4 in llm-compressor 0.14 and is refused by ARMORModifier).
-QUANT_SCHEMES = {"none": None, "fp8-dynamic": "FP8_DYNAMIC", "w8a8-int8": "W8A8", "w4a16": "W4A16"}
+#: ``--quantize`` choices -> llm-compressor preset scheme names: round-to-nearest with
+#: ``QuantizationModifier``, or ``*-gptq`` with ARMORGPTQModifier (GPTQ that keeps the 2:4 zeros;
+#: llm-compressor 0.14's own GPTQ breaks 2:4 and is refused after ARMOR).
+QUANT_SCHEMES = {
+    "none": None,
+    "fp8-dynamic": "FP8_DYNAMIC",
+    "w8a8-int8": "W8A8",
+    "w4a16": "W4A16",
+    "w4a16-gptq": "W4A16",
+    "w8a8-gptq": "W8A8",
+}
+#: group size of ``--quantize w4a16-gptq`` (divides 576, SmolLM2's width, and every power of 2
+#: from 64 up; the preset's 128 does not divide 576)
+GPTQ_GROUP_SIZE = 64
 LM_HEAD = "re:.*lm_head"
 
 
@@ -181,11 +192,26 @@ def build_recipe(args: argparse.Namespace) -> Any:
         fields["calibration"] = args.calibration
     recipe: list[Any] = [ARMORModifier(**fields)]
     scheme = QUANT_SCHEMES[args.quantize]
-    if scheme is not None:
+    if scheme is not None and args.quantize.endswith("-gptq"):
+        recipe.append(gptq_modifier(scheme))
+    elif scheme is not None:
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
         recipe.append(QuantizationModifier(targets="Linear", scheme=scheme, ignore=[LM_HEAD]))
     return recipe
+
+
+def gptq_modifier(preset: str) -> Any:
+    """``ARMORGPTQModifier`` for the ``--quantize *-gptq`` presets (W4A16 in groups of
+    :data:`GPTQ_GROUP_SIZE`, W8A8 per channel), every Linear but ``lm_head``."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    from .modifier import ARMORGPTQModifier
+
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    if preset == "W4A16" and scheme.weights is not None:
+        scheme.weights.group_size = GPTQ_GROUP_SIZE
+    return ARMORGPTQModifier(config_groups={"group_0": scheme.model_dump()}, ignore=[LM_HEAD])
 
 
 def one_line(err: BaseException) -> str:

@@ -17,6 +17,7 @@ from .errors import (
     ARMORValueError,
     HessianNotPositiveDefinite,
 )
+from .gptq import GPTQResult, masked_gptq
 from .output import OutputObjective
 from .problem import choose_wrapper_block_size, largest_block_within, wrapper_overhead
 from .proxy import nowag_p
@@ -35,6 +36,7 @@ __all__ = [
     "ARMORTypeError",
     "ARMORValueError",
     "FIELD_HELP",
+    "GPTQResult",
     "HessianNotPositiveDefinite",
     "INITS",
     "MODES",
@@ -50,6 +52,7 @@ __all__ = [
     "is_2_of_4",
     "largest_block_within",
     "left_blockdiag",
+    "masked_gptq",
     "nowag_p",
     "output_loss",
     "output_ridge",

@@ -9,8 +9,15 @@ Importing this package imports llm-compressor and registers ``ARMORModifier`` wi
 from armor_modifier.core.errors import ARMORCompressionError
 
 from .base import ARMORModifier, register
+from .gptq import ARMORGPTQModifier
 from .report import ARMORModuleResult
 
 register()
 
-__all__ = ["ARMORCompressionError", "ARMORModifier", "ARMORModuleResult", "register"]
+__all__ = [
+    "ARMORCompressionError",
+    "ARMORGPTQModifier",
+    "ARMORModifier",
+    "ARMORModuleResult",
+    "register",
+]

@@ -407,6 +407,9 @@ def _block_description(settings: SolverSettings) -> str:
 
 
 def register() -> None:
-    """Make ``ARMORModifier`` available to YAML recipes (idempotent)."""
-    if ModifierFactory._registered_registry.get("ARMORModifier") is not ARMORModifier:
-        ModifierFactory.register("ARMORModifier", ARMORModifier)
+    """Make ``ARMORModifier`` and ``ARMORGPTQModifier`` available to YAML recipes (idempotent)."""
+    from .gptq import ARMORGPTQModifier
+
+    for cls in (ARMORModifier, ARMORGPTQModifier):
+        if ModifierFactory._registered_registry.get(cls.__name__) is not cls:
+            ModifierFactory.register(cls.__name__, cls)

@@ -34,7 +34,8 @@ __all__ = [
 MODIFIERS_REFUSED_AFTER: dict[str, str] = {
     "GPTQModifier": (
         "GPTQ in llm-compressor 0.14 does not preserve an existing sparsity mask: its error "
-        "feedback fills the pruned zeros and breaks the 2:4 core"
+        "feedback fills the pruned zeros and breaks the 2:4 core. Use ARMORGPTQModifier "
+        "(armor_modifier.modifier), the same GPTQ that keeps every pruned zero"
     ),
     "AutoRoundModifier": "AutoRound's learned rounding can round pruned zeros away from zero",
     "AWQModifier": (
@@ -57,6 +58,10 @@ MODIFIERS_REFUSED_AFTER: dict[str, str] = {
 
 #: Fewer calibration tokens than this get a warning (one 512-token window).
 MIN_TOKENS = 512
+
+
+#: Subclasses of refused modifiers that keep ARMOR's result (matched on the class name).
+MODIFIERS_ALLOWED_AFTER = ("ARMORGPTQModifier",)
 
 
 def is_ignored(name: str, module: nn.Module, ignore: Sequence[str]) -> bool:
@@ -201,6 +206,8 @@ def check_recipe_composition(me: object, modifiers: Iterable[object]) -> None:
         return
     for later in modifiers[index + 1 :]:
         if later is me:
+            continue
+        if type(later).__name__ in MODIFIERS_ALLOWED_AFTER:
             continue
         for cls in type(later).__mro__:
             reason = MODIFIERS_REFUSED_AFTER.get(cls.__name__)

@@ -1,0 +1,209 @@
+"""2:4 + 4-bit / 8-bit on SmolLM2-135M, side by side: round-to-nearest against GPTQ.
+
+Each base model is pruned once (dense: not at all; SparseGPT 2:4; ARMOR output objective, block 32,
+10 iterations) and evaluated; then each quantization stage runs on a deep copy of it through
+llm-compressor's ``oneshot`` on the same calibration windows:
+
+- ``w4a16-rtn`` / ``w8a8-rtn``: ``QuantizationModifier`` (round-to-nearest; keeps 2:4 zeros);
+- ``w4a16-gptq`` / ``w8a8-gptq``: ``ARMORGPTQModifier`` (GPTQ that keeps every pruned zero) on the
+  2:4 bases, llm-compressor's own ``GPTQModifier`` on the dense base.
+
+W4A16: symmetric int4 in groups of 64 input columns (divides 576 and 1536; the preset's 128 does
+not divide 576). W8A8: int8 per channel, dynamic per-token int8 activations. Every row records
+WikiVital / PTB perplexity, the checkpoint's safetensors bytes (armor-ct for ARMOR rows,
+llm-compressor's compressed checkpoint otherwise) and the seconds of its stage. Results append to
+``--results`` (JSON lines); ``--report`` writes the Markdown table.
+
+Usage::
+
+    python benchmarks/smollm2_gptq.py --bases armor --results R.jsonl      # one process per base
+    python benchmarks/smollm2_gptq.py --report docs/benchmark_gptq.md --results R.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import shutil
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+LM_HEAD = "re:.*lm_head"
+GROUP_SIZE = 64
+BASES = ("dense", "sparsegpt", "armor")
+QUANTS = ("none", "w4a16-rtn", "w4a16-gptq", "w8a8-rtn", "w8a8-gptq")
+
+
+def scheme(quant: str) -> dict:
+    """``config_groups`` of a quantization stage."""
+    from compressed_tensors.quantization import preset_name_to_scheme
+
+    preset = preset_name_to_scheme("W4A16" if quant.startswith("w4a16") else "W8A8", ["Linear"])
+    if quant.startswith("w4a16") and preset.weights is not None:
+        preset.weights.group_size = GROUP_SIZE
+    return {"group_0": preset.model_dump()}
+
+
+def base_recipe(base: str, seed: int) -> list:
+    from llmcompressor.modifiers.pruning import SparseGPTModifier
+
+    from armor_modifier import ARMORModifier
+
+    common = {"targets": ["Linear"], "ignore": [LM_HEAD]}
+    if base == "sparsegpt":
+        return [SparseGPTModifier(sparsity=0.5, mask_structure="2:4", **common)]
+    fields = {"wrapper_block_size": 32, "num_iterations": 10, "objective": "output"}
+    return [ARMORModifier(seed=seed, **common, **fields)]
+
+
+def quant_recipe(base: str, quant: str) -> list:
+    from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+
+    from armor_modifier.modifier import ARMORGPTQModifier
+
+    groups = scheme(quant)
+    if quant.endswith("-rtn"):
+        return [QuantizationModifier(config_groups=groups, ignore=[LM_HEAD])]
+    if base == "dense":
+        return [GPTQModifier(config_groups=groups, ignore=[LM_HEAD])]
+    return [ARMORGPTQModifier(config_groups=groups, ignore=[LM_HEAD])]
+
+
+def checkpoint_bytes(model, tokenizer) -> int:
+    folder = Path(tempfile.mkdtemp(prefix="gptq-bench-"))
+    try:
+        model.save_pretrained(folder / "ckpt")
+        return sum(f.stat().st_size for f in (folder / "ckpt").glob("*.safetensors"))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def evaluate(model, tokenizer, texts: dict[str, str], args) -> dict[str, float]:
+    from armor_modifier.evaluation import perplexity
+
+    return {
+        name: perplexity(
+            model, tokenizer, text, seq_len=args.seq_len, max_windows=args.eval_windows or None,
+            progress=False,
+        ).ppl
+        for name, text in texts.items()
+    }  # fmt: skip
+
+
+def is_2of4(model) -> bool:
+    from armor_modifier.core import count_broken_groups
+
+    return all(
+        count_broken_groups(module.weight.detach().float()) == 0
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and "lm_head" not in name
+    )
+
+
+def run_base(base: str, quants: list[str], calibration, texts, args) -> None:
+    from llmcompressor import oneshot
+
+    from armor_modifier.evaluation import load_default_model
+
+    kwargs = {
+        "dataset": calibration, "num_calibration_samples": len(calibration),
+        "max_seq_length": args.seq_len, "shuffle_calibration_samples": False,
+    }  # fmt: skip
+    model, tokenizer, _ = load_default_model()
+    start = time.perf_counter()
+    if base != "dense":
+        oneshot(model=model, processor=tokenizer, recipe=base_recipe(base, args.seed), **kwargs)
+    prune_seconds = time.perf_counter() - start
+    for quant in quants:
+        if base == "dense" and quant.endswith("-rtn"):
+            continue  # dense rows: unquantized and llm-compressor's own GPTQ
+        stage = model if quant == "none" else copy.deepcopy(model)
+        start = time.perf_counter()
+        if quant != "none":
+            oneshot(model=stage, processor=tokenizer, recipe=quant_recipe(base, quant), **kwargs)
+        row = {
+            "base": base,
+            "quant": quant,
+            "prune_seconds": prune_seconds,
+            "quant_seconds": time.perf_counter() - start,
+            "ppl": evaluate(stage, tokenizer, texts, args),
+            "is_2of4": is_2of4(stage) if base != "dense" else None,
+            "bytes": checkpoint_bytes(stage, tokenizer),
+            "setup": {
+                "num_samples": args.num_samples, "seq_len": args.seq_len,
+                "eval_windows": args.eval_windows, "split": args.split,
+                "group_size": GROUP_SIZE, "date": str(date.today()),
+                "machine": platform.machine(), "threads": torch.get_num_threads(),
+            },
+        }  # fmt: skip
+        print("RESULT " + json.dumps(row), flush=True)
+        with args.results.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if stage is not model:
+            del stage
+
+
+def report(results: Path, out: Path) -> None:
+    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    texts = list(rows[0]["ppl"])
+    by = {(r["base"], r["quant"]): r for r in rows}
+    lines = [
+        "| base | quantization | " + " | ".join(f"{t} ppl" for t in texts)
+        + " | 2:4 kept | checkpoint MiB | stage s |",
+        "|---|---|" + "---|" * len(texts) + "---|---|---|",
+    ]  # fmt: skip
+    for base in BASES:
+        for quant in QUANTS:
+            r = by.get((base, quant))
+            if r is None:
+                continue
+            kept = "-" if r["is_2of4"] is None else ("yes" if r["is_2of4"] else "NO")
+            seconds = r["prune_seconds"] if quant == "none" else r["quant_seconds"]
+            lines.append(
+                f"| {base} | {quant} | " + " | ".join(f"{r['ppl'][t]:.2f}" for t in texts)
+                + f" | {kept} | {r['bytes'] / 2**20:.1f} | {seconds:.0f} |"
+            )  # fmt: skip
+    out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--bases", nargs="+", choices=BASES, default=list(BASES))
+    ap.add_argument("--quants", nargs="+", choices=QUANTS, default=list(QUANTS))
+    ap.add_argument("--num-samples", type=int, default=16)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--split", choices=["test", "valid"], default="test")
+    ap.add_argument("--texts", nargs="+", default=["wikivital", "ptb"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--results", type=Path, default=Path("benchmarks/results/gptq.jsonl"))
+    ap.add_argument("--report", type=Path, default=None, help="write the table and exit")
+    args = ap.parse_args()
+    if args.report:
+        report(args.results, args.report)
+        return
+    torch.set_num_threads(args.threads)
+    import armor_modifier.modifier  # noqa: F401  (registers the modifiers)
+    from armor_modifier.evaluation import calibration_samples, load_default_model, load_text
+
+    _, tokenizer, _ = load_default_model()
+    calibration = calibration_samples(
+        tokenizer, load_text("wikivital", "train"), args.num_samples, args.seq_len, seed=args.seed
+    )
+    texts = {name: load_text(name, args.split) for name in args.texts}
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    for base in args.bases:
+        run_base(base, args.quants, calibration, texts, args)
+
+
+if __name__ == "__main__":
+    main()

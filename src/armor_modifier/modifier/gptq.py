@@ -1,0 +1,202 @@
+"""``ARMORGPTQModifier``: GPTQ that keeps every pruned zero (2:4 + W4A16 / W8A8 that keeps 2:4).
+
+llm-compressor 0.13 removed the code that kept GPTQ from filling pruned zeros, so its
+``GPTQModifier`` breaks every 2:4 core (ARCHITECTURE.md, "GPTQ and 2:4"). This subclass keeps
+llm-compressor's whole GPTQ machinery (schemes, observers, Hessian hooks, distribution,
+compressed-tensors parameters) and replaces only the per-module solve with
+:func:`armor_modifier.core.gptq.masked_gptq`: GPTQ whose quantizer sends every pruned position
+to zero, so the result changes kept weights only and every 2:4 core stays 2:4.
+
+For an ARMOR Linear the Hessian hook sees the core's real inputs ``B x`` (ARMOR's input wrapper is
+a forward pre-hook that runs first), so the Hessian is ``B H Bᵀ``, not ``H``. The wrappers ``A``
+and ``B`` stay in full precision. Scales and zero-points come from the module's weight observer,
+exactly as ``GPTQModifier`` computes them, so armor-ct stores the result with compressed-tensors'
+``pack-quantized`` (W4A16) or ``int-quantized`` (W8A8) format and reloads bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from compressed_tensors.quantization import QuantizationStrategy, QuantizationType
+from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+from compressed_tensors.utils import getattr_chain, match_named_modules
+from llmcompressor.core import State
+from llmcompressor.modifiers.gptq import GPTQModifier
+from llmcompressor.modifiers.gptq.helpers import update_batch_qparams
+from llmcompressor.modifiers.quantization.quantization.mixin import QuantizationMixin
+from loguru import logger
+from pydantic import field_validator
+from torch import nn
+
+from armor_modifier.core.errors import (
+    ARMORCompressionError,
+    ARMORValueError,
+    HessianNotPositiveDefinite,
+)
+from armor_modifier.core.gptq import masked_gptq
+
+__all__ = ["ARMORGPTQModifier", "column_quantizer"]
+
+#: group sizes offered when one does not divide a layer's width
+_GROUP_SIZES = (32, 64, 96, 128, 256)
+
+
+class ARMORGPTQModifier(GPTQModifier):
+    """GPTQ for 2:4 models that keeps every pruned position exactly zero.
+
+    Put it after ``ARMORModifier`` (or after a plain 2:4 pruning) in a recipe, with the fields of
+    llm-compressor's ``GPTQModifier`` (``scheme``, ``targets``, ``ignore``, ``block_size``,
+    ``dampening_frac``, ``config_groups``). Zeros of each weight are kept: the mask is
+    ``weight != 0`` when the module is calibrated (for ARMOR Linears the 2:4 core). Integer
+    weight schemes only (W4A16 with a group size dividing every target's ``in_features``,
+    W8A8 / W8A16 per channel); FP8 stays round-to-nearest (``QuantizationModifier``), and
+    activation reordering (``actorder``) is refused because it would interleave the 2:4 groups.
+    Measured effect: ``docs/benchmark_gptq.md``.
+
+    Sample yaml (after ``import armor_modifier.modifier``)::
+
+        quant_stage:
+          quantization_modifiers:
+            ARMORGPTQModifier:
+              targets: ["Linear"]
+              ignore: ["re:.*lm_head"]
+              config_groups:
+                group_0:
+                  targets: ["Linear"]
+                  weights: {num_bits: 4, type: int, symmetric: true, strategy: group,
+                            group_size: 64}
+    """
+
+    actorder: Any = None
+    batched_quantization: Any = None
+
+    @field_validator("actorder", mode="before")
+    @classmethod
+    def _no_actorder(cls, value: Any) -> Any:
+        if value is not None:
+            raise ARMORValueError(
+                f"ARMORGPTQModifier quantizes columns in order so that every 2:4 group keeps "
+                f"its mask; actorder={value!r} would reorder them. Leave actorder unset (null)"
+            )
+        return value
+
+    def resolve_quantization_config(self) -> Any:
+        """The schemes as ``QuantizationMixin`` resolves them; refuses ``actorder`` in a scheme."""
+        config = QuantizationMixin.resolve_quantization_config(self)
+        for name, scheme in config.config_groups.items():
+            order = getattr_chain(scheme, "weights.actorder", None)
+            if order is not None:
+                raise ARMORValueError(
+                    f"config group {name!r} sets weights.actorder={order!r}; ARMORGPTQModifier "
+                    "keeps 2:4 groups in column order: remove actorder from the scheme"
+                )
+        return config
+
+    def on_initialize(self, state: State, **kwargs: Any) -> bool:
+        """Check every target against its scheme (before llm-compressor touches the model), then
+        GPTQModifier's initialisation."""
+        config = self.resolve_quantization_config()
+        for scheme in config.config_groups.values():
+            targets = scheme.targets or self.resolved_targets
+            for name, module in match_named_modules(state.model, targets, self.ignore):
+                if isinstance(module, nn.Linear):
+                    check_gptq_scheme(name, module, scheme.weights)
+        return super().on_initialize(state, **kwargs)
+
+    def compress_module_list(self, module_list: list[nn.Module]) -> None:
+        """Quantize each calibrated module with mask-preserving GPTQ (one module at a time)."""
+        done: list[str] = []
+        for module in module_list:
+            name = self._module_names[module]
+            quant_args: Any = getattr_chain(module, "quantization_scheme.weights")
+            observer: Any = module.weight_observer
+            qparams = observer.get_qparams()
+            hessian = self._hessians.pop(module)
+            count = self._num_samples.pop(module).to(hessian.device)
+            with torch.no_grad():
+                weight: torch.Tensor = module.get_parameter("weight").detach()
+                quantize = column_quantizer(qparams["scale"], qparams["zero_point"], quant_args)
+                try:
+                    result = masked_gptq(
+                        weight,
+                        hessian / count,
+                        quantize,
+                        block_size=self.block_size,
+                        dampening_frac=self.dampening_frac or 0.01,
+                    )
+                except HessianNotPositiveDefinite as err:
+                    raise ARMORCompressionError(name, done, str(err)) from err
+                update_batch_qparams(
+                    [module],
+                    result.weight.unsqueeze(0),
+                    qparams["scale"].unsqueeze(0),
+                    qparams["zero_point"].unsqueeze(0),
+                    None,
+                    quant_args,
+                )
+            logger.info(
+                f"ARMOR GPTQ {name}: loss {result.loss:.4g}, zeros kept "
+                f"({int((weight == 0).sum())} of {weight.numel()}), "
+                f"{result.num_damping_increases} damping increases"
+            )
+            done.append(name)
+            self._num_compressed_modules += 1
+
+
+def check_gptq_scheme(name: str, module: nn.Linear, args: Any) -> None:
+    """Refuse what mask-preserving GPTQ does not do: non-integer (FP8, FP4) weights and a group
+    size that does not divide the module's ``in_features``.
+
+    :param args: the weight ``QuantizationArgs`` the module will get (``None``: not quantized)
+    """
+    if args is None:
+        return
+    if args.type != QuantizationType.INT:
+        raise ARMORValueError(
+            f"{name}: ARMORGPTQModifier quantizes to integer grids; weights of type {args.type} "
+            "stay round-to-nearest: use QuantizationModifier(scheme='FP8_DYNAMIC') for FP8"
+        )
+    if args.strategy == QuantizationStrategy.GROUP:
+        n = module.weight.shape[1]
+        if n % args.group_size:
+            fitting = [g for g in _GROUP_SIZES if n % g == 0]
+            raise ARMORValueError(
+                f"{name}: group_size {args.group_size} does not divide in_features {n}; group "
+                f"sizes that do: {fitting}. Set weights.group_size to one of them"
+            )
+    elif args.strategy not in (QuantizationStrategy.CHANNEL, QuantizationStrategy.TENSOR):
+        raise ARMORValueError(
+            f"{name}: ARMORGPTQModifier supports the group, channel and tensor weight "
+            f"strategies, got {args.strategy}"
+        )
+
+
+def column_quantizer(scale: torch.Tensor, zero_point: torch.Tensor, args: Any) -> Any:
+    """``quantize(columns [m, k], first) -> fake-quantized columns`` on the observer's grid.
+
+    :param scale: ``[m, n / group_size]`` (group), ``[m, 1]`` (channel) or ``[1]`` (tensor)
+    :param zero_point: same shape as ``scale``
+    :param args: the module's weight ``QuantizationArgs``
+    """
+    group = args.group_size if args.strategy == QuantizationStrategy.GROUP else None
+    per_column = args.model_copy(update={"strategy": QuantizationStrategy.CHANNEL})
+
+    def quantize(columns: torch.Tensor, first: int) -> torch.Tensor:
+        out = torch.empty_like(columns)
+        m = columns.shape[0]
+        for k in range(columns.shape[1]):
+            index = 0 if group is None else (first + k) // group
+            s = scale.reshape(m, -1)[:, index : index + 1] if scale.numel() > 1 else scale
+            z = (
+                zero_point.reshape(m, -1)[:, index : index + 1]
+                if zero_point.numel() > 1
+                else zero_point
+            )
+            s = s.expand(m, 1).to(columns.device)
+            z = z.expand(m, 1).to(columns.device)
+            out[:, k : k + 1] = fake_quantize(columns[:, k : k + 1], s, z, per_column)
+        return out
+
+    return quantize
