@@ -274,3 +274,20 @@ def test_prune_overhead_above_one_is_refused(tiny_folder, tmp_path, capsys):
                  "--output", str(tmp_path / "out")])  # fmt: skip
     assert code == 2
     assert "max_wrapper_overhead is a fraction of each weight and at most 1" in _error_line(capsys)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("quantize", "fmt"), [("w4a16-gptq", "pack-quantized"), ("w8a8-gptq", "int-quantized")]
+)
+def test_prune_with_mask_preserving_gptq(tiny_folder, text_file, tmp_path, capsys, quantize, fmt):
+    out = tmp_path / "armor"
+    code = main(["prune", str(tiny_folder), "--dataset", str(text_file), "--num-samples", "4",
+                 "--seq-len", str(SEQ_LEN), "--wrapper-block-size", "16", "--num-iterations", "1",
+                 "--quantize", quantize, "--output", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "armor-ct" and qc["format"] == fmt
+    weights = qc["config_groups"]["group_0"]["weights"]
+    assert weights["group_size"] == (64 if quantize == "w4a16-gptq" else None)
+    assert weights["actorder"] is None
