@@ -497,15 +497,31 @@ def test_small_calibration_set_warns_with_its_token_count():
 
 
 @pytest.mark.integration
-def test_overhead_budget_picks_each_layers_block_and_the_summary_reports_it(folder):
-    modifier = armor(ignore=["re:.*lm_head"], num_iterations=1, max_wrapper_overhead=0.3)
+@pytest.mark.parametrize("budget", [0.2, 0.3])
+def test_overhead_budget_over_all_targets_against_brute_force(folder, budget):
+    """With wrapper_block_size unset, the modifier asks every target for the largest b whose
+    wrappers, all targets together, stay within the budget (each Linear then gets the largest
+    multiple of 4 <= b dividing it); brute force over b on the tiny Llama's 14 targets."""
+    from armor_modifier.core import choose_wrapper_block_size
+
+    modifier = armor(ignore=["re:.*lm_head"], num_iterations=1, max_wrapper_overhead=budget)
     run_oneshot(folder, [modifier])
+    shapes = [result.shape for result in modifier.results.values()]
+    dense = sum(m * n for m, n in shapes)
+
+    def extra(b: int) -> int:
+        return sum((m + n) * choose_wrapper_block_size(m, n, b) for m, n in shapes)
+
+    fitting = [b for b in range(4, 129, 4) if extra(b) <= budget * dense]
+    assert modifier.budget_block_size == max(fitting)
+    assert modifier.solver_settings.wrapper_block_size == max(fitting)
     for result in modifier.results.values():
         m, n = result.shape
-        fitting = [
-            b for b in range(4, min(m, n) + 1, 4)
-            if m % b == 0 and n % b == 0 and (m + n) * b <= 0.3 * m * n
-        ]  # fmt: skip
-        assert result.wrapper_block_size == max(fitting), result.name
-        assert result.requested_block_size is None
-        assert "(from max_wrapper_overhead)" in result.log_line()
+        assert result.wrapper_block_size == choose_wrapper_block_size(m, n, max(fitting))
+        assert result.requested_block_size == max(fitting) and result.from_budget
+    reached = sum(
+        (m + n) * r.wrapper_block_size for r in modifier.results.values() for m, n in [r.shape]
+    )
+    assert reached <= budget * dense
+    assert modifier.settings()["budget_block_size"] == max(fitting)
+    assert modifier.settings()["wrapper_block_size"] is None

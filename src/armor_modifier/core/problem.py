@@ -7,6 +7,7 @@ and column norms of the normalisation, ``Wbar [m, n]`` the normalised weight.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ __all__ = [
     "check_weight",
     "sanitize_h",
     "normalize",
+    "block_within_budget",
     "choose_wrapper_block_size",
     "wrapper_overhead",
 ]
@@ -138,6 +140,25 @@ def largest_block_within(m: int, n: int, max_overhead: float) -> int:
     if fitting < 4:
         return 4
     return choose_wrapper_block_size(m, n, fitting // 4 * 4)
+
+
+def block_within_budget(shapes: Sequence[tuple[int, int]], max_overhead: float) -> int:
+    """The largest requested ``b`` (a multiple of 4) such that, each ``[m, n]`` of ``shapes``
+    getting ``choose_wrapper_block_size(m, n, b)``, all wrappers together stay within
+    ``max_overhead`` of all weights together; ``4`` when even that exceeds it.
+
+    SmolLM2-135M's 210 decoder Linears at 0.10: 32 (9.2 %), the best measured block there.
+    """
+    if not shapes:
+        raise ARMORValueError("block_within_budget needs at least one [m, n] shape")
+    dense = sum(m * n for m, n in shapes)
+    best = 4
+    for b in range(8, max(min(m, n) for m, n in shapes) + 1, 4):
+        extra = sum((m + n) * choose_wrapper_block_size(m, n, b) for m, n in shapes)
+        if extra > max_overhead * dense:
+            break
+        best = b
+    return best
 
 
 def wrapper_overhead(m: int, n: int, b: int) -> float:

@@ -25,9 +25,10 @@ INITS = ("nowag", "sparsegpt")
 
 #: One line per field: what it does (the CLI's ``--help`` and the modifier's docstring use it).
 FIELD_HELP: dict[str, str] = {
-    "max_wrapper_overhead": "wrapper parameters allowed per Linear, as a fraction of its weight "
-    "(at most 1): each Linear gets the largest wrapper block size b with (m+n)b/(mn) within it "
-    "(b = 4 when even that exceeds it, on tiny layers)",
+    "max_wrapper_overhead": "wrapper parameters allowed, as a fraction of the pruned weights (at "
+    "most 1): the largest block size b whose wrappers stay within it, over all Linears an "
+    "ARMORModifier prunes together (over the one weight for factorize); each Linear gets the "
+    "largest multiple of 4 <= b dividing it (b = 4 when even that exceeds the budget)",
     "wrapper_block_size": "wrapper block size b (a multiple of 4); wins over "
     "max_wrapper_overhead when given (the largest multiple of 4 <= b dividing both dimensions)",
     "num_iterations": "block-coordinate-descent iterations per Linear (0: the start alone)",
@@ -71,9 +72,11 @@ def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 class SolverSettings:
     """The ARMOR solver's settings (see :data:`FIELD_HELP` for each field; checked on creation).
 
-    :ivar max_wrapper_overhead: default 0.10 (``docs/benchmark_smollm2.md``: block 32 sits at
-        9.2 % on SmolLM2-135M and closes 47 % of SparseGPT's gap)
-    :ivar wrapper_block_size: default ``None``: chosen per Linear from the budget above
+    :ivar max_wrapper_overhead: default 0.10 (``docs/benchmark_smollm2.md``: on SmolLM2-135M it
+        gives b = 44, i.e. 36 for q/o and 32 elsewhere, 9.5 %; block 32 sits at 9.2 % there)
+    :ivar wrapper_block_size: default ``None``: chosen from the budget above (by
+        :class:`~armor_modifier.ARMORModifier` over all its targets, by ``factorize`` for its
+        one weight)
     :ivar num_iterations: default 20
     :ivar objective: default ``"output"`` (ARMOR_SPEC.md section 11)
     :ivar output_damping: default 0.1 (``benchmarks/output_layer_check.py``)
@@ -146,7 +149,8 @@ class SolverSettings:
         return self.objective == "output" or self.start == "sparsegpt"
 
     def block_size_for(self, m: int, n: int) -> int:
-        """The wrapper block size ``b`` a ``[m, n]`` weight gets under these settings."""
+        """The wrapper block size ``b`` a ``[m, n]`` weight gets under these settings (alone:
+        the budget applies to this one weight)."""
         if self.wrapper_block_size is not None:
             return choose_wrapper_block_size(m, n, self.wrapper_block_size)
         return largest_block_within(m, n, self.max_wrapper_overhead)

@@ -23,8 +23,9 @@ class ARMORModuleResult:
     :ivar wrapper_block_size: the block size used: the largest multiple of 4 ``<=`` the requested
         one that divides ``m`` and ``n``, or, with none requested, the largest whose overhead
         stays within ``max_wrapper_overhead`` (4 when even that exceeds it)
-    :ivar requested_block_size: the modifier's ``wrapper_block_size`` (``None``: chosen from
-        ``max_wrapper_overhead``)
+    :ivar requested_block_size: the block size asked for: the modifier's ``wrapper_block_size``,
+        or the one its ``max_wrapper_overhead`` gave all its targets
+    :ivar from_budget: ``requested_block_size`` came from ``max_wrapper_overhead``
     :ivar objective: ``"proxy"`` (the paper's diagonal loss) or ``"output"`` (the relative output
         error ``tr(E H E^T) / tr(W H W^T)``)
     :ivar init: the starting point: ``"nowag"`` (NoWag-P) or ``"sparsegpt"`` (SparseGPT 2:4)
@@ -44,7 +45,7 @@ class ARMORModuleResult:
     name: str
     shape: tuple[int, int]
     wrapper_block_size: int
-    requested_block_size: int | None
+    requested_block_size: int
     objective: str
     init: str
     initial_loss: float
@@ -58,15 +59,17 @@ class ARMORModuleResult:
     num_h_failures: int
     seconds: float
     rank: int = 0
+    from_budget: bool = False
 
     @classmethod
     def from_factors(
         cls,
         name: str,
         factors: ARMORFactors,
-        requested_block_size: int | None,
+        requested_block_size: int,
         num_tokens: int,
         rank: int = 0,
+        from_budget: bool = False,
     ) -> ARMORModuleResult:
         m, n = factors.core.shape
         return cls(
@@ -87,6 +90,7 @@ class ARMORModuleResult:
             num_h_failures=factors.num_h_failures,
             seconds=factors.seconds,
             rank=rank,
+            from_budget=from_budget,
         )
 
     @property
@@ -97,10 +101,11 @@ class ARMORModuleResult:
     def log_line(self) -> str:
         m, n = self.shape
         block = f"b={self.wrapper_block_size}"
-        if self.requested_block_size is None:
+        asked = "max_wrapper_overhead gave" if self.from_budget else "requested"
+        if self.wrapper_block_size != self.requested_block_size:
+            block += f" ({asked} {self.requested_block_size}, which does not divide {m}x{n})"
+        elif self.from_budget:
             block += " (from max_wrapper_overhead)"
-        elif self.wrapper_block_size != self.requested_block_size:
-            block += f" (requested {self.requested_block_size} does not divide {m}x{n})"
         start = "NoWag-P" if self.init == "nowag" else "SparseGPT"
         failed = " (singular Hessian: NoWag-P kept)" if self.num_h_failures else ""
         return (
