@@ -139,3 +139,18 @@ def test_fp8_stays_round_to_nearest(tiny_llama_folder):
     gptq = ARMORGPTQModifier(scheme="FP8", targets=["Linear"], ignore=IGNORE)
     with pytest.raises(ARMORValueError, match="stay round-to-nearest"):
         run_oneshot(tiny_llama_folder, [*sparse_recipe(), gptq], dataset=calibration_dataset(1))
+
+
+def test_a_hessian_that_never_factorises_names_the_module(tiny_llama_folder, monkeypatch):
+    """After the bounded damping increases (tests/test_gptq_core.py) the modifier stops with the
+    module's name: no silent round-to-nearest fallback."""
+    import armor_modifier.modifier.gptq as gptq_module
+    from armor_modifier.core.errors import ARMORCompressionError, HessianNotPositiveDefinite
+
+    def never(*args, **kwargs):
+        raise HessianNotPositiveDefinite("H + lambda I is not positive definite (simulated)")
+
+    monkeypatch.setattr(gptq_module, "masked_gptq", never)
+    gptq = ARMORGPTQModifier(scheme="W8A8", targets=["Linear"], ignore=IGNORE)
+    with pytest.raises(ARMORCompressionError, match=r"ARMOR failed on module 'model\.layers\.0\."):
+        run_oneshot(tiny_llama_folder, [*sparse_recipe(), gptq], dataset=calibration_dataset(1))
