@@ -154,3 +154,9 @@ def test_a_hessian_that_never_factorises_names_the_module(tiny_llama_folder, mon
     gptq = ARMORGPTQModifier(scheme="W8A8", targets=["Linear"], ignore=IGNORE)
     with pytest.raises(ARMORCompressionError, match=r"ARMOR failed on module 'model\.layers\.0\."):
         run_oneshot(tiny_llama_folder, [*sparse_recipe(), gptq], dataset=calibration_dataset(1))
+
+
+def test_gptq_before_armor_is_refused(tiny_llama_folder):
+    gptq = ARMORGPTQModifier(scheme="W8A8", targets=["Linear"], ignore=IGNORE)
+    with pytest.raises(ValueError, match="ARMORModifier must come before every quantization"):
+        run_oneshot(tiny_llama_folder, [gptq, *sparse_recipe()], dataset=calibration_dataset(1))
