@@ -135,7 +135,9 @@ def run_base(base: str, quants: list[str], calibration, texts, args) -> None:
             "quant_seconds": time.perf_counter() - start,
             "ppl": evaluate(stage, tokenizer, texts, args),
             "is_2of4": is_2of4(stage) if base != "dense" else None,
-            "bytes": checkpoint_bytes(stage, tokenizer),
+            # saving compresses in place and leaves a pending decompress hook that a later deep
+            # copy would inherit: measure the base model's size on a copy
+            "bytes": checkpoint_bytes(copy.deepcopy(stage) if stage is model else stage, tokenizer),
             "setup": {
                 "num_samples": args.num_samples, "seq_len": args.seq_len,
                 "eval_windows": args.eval_windows, "split": args.split,
