@@ -76,10 +76,25 @@ def quant_recipe(base: str, quant: str) -> list:
     return [ARMORGPTQModifier(config_groups=groups, ignore=[LM_HEAD])]
 
 
-def checkpoint_bytes(model, tokenizer) -> int:
+def checkpoint_bytes(model) -> int:
+    """Safetensors bytes of ``model`` saved as armor-ct (ARMOR rows) or as compressed-tensors'
+    compressed checkpoint (other rows), written through a save built for this very model: a deep
+    copy inherits llm-compressor's ``save_pretrained`` wrapper of the model it was copied from,
+    which would save that model instead."""
+    import functools
+
+    from armor_modifier.format.save import _save_with_ct_compression, save_armor_pretrained
+    from armor_modifier.runtime import armor_linears
+
     folder = Path(tempfile.mkdtemp(prefix="gptq-bench-"))
+    own = functools.partial(type(model).save_pretrained, model)
     try:
-        model.save_pretrained(folder / "ckpt")
+        for attr in ("save_pretrained", "_armor_inner_save"):
+            model.__dict__.pop(attr, None)
+        if armor_linears(model):
+            save_armor_pretrained(model, folder / "ckpt")
+        else:
+            _save_with_ct_compression(model, own, folder / "ckpt")
         return sum(f.stat().st_size for f in (folder / "ckpt").glob("*.safetensors"))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -137,7 +152,7 @@ def run_base(base: str, quants: list[str], calibration, texts, args) -> None:
             "is_2of4": is_2of4(stage) if base != "dense" else None,
             # saving compresses in place and leaves a pending decompress hook that a later deep
             # copy would inherit: measure the base model's size on a copy
-            "bytes": checkpoint_bytes(copy.deepcopy(stage) if stage is model else stage, tokenizer),
+            "bytes": checkpoint_bytes(copy.deepcopy(stage) if stage is model else stage),
             "setup": {
                 "num_samples": args.num_samples, "seq_len": args.seq_len,
                 "eval_windows": args.eval_windows, "split": args.split,
