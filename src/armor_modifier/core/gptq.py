@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ARMORTypeError, ARMORValueError
+from .problem import check_weight
 from .sparsegpt import MAX_DAMPING_INCREASES, check_hessian, inverse_hessian_factor
 
 __all__ = ["GPTQResult", "masked_gptq"]
@@ -146,26 +147,16 @@ def _check_inputs(
     dampening_frac: object,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate everything but ``H``; return fp32 copies of ``W [m, n]`` and ``mask [m, n]``."""
-    if not isinstance(W, torch.Tensor):
-        raise ARMORTypeError(f"W must be a torch.Tensor, got {type(W).__name__}")
-    if W.dim() != 2:
-        raise ARMORValueError(
-            f"W must be 2-D [out_features, in_features], got shape {tuple(W.shape)}; "
-            "reshape convolution or fused weights to 2-D first"
-        )
-    if not W.is_floating_point():
-        raise ARMORTypeError(f"W must be a floating tensor, got dtype {W.dtype}")
-    Wf = W.detach().to(torch.float32).clone()
-    if not bool(torch.isfinite(Wf).all()):
-        bad = int((~torch.isfinite(Wf)).sum())
-        raise ARMORValueError(f"W holds {bad} NaN/Inf entries; fix the model before quantizing")
+    Wf = check_weight(W, "W", multiple_of_4=False, purpose="quantizing")
     if mask is None:
         M = Wf != 0
     elif not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise ARMORTypeError(f"mask must be a bool tensor, got {got}; pass `W != 0` or None")
-    elif mask.shape != W.shape:
-        raise ARMORValueError(f"mask must have W's shape {tuple(W.shape)}, got {tuple(mask.shape)}")
+    elif mask.shape != Wf.shape:
+        raise ARMORValueError(
+            f"mask must have W's shape {tuple(Wf.shape)}, got {tuple(mask.shape)}"
+        )
     else:
         M = mask.detach().to(Wf.device)
     if not callable(quantize):

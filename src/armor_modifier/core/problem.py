@@ -41,10 +41,15 @@ class NormalizedWeight:
     c: torch.Tensor
 
 
-def check_weight(weight: object, name: str = "weight") -> torch.Tensor:
+def check_weight(
+    weight: object, name: str = "weight", *, multiple_of_4: bool = True, purpose: str = "pruning"
+) -> torch.Tensor:
     """Validate a Linear weight and return an fp32 copy (the caller's tensor is never modified).
 
-    :param weight: ``[m, n]`` floating tensor, ``4 | m`` and ``4 | n``, all finite
+    :param weight: ``[m, n]`` floating tensor, all finite (and ``4 | m``, ``4 | n``)
+    :param name: how messages call it
+    :param multiple_of_4: require both dimensions to be multiples of 4 (2:4 pruning does)
+    :param purpose: what the caller is about to do, for the NaN/Inf message
     :return: ``[m, n]`` float32, a new tensor
     """
     if not isinstance(weight, torch.Tensor):
@@ -57,7 +62,7 @@ def check_weight(weight: object, name: str = "weight") -> torch.Tensor:
     if not weight.is_floating_point():
         raise ARMORTypeError(f"{name} must be a floating tensor, got dtype {weight.dtype}")
     m, n = weight.shape
-    if m % 4 or n % 4:
+    if multiple_of_4 and (m % 4 or n % 4):
         raise ARMORValueError(
             f"{name} has shape {m}x{n}; ARMOR 2:4 needs both dimensions to be multiples of 4. "
             "Leave this layer out with `ignore`."
@@ -65,7 +70,7 @@ def check_weight(weight: object, name: str = "weight") -> torch.Tensor:
     w = weight.detach().to(torch.float32).clone()
     if not torch.isfinite(w).all():
         bad = int((~torch.isfinite(w)).sum())
-        raise ARMORValueError(f"{name} holds {bad} NaN/Inf entries; fix the model before pruning")
+        raise ARMORValueError(f"{name} holds {bad} NaN/Inf entries; fix the model before {purpose}")
     return w
 
 
@@ -132,14 +137,9 @@ def largest_block_within(m: int, n: int, max_overhead: float) -> int:
     max_overhead``; ``4`` when even that exceeds the budget (tiny layers: the smallest wrapper).
 
     SmolLM2-135M at 0.10: 24 for the 576x576 attention projections, 12 for the 192x576 k/v
-    projections, 32 for the 1536x576 MLP matrices.
+    projections, 32 for the 1536x576 MLP matrices. :func:`block_within_budget` for one weight.
     """
-    if m % 4 or n % 4:
-        raise ARMORValueError(f"no wrapper block size divides {m}x{n}; both must be multiples of 4")
-    fitting = int(max_overhead * m * n / (m + n) + 1e-9)
-    if fitting < 4:
-        return 4
-    return choose_wrapper_block_size(m, n, fitting // 4 * 4)
+    return choose_wrapper_block_size(m, n, block_within_budget([(m, n)], max_overhead))
 
 
 def block_within_budget(shapes: Sequence[tuple[int, int]], max_overhead: float) -> int:
@@ -147,7 +147,8 @@ def block_within_budget(shapes: Sequence[tuple[int, int]], max_overhead: float) 
     getting ``choose_wrapper_block_size(m, n, b)``, all wrappers together stay within
     ``max_overhead`` of all weights together; ``4`` when even that exceeds it.
 
-    SmolLM2-135M's 210 decoder Linears at 0.10: 32 (9.2 %), the best measured block there.
+    SmolLM2-135M's 210 decoder Linears at 0.10: 44, i.e. 36 for q/o and 32 for every other
+    Linear, 9.46 % (docs/benchmark_smollm2.md, "The wrapper-size budget").
     """
     if not shapes:
         raise ARMORValueError("block_within_budget needs at least one [m, n] shape")
