@@ -44,23 +44,12 @@ from checkpoint_helpers import (
     run_python,
     tiny_llama,
 )
+from tiny_llama import w4a16_groups
 
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 VARIANTS = ("sparse", "fp8", "w8a8", "w4a16")
 #: W4A16 with groups of 16 input columns (the tiny model's wrapper block; 128 would not divide 64)
-W4A16_GROUPS = {
-    "group_0": {
-        "targets": ["Linear"],
-        "weights": {
-            "num_bits": 4,
-            "type": "int",
-            "symmetric": True,
-            "strategy": "group",
-            "group_size": 16,
-            "dynamic": False,
-        },
-    }
-}
+W4A16_GROUPS = w4a16_groups(16)
 
 
 # ---------------------------------------------------------------- format helpers (pure torch)

@@ -16,22 +16,11 @@ from armor_modifier.core.errors import ARMORValueError
 from armor_modifier.modifier import ARMORGPTQModifier
 from armor_modifier.runtime import armor_linears
 from checkpoint_helpers import run_python
-from tiny_llama import armor, calibration_dataset, run_oneshot, sample_input
+from tiny_llama import armor, calibration_dataset, run_oneshot, sample_input, w4a16_groups
 
 pytestmark = pytest.mark.integration
 
 IGNORE = ["re:.*lm_head"]
-
-
-def w4_group(group_size: int = 32, **extra) -> dict:
-    """W4A16 config groups (symmetric int4 in groups of ``group_size`` input columns)."""
-    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group"}
-    return {
-        "group_0": {
-            "targets": ["Linear"],
-            "weights": {**weights, "group_size": group_size, **extra},
-        }
-    }
 
 
 def sparse_recipe() -> list:
@@ -49,10 +38,10 @@ def runs(tiny_llama_folder, tmp_path_factory) -> dict:
     (saved): ``{case: (model, folder or None)}``."""
     root = tmp_path_factory.mktemp("gptq")
     out = {"sparse": (run_oneshot(tiny_llama_folder, sparse_recipe()), None)}
-    rtn = QuantizationModifier(config_groups=w4_group(), ignore=IGNORE)
+    rtn = QuantizationModifier(config_groups=w4a16_groups(32), ignore=IGNORE)
     out["rtn"] = (run_oneshot(tiny_llama_folder, [*sparse_recipe(), rtn]), None)
     for case, gptq in {
-        "gptq_w4a16": ARMORGPTQModifier(config_groups=w4_group(), ignore=IGNORE),
+        "gptq_w4a16": ARMORGPTQModifier(config_groups=w4a16_groups(32), ignore=IGNORE),
         "gptq_w8a8": ARMORGPTQModifier(scheme="W8A8", targets=["Linear"], ignore=IGNORE),
     }.items():
         folder = root / case
@@ -118,7 +107,7 @@ def test_plain_gptq_after_armor_is_refused_naming_the_class_that_works(tiny_llam
 
 
 def test_group_size_that_does_not_divide_is_refused_before_work(tiny_llama_folder):
-    gptq = ARMORGPTQModifier(config_groups=w4_group(48), ignore=IGNORE)
+    gptq = ARMORGPTQModifier(config_groups=w4a16_groups(48), ignore=IGNORE)
     message = (
         r"model\.layers\.0\.self_attn\.q_proj: group_size 48 does not divide in_features 64; "
         r"group sizes that do: \[32, 64\]"
@@ -130,7 +119,7 @@ def test_group_size_that_does_not_divide_is_refused_before_work(tiny_llama_folde
 def test_actorder_is_refused_on_the_modifier_and_in_a_scheme(tiny_llama_folder):
     with pytest.raises(ValueError, match="actorder='weight' would reorder them"):
         ARMORGPTQModifier(scheme="W8A8", targets=["Linear"], actorder="weight")
-    gptq = ARMORGPTQModifier(config_groups=w4_group(actorder="weight"), ignore=IGNORE)
+    gptq = ARMORGPTQModifier(config_groups=w4a16_groups(32, actorder="weight"), ignore=IGNORE)
     with pytest.raises(ARMORValueError, match="config group 'group_0' sets weights.actorder"):
         run_oneshot(tiny_llama_folder, [*sparse_recipe(), gptq], dataset=calibration_dataset(1))
 

@@ -19,7 +19,7 @@ from armor_modifier.core import count_broken_groups
 from armor_modifier.format.codec import ARMOR_CT
 from armor_modifier.runtime import is_armor_linear
 from checkpoint_helpers import run_python
-from tiny_llama import armor, run_oneshot, sample_input, target_names
+from tiny_llama import armor, run_oneshot, sample_input, target_names, w4a16_groups
 
 pytestmark = pytest.mark.integration
 
@@ -27,19 +27,7 @@ BLOCK = 16
 ITERATIONS = 2
 IGNORE = ["re:.*lm_head"]
 #: W4A16 round-to-nearest with groups of 32 input columns (the preset's 128 does not divide 64)
-W4A16_GROUP32 = {
-    "group_0": {
-        "targets": ["Linear"],
-        "weights": {
-            "num_bits": 4,
-            "type": "int",
-            "symmetric": True,
-            "strategy": "group",
-            "group_size": 32,
-            "dynamic": False,
-        },
-    }
-}
+W4A16_GROUP32 = w4a16_groups(32)
 #: case -> (QuantizationModifier scheme or config_groups, compressed-tensors format on disk)
 SCHEMES: dict[str, tuple[str | dict | None, str | None]] = {
     "none": (None, None),

@@ -225,3 +225,11 @@ def armor(**fields):
     from armor_modifier.modifier import ARMORModifier
 
     return ARMORModifier(**{"groups_per_tile": 1, **fields})
+
+
+def w4a16_groups(group_size: int, **weights) -> dict:
+    """``config_groups`` for symmetric int4 weights in groups of ``group_size`` input columns
+    (W4A16; the preset's 128 does not divide the tiny Llama's 64), ``weights`` overriding keys."""
+    args = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group"}
+    args.update(group_size=group_size, dynamic=False, **weights)
+    return {"group_0": {"targets": ["Linear"], "weights": args}}
