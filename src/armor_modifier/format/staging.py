@@ -48,6 +48,7 @@ __all__ = [
     "WEIGHT_FILE_SUFFIXES",
     "check_writable",
     "copy_extra_files",
+    "interrupts_held",
     "resolve_target",
     "staged_replace",
 ]
@@ -215,7 +216,7 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 @contextlib.contextmanager
-def _interrupts_held() -> Iterator[None]:
+def interrupts_held() -> Iterator[None]:
     """Hold back SIGINT / SIGTERM handled in Python until the block is done, then deliver them.
 
     Python runs signal handlers (``KeyboardInterrupt`` included) only in the main thread, between
@@ -406,11 +407,11 @@ def staged_replace(target: str | os.PathLike, *, keep_extra_files: bool = False)
                 )
             os.chmod(stage, stat.S_IMODE(path.stat().st_mode))
         _fsync_tree(stage)
-        with _interrupts_held():
+        with interrupts_held():
             old = _swap_in(stage, path)
             _fsync_dir(path.parent)
     finally:
-        with _interrupts_held():  # a second Ctrl-C must not leave half a folder behind
+        with interrupts_held():  # a second Ctrl-C must not leave half a folder behind
             _ACTIVE.discard(stage.name)
             if old is not None:
                 _ACTIVE.discard(old.name)
