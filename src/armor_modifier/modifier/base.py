@@ -30,6 +30,7 @@ from tqdm import tqdm
 from armor_modifier.core import ARMORFactors, SolverSettings, factorize
 from armor_modifier.core.errors import ARMORCompressionError, ARMORValueError
 from armor_modifier.core.problem import block_within_budget
+from armor_modifier.core.reconstruct import RefinementSettings
 from armor_modifier.format.hooks import install_save_hook
 from armor_modifier.format.save import ARMOR_RECIPE_ATTR
 from armor_modifier.runtime import attach_wrappers, is_armor_linear
@@ -41,13 +42,15 @@ from .checks import (
     check_target_linears,
     resolve_target_linears,
 )
-from .parallel import SOLVER_ERRORS, compress_distributed, is_distributed
+from .parallel import SOLVER_ERRORS, compress_distributed, is_distributed, rank_and_world
+from .reconstruction import Reconstruction, summarize_refinements
 from .report import ARMORModuleResult, summarize
 from .stats import InputStatistics, collect_dense_statistics
 
 __all__ = ["ARMORModifier", "register"]
 
 _DEFAULTS = SolverSettings()
+_REFINE = RefinementSettings()
 #: The modifier's fields that configure the solver (all of :class:`SolverSettings`).
 SOLVER_FIELDS = tuple(f.name for f in dataclasses.fields(SolverSettings))
 
@@ -110,6 +113,23 @@ class ARMORModifier(Modifier):
     :param dampening_frac: SparseGPT's Hessian damping
     :param output_damping: ridge on the output objective's Hessian
     :param output_damping_kind: ``"identity"`` or ``"diagonal"``
+    :param propagate_within_layer: compress each decoder layer's Linears in call order, groups
+        sharing one input (q/k/v, o, gate/up, down), each later group's statistics re-collected
+        through the already compressed ones (sequential calibration only)
+    :param reconstruction_steps: Adam steps refining each decoder layer's ARMOR parameters
+        jointly on the layer's output error (``0``: off, the per-Linear result bit for bit)
+    :param reconstruction_learning_rate: Adam learning rate of the refinement
+    :param reconstruction_windows_per_step: calibration windows (batches) per Adam step
+    :param reconstruction_parameters: what moves: ``"all"`` (``A``, ``B`` and the kept core
+        values), ``"wrappers"`` or ``"core"`` (the masks never move: cores stay exactly 2:4)
+    :param reconstruction_guard_fraction: share of the calibration windows held out; the
+        iterate with the lowest held-out error is kept, and only if it beats the start
+    :param reconstruction_eval_every: steps between held-out evaluations
+    :param reconstruction_target: ``"layer"`` (the dense layer's output on the same, already
+        compressed upstream inputs) or ``"model"`` (the dense model's hidden state: also
+        corrects upstream drift)
+
+    Measured effects of the reconstruction fields: ``docs/benchmark_reconstruction.md``.
     """
 
     requires_calibration_data: bool = True
@@ -135,6 +155,15 @@ class ARMORModifier(Modifier):
     output_damping: float = _DEFAULTS.output_damping
     output_damping_kind: Literal["identity", "diagonal"] = _DEFAULTS.output_damping_kind
 
+    propagate_within_layer: bool = False
+    reconstruction_steps: int = _REFINE.steps
+    reconstruction_learning_rate: float = _REFINE.learning_rate
+    reconstruction_windows_per_step: int = _REFINE.windows_per_step
+    reconstruction_parameters: Literal["all", "wrappers", "core"] = "all"
+    reconstruction_guard_fraction: float = _REFINE.guard_fraction
+    reconstruction_eval_every: int = _REFINE.eval_every
+    reconstruction_target: Literal["layer", "model"] = "layer"
+
     _modules: dict[str, nn.Linear] = PrivateAttr(default_factory=dict)
     _names: dict[nn.Linear, str] = PrivateAttr(default_factory=dict)
     _stats: dict[nn.Linear, InputStatistics] = PrivateAttr(default_factory=dict)
@@ -142,11 +171,48 @@ class ARMORModifier(Modifier):
     _results: dict[str, ARMORModuleResult] = PrivateAttr(default_factory=dict)
     _progress: Any = PrivateAttr(default=None)
     _budget_block: int | None = PrivateAttr(default=None)
+    _reconstruction: Reconstruction | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check_solver_settings(self) -> ARMORModifier:
         self.solver_settings  # noqa: B018  (SolverSettings checks every field on creation)
+        self.refinement_settings  # noqa: B018  (RefinementSettings checks its fields too)
+        if self.works_per_layer and self.effective_calibration != "sequential":
+            raise ARMORValueError(
+                f"propagate_within_layer={self.propagate_within_layer} / reconstruction_steps="
+                f"{self.reconstruction_steps} replay decoder layers on the sequential pipeline's "
+                f"inputs, but calibration is {self.effective_calibration!r}; set "
+                "calibration='sequential' (objective='output' defaults to it)"
+            )
         return self
+
+    @property
+    def works_per_layer(self) -> bool:
+        """Whether within-layer propagation or reconstruction is on."""
+        return self.propagate_within_layer or self.reconstruction_steps > 0
+
+    @property
+    def refinement_settings(self) -> RefinementSettings:
+        """The ``reconstruction_*`` fields as one checked :class:`RefinementSettings`."""
+        return RefinementSettings(
+            steps=self.reconstruction_steps,
+            learning_rate=self.reconstruction_learning_rate,
+            windows_per_step=self.reconstruction_windows_per_step,
+            guard_fraction=self.reconstruction_guard_fraction,
+            eval_every=self.reconstruction_eval_every,
+            seed=self.seed,
+        )
+
+    @property
+    def target_modules(self) -> dict[str, nn.Linear]:
+        """``{name: Linear}`` of every target, model order (known after initialisation)."""
+        return dict(self._modules)
+
+    @property
+    def refinements(self) -> list:
+        """Per decoder layer, what reconstruction did
+        (:class:`~armor_modifier.modifier.reconstruction.LayerRefinement`), kept after oneshot."""
+        return list(self._reconstruction.refinements) if self._reconstruction else []
 
     @property
     def solver_settings(self) -> SolverSettings:
@@ -199,6 +265,14 @@ class ARMORModifier(Modifier):
             **self.solver_settings.to_dict(),
             "wrapper_block_size": self.wrapper_block_size,
             "budget_block_size": self._budget_block,
+            "propagate_within_layer": self.propagate_within_layer,
+            "reconstruction_steps": self.reconstruction_steps,
+            "reconstruction_learning_rate": self.reconstruction_learning_rate,
+            "reconstruction_windows_per_step": self.reconstruction_windows_per_step,
+            "reconstruction_parameters": self.reconstruction_parameters,
+            "reconstruction_guard_fraction": self.reconstruction_guard_fraction,
+            "reconstruction_eval_every": self.reconstruction_eval_every,
+            "reconstruction_target": self.reconstruction_target,
         }
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -257,6 +331,10 @@ class ARMORModifier(Modifier):
         hook: Callable[..., None] = self.calibrate_module
         for module in self._names:
             self.register_hook(module, hook, "forward")
+        if self.works_per_layer:
+            self._check_guard_windows(state.data.calib)
+            self._reconstruction = Reconstruction(self, state.model)
+            self._reconstruction.register_hooks()
 
     def calibrate_module(
         self, module: nn.Linear, args: tuple[torch.Tensor, ...], _output: torch.Tensor
@@ -274,7 +352,11 @@ class ARMORModifier(Modifier):
     ) -> None:
         """Compress this subgraph's targets (the next subgraph then sees the pruned layers)."""
         in_subgraph = {id(module) for module in modules or []}
-        self.compress_modules([m for m in self._pending() if id(m) in in_subgraph])
+        pending = [m for m in self._pending() if id(m) in in_subgraph]
+        if self._reconstruction is not None:
+            self._reconstruction.process(pending)
+        else:
+            self.compress_modules(pending)
 
     def on_calibration_end(self, state: State, event: Event, **kwargs: Any) -> None:
         """Compress what is left, remove the hooks and log the summary."""
@@ -282,6 +364,10 @@ class ARMORModifier(Modifier):
         self.compress_modules(self._pending())
         self._close_progress()
         logger.info(summarize(self._results.values()))
+        if self._reconstruction is not None:
+            self._reconstruction.release()
+            if self.reconstruction_steps > 0:
+                logger.info(summarize_refinements(self._reconstruction.refinements))
 
     def on_finalize(self, state: State, **kwargs: Any) -> bool:
         """Check that every target was compressed; route ``save_pretrained`` to armor-ct."""
@@ -401,6 +487,23 @@ class ARMORModifier(Modifier):
         """Per-iteration cost ``~ m n b`` used to balance ranks."""
         m, n = module.weight.shape
         return m * n * self.solver_settings.block_size_for(m, n)
+
+    def _check_guard_windows(self, calib: Any) -> None:
+        """Refuse a calibration set too small to hold out a guard window (before any work)."""
+        if self.reconstruction_steps == 0 or calib is None:
+            return
+        try:
+            batches = len(calib) * rank_and_world()[1]
+        except TypeError:
+            return
+        need = self.refinement_settings.min_windows()
+        if batches < need:
+            raise ARMORValueError(
+                f"reconstruction_steps={self.reconstruction_steps} holds out "
+                f"reconstruction_guard_fraction={self.reconstruction_guard_fraction:g} of the "
+                f"calibration batches, but there are only {batches}: pass at least {need} "
+                "calibration samples (batches), or raise the fraction"
+            )
 
     def _close_progress(self) -> None:
         if self._progress is not None:

@@ -1,0 +1,245 @@
+"""Decoder-layer reconstruction (ARMOR_SPEC.md §12): refine a layer's ARMOR parameters jointly.
+
+After every Linear of a layer is factorised alone, the layer's output still carries the errors the
+Linears cannot see from their own inputs (the softmax, the SiLU gate, the next Linear's real
+inputs). :func:`refine` lowers the layer's relative output error
+
+    R(θ) = Σ_i ||f_θ(X_i) − T_i||² / Σ_i ||T_i − X_i||²
+
+by Adam steps on ``θ`` (the wrappers ``A``, ``B`` and the kept values of the 2:4 cores ``S``; the
+masks ``M`` are frozen: a parameter's gradient and value are multiplied by its mask, so every core
+stays exactly 2:4). ``T_i`` is the dense layer's output (or the dense model's hidden state), ``X_i``
+the layer's input: the denominator is the size of what the layer adds to its residual stream.
+
+Guarantee: windows are split into *fit* windows (the gradient) and *guard* windows (never fitted).
+The iterate with the lowest guard error is kept, and the starting point wins unless that iterate's
+guard error is strictly lower. A non-finite loss, gradient step or guard error stops the run and
+restores the starting parameters; that is counted as a rollback.
+
+Pure torch: the caller passes ``run(i)``, the layer's output for window ``i`` computed from the
+current parameter tensors, so no model framework is imported here.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ARMORValueError
+
+__all__ = ["RefinementResult", "RefinementSettings", "guard_split", "refine"]
+
+#: Which parameters move: every wrapper and core, the wrappers only, or the cores only.
+PARAMETER_SETS = ("all", "wrappers", "core")
+
+
+@dataclass(frozen=True)
+class RefinementSettings:
+    """Knobs of :func:`refine` (the modifier's ``reconstruction_*`` fields; measured effects in
+    ``docs/benchmark_reconstruction.md``).
+
+    :ivar steps: Adam steps (0: no refinement)
+    :ivar learning_rate: Adam learning rate
+    :ivar windows_per_step: fit windows whose gradients are summed per step
+    :ivar guard_fraction: share of the windows held out as the guard set
+    :ivar eval_every: steps between guard evaluations (the last step is always evaluated)
+    :ivar seed: seed of the order in which fit windows are visited
+    """
+
+    steps: int = 0
+    learning_rate: float = 1e-4
+    windows_per_step: int = 4
+    guard_fraction: float = 0.125
+    eval_every: int = 20
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "windows_per_step", "eval_every", "seed"):
+            value = getattr(self, name)
+            low = 0 if name in ("steps", "seed") else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ARMORValueError(
+                    f"reconstruction {name} must be an integer >= {low}, got {value!r}"
+                )
+        lr = self.learning_rate
+        if not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
+            raise ARMORValueError(
+                f"reconstruction learning_rate must be a finite number > 0, got {lr!r}"
+            )
+        g = self.guard_fraction
+        if not isinstance(g, int | float) or not 0 < g < 1:
+            raise ARMORValueError(f"reconstruction guard_fraction must be in (0, 1), got {g!r}")
+
+    def min_windows(self) -> int:
+        """The fewest calibration windows that leave at least one guard and one fit window."""
+        return max(2, math.ceil(1 / self.guard_fraction - 1e-9))
+
+
+@dataclass(frozen=True)
+class RefinementResult:
+    """What :func:`refine` did to one layer.
+
+    :ivar initial_error: guard-set ``R`` of the starting parameters
+    :ivar final_error: guard-set ``R`` of the parameters returned (``<= initial_error``)
+    :ivar best_step: the step whose iterate was kept (0: the start)
+    :ivar steps_run: steps taken (fewer than asked when the loss became non-finite)
+    :ivar accepted: the refined iterate replaced the start
+    :ivar rolled_back: the loss became non-finite and the run was stopped
+    :ivar history: ``(step, guard R)`` at every guard evaluation, step 0 first
+    :ivar seconds: wall time
+    """
+
+    initial_error: float
+    final_error: float
+    best_step: int
+    steps_run: int
+    accepted: bool
+    rolled_back: bool
+    history: tuple[tuple[int, float], ...]
+    seconds: float
+
+    @property
+    def gain(self) -> float:
+        """Relative drop of the guard error, ``1 - final / initial`` (0 when not accepted)."""
+        if self.initial_error <= 0:
+            return 0.0
+        return 1.0 - self.final_error / self.initial_error
+
+
+def guard_split(num_windows: int, guard_fraction: float) -> tuple[list[int], list[int]]:
+    """Evenly spaced guard windows: ``(fit, guard)`` index lists covering ``range(num_windows)``.
+
+    :raises ARMORValueError: when no guard or no fit window would be left
+    """
+    num_guard = int(num_windows * guard_fraction + 1e-9)
+    if num_guard < 1 or num_guard >= num_windows:
+        need = max(2, math.ceil(1 / guard_fraction - 1e-9))
+        raise ARMORValueError(
+            f"reconstruction holds out {guard_fraction:g} of the calibration windows, which "
+            f"leaves no guard or no fit window out of {num_windows}; pass at least {need} "
+            "calibration samples or raise reconstruction_guard_fraction"
+        )
+    guard = sorted({int((j + 0.5) * num_windows / num_guard) for j in range(num_guard)})
+    fit = [i for i in range(num_windows) if i not in set(guard)]
+    return fit, guard
+
+
+def refine(
+    run: Callable[[int], torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor | None],
+    settings: RefinementSettings,
+    progress: Callable[[int, float], None] | None = None,
+) -> RefinementResult:
+    """Refine ``params`` in place by Adam on the fit windows; keep the best guard iterate.
+
+    :param run: ``i -> f_θ(X_i)`` ``[..., d]``, differentiable in ``params``
+    :param inputs: ``X_i`` ``[..., d]`` per window (the denominator of ``R``)
+    :param targets: ``T_i`` ``[..., d]`` per window
+    :param params: leaf float tensors (any shapes) that ``run`` reads; updated in place
+    :param masks: per parameter, a 0/1 tensor of its shape (frozen zeros) or ``None``
+    :param settings: steps, learning rate, windows per step, guard fraction, evaluation period
+    :param progress: called as ``progress(step, loss)`` after every step
+    :return: the guard errors before and after, the step kept and whether it was accepted
+    """
+    start = time.perf_counter()
+    fit, guard = guard_split(len(inputs), settings.guard_fraction)
+    scale = [
+        float((t.double() - x.double()).pow(2).sum()) for x, t in zip(inputs, targets, strict=True)
+    ]
+    guard_scale = sum(scale[i] for i in guard) or 1.0
+
+    def guard_error() -> float:
+        with torch.no_grad():
+            total = sum(float((run(i).double() - targets[i].double()).pow(2).sum()) for i in guard)
+        return total / guard_scale
+
+    initial = [p.detach().clone() for p in params]
+    best = initial
+    best_error = initial_error = guard_error()
+    best_step, steps_run, rolled_back = 0, 0, False
+    history = [(0, initial_error)]
+    if settings.steps > 0 and math.isfinite(initial_error):
+        for p in params:
+            p.requires_grad_(True)
+        optimizer = torch.optim.Adam(params, lr=settings.learning_rate)
+        order = _window_order(fit, settings)
+        for step in range(1, settings.steps + 1):
+            batch = [next(order) for _ in range(min(settings.windows_per_step, len(fit)))]
+            loss = _step(run, targets, batch, scale, optimizer, params, masks)
+            steps_run = step
+            if not math.isfinite(loss) or not all(bool(torch.isfinite(p).all()) for p in params):
+                rolled_back = True
+                break
+            if progress is not None:
+                progress(step, loss)
+            if step % settings.eval_every == 0 or step == settings.steps:
+                error = guard_error()
+                history.append((step, error))
+                if not math.isfinite(error):
+                    rolled_back = True
+                    break
+                if error < best_error:
+                    best_error, best_step = error, step
+                    best = [p.detach().clone() for p in params]
+        for p in params:
+            p.requires_grad_(False)
+    if rolled_back:
+        best, best_error, best_step = initial, initial_error, 0
+    with torch.no_grad():
+        for p, value in zip(params, best, strict=True):
+            p.copy_(value)
+    return RefinementResult(
+        initial_error=initial_error,
+        final_error=best_error,
+        best_step=best_step,
+        steps_run=steps_run,
+        accepted=best_step > 0,
+        rolled_back=rolled_back,
+        history=tuple(history),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _step(
+    run: Callable[[int], torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    batch: list[int],
+    scale: list[float],
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor | None],
+) -> float:
+    """One Adam step on the summed loss of ``batch`` (one backward per window); returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    denominator = sum(scale[i] for i in batch) or 1.0
+    total = 0.0
+    for i in batch:
+        loss = (run(i) - targets[i]).pow(2).sum() / denominator
+        loss.backward()
+        total += float(loss.detach())
+    if not math.isfinite(total):
+        return total
+    for p, mask in zip(params, masks, strict=True):
+        if mask is not None and p.grad is not None:
+            p.grad.mul_(mask)
+    optimizer.step()
+    with torch.no_grad():
+        for p, mask in zip(params, masks, strict=True):
+            if mask is not None:
+                p.mul_(mask)
+    return total
+
+
+def _window_order(fit: list[int], settings: RefinementSettings):
+    """Endless stream of fit windows: a fresh seeded permutation per pass."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    while True:
+        for j in torch.randperm(len(fit), generator=generator).tolist():
+            yield fit[j]
