@@ -63,6 +63,21 @@ ARMOR_METHODS = {
     # 0.10: requested b 44, i.e. q/o 36, every other Linear 32, 9.5 %)
     "armor-output-ovh10-it10": {"max_wrapper_overhead": 0.10, "num_iterations": 10,
                                 "objective": "output"},
+    # issue 12: within-layer propagation and decoder-layer reconstruction on top of the default
+    "armor-output-b32-it10-prop": _armor(32, 10, "output", propagate_within_layer=True),
+    **{f"armor-output-b32-it10-rec{steps}": _armor(32, 10, "output", reconstruction_steps=steps)
+       for steps in (20, 60, 120, 240)},
+    "armor-output-b32-it10-rec120-model": _armor(32, 10, "output", reconstruction_steps=120,
+                                                 reconstruction_target="model"),
+    "armor-output-b32-it10-rec120-wrappers": _armor(32, 10, "output", reconstruction_steps=120,
+                                                    reconstruction_parameters="wrappers"),
+    "armor-output-b32-it10-prop-rec120": _armor(32, 10, "output", propagate_within_layer=True,
+                                                reconstruction_steps=120),
+    # SparseGPT through ARMOR's own solver (0 iterations: identity wrappers of block 4, counted
+    # as no overhead), alone and with its core values refined (wrappers frozen)
+    "sparsegpt-ours": _armor(4, 0, "output"),
+    "sparsegpt-ours-rec120": _armor(4, 0, "output", reconstruction_steps=120,
+                                    reconstruction_parameters="core"),
 }
 #: method name -> one ARMORModifier's fields per group of targets (wrapper size per layer type)
 MIXED_METHODS = {
@@ -135,7 +150,7 @@ def run_method(method: str, calibration, texts, args) -> dict:
     from armor_modifier.evaluation import load_default_model
 
     model, tokenizer, _ = load_default_model()
-    row: dict = {"method": method}
+    row: dict = {"method": method + args.tag}
     start = time.perf_counter()
     recipe = None
     if method == "magnitude":
@@ -156,8 +171,20 @@ def run_method(method: str, calibration, texts, args) -> dict:
             wrapper_params / dense_params
         row["mean_loss_ratio"] = sum(r.loss_ratio for r in results) / len(results)
         row["fields"] = ARMOR_METHODS.get(method) or MIXED_METHODS[method]
+        refinements = [r.result for modifier in recipe for r in modifier.refinements]
+        if refinements:
+            row["reconstruction"] = {
+                "layers": len(refinements),
+                "mean_gain": sum(r.gain for r in refinements) / len(refinements),
+                "refined": sum(r.accepted for r in refinements),
+                "rolled_back": sum(r.rolled_back for r in refinements),
+                "seconds": sum(r.seconds for r in refinements),
+                "gains": [round(r.gain, 4) for r in refinements],
+            }
     start = time.perf_counter()
     row["ppl"] = evaluate(model, tokenizer, texts, args)
+    if args.also_valid:
+        row["ppl_valid"] = evaluate(model, tokenizer, args.valid_texts, args)
     row["eval_seconds"] = time.perf_counter() - start
     if args.save_reload and is_armor:
         row.update(save_and_reload(model, tokenizer, texts, args))
@@ -174,6 +201,13 @@ def main() -> None:
     ap.add_argument("--texts", nargs="+", default=["wikivital", "ptb"])
     ap.add_argument("--split", choices=["test", "valid"], default="test",
                     help="evaluation split (choose defaults on 'valid', report 'test')")
+    ap.add_argument("--calibration", choices=["wikivital", "mixed"], default="wikivital",
+                    help="'mixed': half the windows from WikiVital train, half from PTB train "
+                    "(PTB test is then no longer out of domain)")
+    ap.add_argument("--also-valid", action="store_true",
+                    help="also evaluate the valid splits (to choose defaults; stored as ppl_valid)")
+    ap.add_argument("--tag", default="",
+                    help="appended to each row's method name (e.g. '-cal64')")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save-reload", action="store_true")
@@ -194,11 +228,22 @@ def main() -> None:
     _, tokenizer, _ = load_default_model()
     calibration = calibration_samples(tokenizer, load_text("wikivital", "train"),
                                       args.num_samples, args.seq_len, seed=args.seed)
+    if args.calibration == "mixed":
+        from datasets import concatenate_datasets
+
+        half = args.num_samples // 2
+        calibration = concatenate_datasets([
+            calibration.select(range(args.num_samples - half)),
+            calibration_samples(tokenizer, load_text("ptb", "train"), half, args.seq_len,
+                                seed=args.seed),
+        ])
     texts = {name: load_text(name, args.split) for name in args.texts}
+    args.valid_texts = {name: load_text(name, "valid") for name in args.texts}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
         row = run_method(method, calibration, texts, args)
         row["setup"] = {"num_samples": args.num_samples, "seq_len": args.seq_len,
+                        "calibration": args.calibration,
                         "split": args.split, "eval_windows": args.eval_windows,
                         "threads": args.threads, "date": str(date.today()),
                         "machine": platform.machine(),
@@ -207,13 +252,15 @@ def main() -> None:
         with args.results.open("a") as f:
             f.write(json.dumps(row) + "\n")
     print_table([json.loads(x) for x in args.results.read_text().splitlines()
-                 if json.loads(x)["method"] in args.methods])
+                 if json.loads(x)["method"] in [m + args.tag for m in args.methods]])
 
 
-def table_lines(rows: list[dict]) -> list[str]:
-    dense = next((r for r in rows if r["method"] == "dense"), None)
-    sgpt = next((r for r in rows if r["method"] == "sparsegpt"), None)
-    texts = list(rows[0]["ppl"])
+def table_lines(rows: list[dict], key: str = "ppl") -> list[str]:
+    rows = [r for r in rows if key in r]
+    dense = next((r for r in rows if r["method"].startswith("dense")), None)
+    sgpt = next((r for r in rows if r["method"] == "sparsegpt"
+                 or r["method"].startswith("sparsegpt-cal")), None)
+    texts = list(rows[0][key])
     head = "| method | " + " | ".join(f"{t} ppl" for t in texts) + " | " + \
         " | ".join(f"gap closed vs SparseGPT ({t})" for t in texts) + \
         " | overhead | prune s | reloaded ppl |"
@@ -221,13 +268,13 @@ def table_lines(rows: list[dict]) -> list[str]:
     for r in rows:
         closed = []
         for t in texts:
-            if dense and sgpt and r["method"] not in ("dense", "sparsegpt"):
-                d, s, x = (v["ppl"][t] for v in (dense, sgpt, r))
+            if dense and sgpt and r is not dense and r is not sgpt:
+                d, s, x = (v[key][t] for v in (dense, sgpt, r))
                 closed.append(f"{(s - x) / (s - d):.0%}")
             else:
                 closed.append("-")
         reloaded = " / ".join(f"{v:.2f}" for v in r.get("reloaded_ppl", {}).values()) or "-"
-        lines.append(f"| {r['method']} | " + " | ".join(f"{r['ppl'][t]:.2f}" for t in texts) +
+        lines.append(f"| {r['method']} | " + " | ".join(f"{r[key][t]:.2f}" for t in texts) +
                      " | " + " | ".join(closed) +
                      f" | {r['overhead']:.1%} | {r['prune_seconds']:.0f} | {reloaded} |")
     return lines
@@ -239,9 +286,8 @@ def print_table(rows: list[dict]) -> None:
 
 def report(results: Path, out: Path, notes: Path | None = None) -> None:
     rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
-    latest = {r["method"]: r for r in rows}  # the newest line of each method
-    order = [m for m in METHODS if m in latest]
-    rows = [latest[m] for m in order]
+    latest = {r["method"]: r for r in rows}  # the newest line of each method, first-seen order
+    rows = list(latest.values())
     setup = rows[0]["setup"]
     windows = f"the first {setup['eval_windows']}" if setup["eval_windows"] else "all"
     lines = [
@@ -258,6 +304,9 @@ def report(results: Path, out: Path, notes: Path | None = None) -> None:
         "",
         *table_lines(rows),
     ]
+    if any("ppl_valid" in r for r in rows):
+        lines += ["", "Valid splits (the first windows of WikiVital valid and PTB valid, same "
+                  "count; defaults are chosen here):", "", *table_lines(rows, "ppl_valid")]
     if notes is not None:
         lines += ["", notes.read_text().rstrip()]
     out.parent.mkdir(parents=True, exist_ok=True)
