@@ -291,3 +291,37 @@ def test_prune_with_mask_preserving_gptq(tiny_folder, text_file, tmp_path, capsy
     weights = qc["config_groups"]["group_0"]["weights"]
     assert weights["group_size"] == (64 if quantize == "w4a16-gptq" else None)
     assert weights["actorder"] is None
+
+
+def test_prune_with_propagation_and_reconstruction(tiny_folder, text_file, tmp_path, capsys):
+    out = tmp_path / "armor"
+    code = main(["prune", str(tiny_folder), "--dataset", str(text_file), "--num-samples", "8",
+                 "--seq-len", str(SEQ_LEN), "--wrapper-block-size", "16", "--num-iterations", "1",
+                 "--propagate-within-layer", "--reconstruction-steps", "4",
+                 "--reconstruction-guard-fraction", "0.25", "--reconstruction-eval-every", "2",
+                 "--output", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    recipe = json.loads((out / "config.json").read_text())["quantization_config"]["armor"]
+    recorded = recipe["recipe"]
+    assert recorded["propagate_within_layer"] is True
+    assert recorded["reconstruction_steps"] == 4
+    assert recorded["reconstruction_guard_fraction"] == 0.25
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--reconstruction-steps", "-1", "reconstruction_steps must be an integer >= 0, got -1"),
+        ("--reconstruction-guard-fraction", "1.5", "guard_fraction must be in (0, 1), got 1.5"),
+        ("--reconstruction-learning-rate", "0", "learning_rate must be a finite number > 0"),
+    ],
+)
+def test_prune_bad_reconstruction_option(
+    tiny_folder, text_file, tmp_path, capsys, option, value, message
+):
+    code = main(["prune", str(tiny_folder), "--dataset", str(text_file), option, value,
+                 "--output", str(tmp_path / "out")])  # fmt: skip
+    assert code == 2
+    line = _error_line(capsys)
+    assert message in line, line
+    assert not (tmp_path / "out").exists()

@@ -43,15 +43,26 @@ from tiny_llama import (  # noqa: E402
 
 ITERATIONS = 4
 BLOCK = 32
-CALIBRATIONS = ("sequential", "dense")
+#: calibration modes; "sequential-refined" adds within-layer propagation and reconstruction
+#: (rank 0 refines each layer on every rank's windows, gathered in rank order, and broadcasts)
+CALIBRATIONS = ("sequential", "dense", "sequential-refined")
+REFINED = {
+    "propagate_within_layer": True,
+    "reconstruction_steps": 10,
+    "reconstruction_learning_rate": 1e-4,  # larger rates overfit 6 windows at once (observed)
+    "reconstruction_guard_fraction": 0.25,
+    "reconstruction_eval_every": 1,
+}
 
 
 def armor_recipe(calibration: str):
+    refined = calibration == "sequential-refined"
     return armor(
         ignore=["re:.*lm_head"],
         num_iterations=ITERATIONS,
         wrapper_block_size=BLOCK,
-        calibration=calibration,
+        calibration="sequential" if refined else calibration,
+        **(REFINED if refined else {}),
     )
 
 
@@ -87,6 +98,8 @@ def compress(folder: Path, calibration: str, dataset=None) -> dict:
         logits = model(sample_input()).logits
     return {
         "logits": logits,
+        "refinements": [(r.layer, r.result.initial_error, r.result.final_error,
+                         r.result.best_step) for r in modifier.refinements],
         "tensors": {
             name: tuple(
                 t.detach().clone()
@@ -218,6 +231,9 @@ def test_two_ranks_match_one_process(two_ranks, tiny_llama_folder, calibration):
         for a, b in zip(ranks[0]["tensors"][name], single["tensors"][name], strict=True):
             assert torch.equal(a, b), name
     assert torch.equal(ranks[0]["logits"], single["logits"])
+    assert ranks[0]["refinements"] == ranks[1]["refinements"] == single["refinements"]
+    if calibration == "sequential-refined":
+        assert any(step > 0 for *_, step in single["refinements"])  # observed: steps 1 and 2
 
 
 if __name__ == "__main__":

@@ -194,10 +194,15 @@ def test_propagation_feeds_o_proj_the_compressed_attention(
         from tiny_llama import SEQ_LEN, build_tokenizer
 
         dataset = calibration_dataset()
-        oneshot(model=model, processor=build_tokenizer(), dataset=dataset,
-                recipe=[_armor(propagate_within_layer=propagate)],
-                num_calibration_samples=len(dataset), max_seq_length=SEQ_LEN,
-                shuffle_calibration_samples=False)
+        oneshot(
+            model=model,
+            processor=build_tokenizer(),
+            dataset=dataset,
+            recipe=[_armor(propagate_within_layer=propagate)],
+            num_calibration_samples=len(dataset),
+            max_seq_length=SEQ_LEN,
+            shuffle_calibration_samples=False,
+        )
         _, H_final = input_statistics(model, [name])[name]
         gap = float((seen[ptr] - H_final).norm() / H_final.norm())
         if propagate:
@@ -211,10 +216,9 @@ def test_input_groups_follow_the_llama_forward(tiny_llama_folder: Path) -> None:
 
     model = load_tiny_llama(tiny_llama_folder)
     layer = model.model.layers[0]
-    order: list[tuple[nn.Linear, int]] = []
+    order: list[tuple[nn.Linear, torch.Tensor]] = []
     linears = [m for m in layer.modules() if isinstance(m, nn.Linear)]
-    handles = [m.register_forward_pre_hook(lambda m, a: order.append((m, id(a[0]))))
-               for m in linears]
+    handles = [m.register_forward_pre_hook(lambda m, a: order.append((m, a[0]))) for m in linears]
     with torch.no_grad():
         model(sample_input())
     for h in handles:
@@ -222,7 +226,10 @@ def test_input_groups_follow_the_llama_forward(tiny_llama_folder: Path) -> None:
     groups = _input_groups(order[: len(linears)], linears)
     names = {m: n.split(".")[-1] for n, m in layer.named_modules()}
     assert [[names[m] for m in g] for g in groups] == [
-        ["q_proj", "k_proj", "v_proj"], ["o_proj"], ["gate_proj", "up_proj"], ["down_proj"],
+        ["q_proj", "k_proj", "v_proj"],
+        ["o_proj"],
+        ["gate_proj", "up_proj"],
+        ["down_proj"],
     ]
 
 
@@ -259,7 +266,11 @@ def test_a_target_outside_every_decoder_layer_is_refused(tmp_path: Path) -> None
     from tiny_llama import UNTIED, save_tiny_llama
 
     folder = save_tiny_llama(tmp_path / "untied", **UNTIED)
-    modifier = armor(targets=["re:.*lm_head"], objective="output", wrapper_block_size=BLOCK,
-                     propagate_within_layer=True)
+    modifier = armor(
+        targets=["re:.*lm_head"],
+        objective="output",
+        wrapper_block_size=BLOCK,
+        propagate_within_layer=True,
+    )
     with pytest.raises(ARMORValueError, match="lm_head is in no decoder layer"):
         run_oneshot(folder, [modifier])

@@ -33,8 +33,9 @@ def _problem(seed: int = 0, noise: float = 0.0):
 
 
 def _guard_error(X, T, S, guard) -> float:
-    num = sum(float((x + x @ S.T - t).double().pow(2).sum()) for x, t in
-              ((X[i], T[i]) for i in guard))
+    num = sum(
+        float((x + x @ S.T - t).double().pow(2).sum()) for x, t in ((X[i], T[i]) for i in guard)
+    )
     den = sum(float((T[i] - X[i]).double().pow(2).sum()) for i in guard)
     return num / den
 
@@ -56,8 +57,14 @@ def test_guard_split_refuses_too_few_windows_naming_the_minimum() -> None:
 
 @pytest.mark.parametrize(
     "field, value",
-    [("steps", -1), ("learning_rate", 0.0), ("learning_rate", float("nan")),
-     ("windows_per_step", 0), ("guard_fraction", 1.0), ("eval_every", 0)],
+    [
+        ("steps", -1),
+        ("learning_rate", 0.0),
+        ("learning_rate", float("nan")),
+        ("windows_per_step", 0),
+        ("guard_fraction", 1.0),
+        ("eval_every", 0),
+    ],
 )
 def test_settings_refuse_bad_values(field: str, value: object) -> None:
     with pytest.raises(ARMORValueError, match=field):
@@ -90,9 +97,14 @@ def test_refine_keeps_the_start_when_the_fit_windows_mislead() -> None:
     for i in fit:
         T[i] = X[i] + 3 * torch.randn(TOKENS, D, generator=g)
     start = S.clone()
-    result = refine(lambda i: X[i] + X[i] @ S.T, X, T, [S], [M],
-                    RefinementSettings(steps=60, learning_rate=5e-2, guard_fraction=0.25,
-                                       eval_every=5))
+    result = refine(
+        lambda i: X[i] + X[i] @ S.T,
+        X,
+        T,
+        [S],
+        [M],
+        RefinementSettings(steps=60, learning_rate=5e-2, guard_fraction=0.25, eval_every=5),
+    )
     assert not result.accepted and result.final_error == result.initial_error
     assert torch.equal(S, start)
     assert max(e for _, e in result.history) > result.initial_error  # it did move, and lost

@@ -13,6 +13,7 @@ from typing import Any
 from armor_modifier.core.errors import ARMORValueError
 
 from .core import FIELD_HELP, INITS, MODES, OBJECTIVES, SolverSettings
+from .core.reconstruct import PARAMETER_SETS, RECONSTRUCTION_HELP, TARGETS, RefinementSettings
 from .core.scoring import DAMPING_KINDS
 from .format.staging import check_writable, staged_replace
 
@@ -74,6 +75,45 @@ def add_solver_arguments(group: argparse._ArgumentGroup) -> None:
             group.add_argument(_option(field), type=kind, default=None, help=help_text)
 
 
+#: ``ARMORModifier`` fields of the decoder-layer work, with their command-line types
+RECONSTRUCTION_FIELDS: dict[str, Any] = {
+    "propagate_within_layer": bool,
+    "reconstruction_steps": int,
+    "reconstruction_learning_rate": float,
+    "reconstruction_windows_per_step": int,
+    "reconstruction_parameters": PARAMETER_SETS,
+    "reconstruction_guard_fraction": float,
+    "reconstruction_eval_every": int,
+    "reconstruction_target": TARGETS,
+}
+
+
+def add_reconstruction_arguments(group: argparse._ArgumentGroup) -> None:
+    """One option per decoder-layer field of ``ARMORModifier``, help from RECONSTRUCTION_HELP."""
+    defaults = RefinementSettings()
+    shown = {
+        "propagate_within_layer": False,
+        "reconstruction_steps": defaults.steps,
+        "reconstruction_learning_rate": defaults.learning_rate,
+        "reconstruction_windows_per_step": defaults.windows_per_step,
+        "reconstruction_parameters": PARAMETER_SETS[0],
+        "reconstruction_guard_fraction": defaults.guard_fraction,
+        "reconstruction_eval_every": defaults.eval_every,
+        "reconstruction_target": TARGETS[0],
+    }
+    for name, kind in RECONSTRUCTION_FIELDS.items():
+        option = "--" + name.replace("_", "-")
+        help_text = f"{RECONSTRUCTION_HELP[name]} (default {shown[name]!r})"
+        if kind is bool:
+            group.add_argument(
+                option, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+        elif isinstance(kind, tuple):
+            group.add_argument(option, choices=kind, default=None, help=help_text)
+        else:
+            group.add_argument(option, type=kind, default=None, help=help_text)
+
+
 def add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
@@ -111,6 +151,7 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
         "the dense model ('dense'); default: by objective",
     )
     add_solver_arguments(algo)
+    add_reconstruction_arguments(p.add_argument_group("decoder-layer work (ignored with --recipe)"))
     algo.add_argument(
         "--quantize",
         choices=list(QUANT_SCHEMES),
@@ -160,7 +201,11 @@ def build_recipe(args: argparse.Namespace) -> Any:
     if args.recipe:
         ignored = [
             _option_name(name)
-            for name in (*(f.name for f in dataclasses.fields(SolverSettings)), "calibration")
+            for name in (
+                *(f.name for f in dataclasses.fields(SolverSettings)),
+                "calibration",
+                *RECONSTRUCTION_FIELDS,
+            )
             if name not in _NOT_OPTIONS and getattr(args, name) is not None
         ]
         if args.quantize != "none":
@@ -190,6 +235,13 @@ def build_recipe(args: argparse.Namespace) -> Any:
     }
     if args.calibration is not None:
         fields["calibration"] = args.calibration
+    fields.update(
+        {
+            name: getattr(args, name)
+            for name in RECONSTRUCTION_FIELDS
+            if getattr(args, name) is not None
+        }
+    )
     recipe: list[Any] = [ARMORModifier(**fields)]
     scheme = QUANT_SCHEMES[args.quantize]
     if scheme is not None and args.quantize.endswith("-gptq"):

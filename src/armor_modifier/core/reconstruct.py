@@ -31,10 +31,38 @@ import torch
 
 from .errors import ARMORValueError
 
-__all__ = ["RefinementResult", "RefinementSettings", "guard_split", "refine"]
+__all__ = [
+    "PARAMETER_SETS",
+    "RECONSTRUCTION_HELP",
+    "TARGETS",
+    "RefinementResult",
+    "RefinementSettings",
+    "guard_split",
+    "refine",
+]
 
 #: Which parameters move: every wrapper and core, the wrappers only, or the cores only.
 PARAMETER_SETS = ("all", "wrappers", "core")
+#: What the layer's output is fitted to.
+TARGETS = ("layer", "model")
+
+#: One line per ``ARMORModifier`` field of the decoder-layer work (the CLI's ``--help`` too).
+RECONSTRUCTION_HELP: dict[str, str] = {
+    "propagate_within_layer": "compress each decoder layer's Linears in call order, groups "
+    "sharing one input (q/k/v, o, gate/up, down), re-collecting each later group's statistics "
+    "through the already compressed ones",
+    "reconstruction_steps": "Adam steps refining each decoder layer's ARMOR parameters jointly on "
+    "the layer's output error (0: off)",
+    "reconstruction_learning_rate": "Adam learning rate of the refinement",
+    "reconstruction_windows_per_step": "calibration windows (batches) per refinement step",
+    "reconstruction_parameters": "what moves: 'all' (A, B and the kept core values), 'wrappers' "
+    "or 'core'; masks never move",
+    "reconstruction_guard_fraction": "share of the calibration windows held out; the best "
+    "held-out iterate is kept only when it beats the unrefined layer",
+    "reconstruction_eval_every": "steps between held-out evaluations",
+    "reconstruction_target": "'layer' (the dense layer on the same inputs) or 'model' (the dense "
+    "model's hidden state, which also corrects upstream drift)",
+}
 
 
 @dataclass(frozen=True)
@@ -63,16 +91,16 @@ class RefinementSettings:
             low = 0 if name in ("steps", "seed") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ARMORValueError(
-                    f"reconstruction {name} must be an integer >= {low}, got {value!r}"
+                    f"reconstruction_{name} must be an integer >= {low}, got {value!r}"
                 )
         lr = self.learning_rate
         if not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
             raise ARMORValueError(
-                f"reconstruction learning_rate must be a finite number > 0, got {lr!r}"
+                f"reconstruction_learning_rate must be a finite number > 0, got {lr!r}"
             )
         g = self.guard_fraction
         if not isinstance(g, int | float) or not 0 < g < 1:
-            raise ARMORValueError(f"reconstruction guard_fraction must be in (0, 1), got {g!r}")
+            raise ARMORValueError(f"reconstruction_guard_fraction must be in (0, 1), got {g!r}")
 
     def min_windows(self) -> int:
         """The fewest calibration windows that leave at least one guard and one fit window."""

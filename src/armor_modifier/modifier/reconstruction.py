@@ -125,7 +125,7 @@ class _Capture:
     args: list[tuple] = field(default_factory=list)
     kwargs: list[dict[str, Any]] = field(default_factory=list)
     outputs: list[torch.Tensor] = field(default_factory=list)
-    call_order: list[tuple[nn.Linear, int]] = field(default_factory=list)
+    call_order: list[tuple[nn.Linear, torch.Tensor]] = field(default_factory=list)
 
 
 class _StopReplay(Exception):
@@ -191,7 +191,8 @@ class Reconstruction:
 
     def _linear_hook(self, module: nn.Linear, args: tuple) -> None:
         if self._recording is not None and not self._quiet:
-            self._recording.call_order.append((module, id(args[0])))
+            # the tensor itself, not its id: a freed input's id can be reused by the next one
+            self._recording.call_order.append((module, args[0]))
 
     def _post_hook(self, layer: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any):
         if self._quiet:
@@ -319,7 +320,11 @@ class Reconstruction:
     def _refine(
         self, name: str, layer: nn.Module, capture: _Capture, targets: list[torch.Tensor]
     ) -> None:
-        """Refine every ARMOR Linear of ``layer`` jointly; write the kept iterate back."""
+        """Refine every ARMOR Linear of ``layer`` jointly; write the kept iterate back.
+
+        Under torchrun every rank gathers all ranks' windows (in rank order) and runs the same
+        refinement, so each rank's result is the single process's on the same windows.
+        """
         if is_distributed():
             capture, targets = _gathered(capture, targets)
         linears = {
@@ -357,28 +362,26 @@ class Reconstruction:
             leave=False,
             disable=rank != 0,
         )
-        result: RefinementResult | None = None
+        inputs = [_hidden(a, k) for a, k in zip(capture.args, capture.kwargs, strict=True)]
         try:
-            if rank == 0:
-                with torch.enable_grad(), _trainable(self.modifier, linears, names, params):
-                    inputs = [
-                        _hidden(a, k) for a, k in zip(capture.args, capture.kwargs, strict=True)
-                    ]
-                    result = refine(
-                        run,
-                        inputs,
-                        targets,
-                        params,
-                        masks,
-                        seeded,
-                        progress=lambda step, loss: bar.update(1),
-                    )
+            with torch.enable_grad(), _trainable(self.modifier, linears, names, params):
+                result = refine(
+                    run,
+                    inputs,
+                    targets,
+                    params,
+                    masks,
+                    seeded,
+                    progress=lambda step, loss: bar.update(1),
+                )
         finally:
             bar.close()
         if is_distributed():
+            # every rank ran the same refinement on the same gathered windows (the offload
+            # cache's collectives need every rank to touch the modules alike); rank 0's result
+            # is made everyone's, so no rounding difference can split the ranks
             broadcast_tensors([p.contiguous() for p in params], src=0)
             result = all_gather_objects(result)[0]
-        assert result is not None
         refinement = LayerRefinement(name, result, len(capture.outputs))
         if result.accepted:
             self._write_back(linears, names, params)
@@ -469,23 +472,23 @@ def _detach(value: Any) -> Any:
 
 
 def _input_groups(
-    call_order: list[tuple[nn.Linear, int]], modules: list[nn.Linear]
+    call_order: list[tuple[nn.Linear, torch.Tensor]], modules: list[nn.Linear]
 ) -> list[list[nn.Linear]]:
-    """``modules`` split into consecutive runs of the recorded call order that share an input;
-    modules never seen in the recording go last, one group."""
+    """``modules`` split into consecutive runs of the recorded call order that share one input
+    tensor (the same object); modules never seen in the recording go last, one group."""
     wanted = set(modules)
     groups: list[list[nn.Linear]] = []
     last_input = None
     seen: set[nn.Linear] = set()
-    for module, input_id in call_order:
+    for module, x in call_order:
         if module not in wanted or module in seen:
             continue
         seen.add(module)
-        if groups and input_id == last_input:
+        if groups and x is last_input:
             groups[-1].append(module)
         else:
             groups.append([module])
-        last_input = input_id
+        last_input = x
     rest = [m for m in modules if m not in seen]
     return groups + ([rest] if rest else [])
 
