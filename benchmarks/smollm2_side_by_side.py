@@ -180,6 +180,7 @@ def run_method(method: str, calibration, texts, args) -> dict:
                 "rolled_back": sum(r.rolled_back for r in refinements),
                 "seconds": sum(r.seconds for r in refinements),
                 "gains": [round(r.gain, 4) for r in refinements],
+                "histories": [[(step, round(e, 6)) for step, e in r.history] for r in refinements],
             }
     start = time.perf_counter()
     row["ppl"] = evaluate(model, tokenizer, texts, args)
