@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import resource
 import shutil
 import tempfile
 import time
@@ -161,6 +162,9 @@ def run_method(method: str, calibration, texts, args) -> dict:
                 num_calibration_samples=len(calibration), max_seq_length=args.seq_len,
                 shuffle_calibration_samples=False)
     row["prune_seconds"] = time.perf_counter() - start
+    # peak resident memory of this process so far (Linux: KiB); methods run one per process in
+    # the issue-12 runs, so it is that method's peak
+    row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row["overhead"] = 0.0
     is_armor = method in ARMOR_METHODS or method in MIXED_METHODS
     if is_armor:

@@ -63,6 +63,7 @@ def quantized_weight(linear: torch.nn.Linear) -> torch.Tensor:
         ("armor_2of4_w4a16_rtn.yaml", True),
         ("armor_2of4_w4a16_gptq.yaml", True),
         ("armor_2of4_w8a8_gptq.yaml", True),
+        ("armor_2of4_reconstruct.yaml", False),
     ],
 )
 def test_recipe_runs_and_keeps_2of4(folder, name, quantized):
