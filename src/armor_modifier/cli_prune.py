@@ -156,7 +156,8 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
         "--quantize",
         choices=list(QUANT_SCHEMES),
         default="none",
-        help="round-to-nearest quantization of the cores after pruning",
+        help="quantization of the cores after pruning: round-to-nearest, or *-gptq for "
+        "mask-preserving GPTQ (ARMORGPTQModifier)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (>= 1)")
 
