@@ -68,8 +68,9 @@ ARMOR_METHODS = {
     "armor-output-b32-it10-prop": _armor(32, 10, "output", propagate_within_layer=True),
     **{f"armor-output-b32-it10-rec{steps}": _armor(32, 10, "output", reconstruction_steps=steps)
        for steps in (20, 60, 120, 240)},
-    "armor-output-b32-it10-rec120-model": _armor(32, 10, "output", reconstruction_steps=120,
-                                                 reconstruction_target="model"),
+    **{f"armor-output-b32-it10-rec{steps}-model": _armor(
+        32, 10, "output", reconstruction_steps=steps, reconstruction_target="model")
+       for steps in (60, 120)},
     "armor-output-b32-it10-rec120-wrappers": _armor(32, 10, "output", reconstruction_steps=120,
                                                     reconstruction_parameters="wrappers"),
     "armor-output-b32-it10-prop-rec120": _armor(32, 10, "output", propagate_within_layer=True,
