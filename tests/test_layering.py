@@ -27,6 +27,14 @@ RULES = {
         {"modifier", "cli", "cli_prune", "evaluation"},
     ),
     "evaluation": (None, {"modifier", "cli", "cli_prune"}),
+    # the ONNX exporter reads armor-ct through format/ and runtime; it never needs llm-compressor
+    "onnx": (
+        {"torch", "numpy", "onnx", "onnxruntime", "transformers", "compressed_tensors",
+         "safetensors", "loguru"},
+        {"modifier", "cli", "cli_prune", "evaluation"},
+    ),
+    # optimum adapters sit beside the CLI (they reuse it): anything but llm-compressor directly
+    "integrations": (None, set()),
 }
 
 

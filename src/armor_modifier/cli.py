@@ -7,6 +7,9 @@ Examples::
     armor prune ./my-llama --recipe recipes/armor_2of4_fp8_dynamic.yaml --output out/y
     armor eval out/smollm2-armor --dataset wikivital ptb --seq-len 512
     armor export-dense out/smollm2-armor out/smollm2-dense
+    armor export-onnx out/smollm2-armor out/smollm2-onnx      # add --fold for dense matrices
+
+The same commands run as ``optimum-cli armor ...`` (``integrations/optimum_commands.py``).
 
 Bad input ends with a one-line ``armor: error: ...`` on stderr and exit code 2; nothing is
 written to the output folder unless the whole job succeeded.
@@ -21,8 +24,9 @@ from pathlib import Path
 
 from .cli_prune import QUANT_SCHEMES, add_prune_arguments, one_line, run_prune
 from .core.errors import ARMORError
+from .onnx.command import add_onnx_arguments, run_onnx_export
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "add_commands", "run_command"]
 
 DEFAULT_MODEL = "smollm2"
 
@@ -36,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="armor",
         description="ARMOR 2:4 pruning for llm-compressor users: prune, evaluate, export.",
     )
+    add_commands(parser)
+    return parser
+
+
+def add_commands(parser: argparse.ArgumentParser) -> None:
+    """Add the sub-commands to ``parser`` (``armor``'s own, or ``optimum-cli armor``'s)."""
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     prune = sub.add_parser(
@@ -93,7 +103,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight dtype of the export (default: the checkpoint's)",
     )
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
-    return parser
+    add_onnx_arguments(
+        sub.add_parser(
+            "export-onnx",
+            help="export to ONNX (optimum's folder layout), checked with onnxruntime",
+            description="Export an armor-ct (or plain transformers) causal LM to DST/model.onnx "
+            "with config, generation config and tokenizer beside it. Factored by default: each "
+            "ARMOR Linear as B, the 2:4 core (its zeros kept exactly) and A; --fold writes one "
+            "dense matrix per Linear. Inputs input_ids, attention_mask, position_ids and the "
+            "key/value cache past_key_values.{i}.key/value; outputs logits and "
+            "present.{i}.key/value (optimum's names). Needs the [onnx] extra.",
+        )
+    )
 
 
 def _check_output_folder(path: Path, overwrite: bool) -> None:
@@ -171,7 +192,11 @@ def run_export(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    return run_command(parser.parse_args(argv), parser)
+
+
+def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """Run the parsed sub-command; ``0``, or ``2`` after one ``armor: error: ...`` line."""
     threads = getattr(args, "threads", None)
     if threads is not None:
         if threads < 1:
@@ -186,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
             run_prune(args, _load)
         elif args.command == "eval":
             run_eval(args)
+        elif args.command == "export-onnx":
+            _check_output_folder(Path(args.dst), args.overwrite)
+            run_onnx_export(args)
         else:
             run_export(args)
     except (CLIError, ARMORError, ValueError, TypeError, OSError) as err:
