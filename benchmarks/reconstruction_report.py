@@ -23,8 +23,16 @@ from smollm2_side_by_side import table_lines
 
 
 def load(results: Path) -> list[dict]:
+    """The newest line per label: dense and SparseGPT first, then by calibration and steps."""
     rows = [json.loads(x) for x in results.read_text().splitlines() if x.strip()]
-    return list({r["method"]: r for r in rows}.values())  # newest line per label
+    latest = list({r["method"]: r for r in rows}.values())
+
+    def key(r: dict) -> tuple:
+        m = r["method"]
+        base = 0 if m.startswith("dense") else 1 if m.startswith("sparsegpt-cal") else 2
+        return (base, "-cal16" in m, m.startswith("armor"), steps_of(m) or 0, m)
+
+    return sorted(latest, key=key)
 
 
 def extra_lines(rows: list[dict]) -> list[str]:
@@ -43,7 +51,8 @@ def extra_lines(rows: list[dict]) -> list[str]:
 
 
 def steps_of(method: str) -> int | None:
-    match = re.search(r"-rec(\d+)(-cal64)?$", method)
+    """Refinement steps of a per-Linear-ARMOR b32 row with 64 windows (0: none), else None."""
+    match = re.search(r"^armor-output-b32-it10-rec(\d+)(-cal64)?$", method)
     if match:
         return int(match.group(1))
     return 0 if re.fullmatch(r"armor-output-b32-it10(-cal64)?", method) else None
