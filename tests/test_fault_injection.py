@@ -181,9 +181,15 @@ def _zygote(root: Path) -> None:
             reply.write(json.dumps(_reap(request["pid"])) + "\n")
 
 
+#: Seconds a SIGINT gets to end a worker. A fresh-clone CI run on a machine loaded by two
+#: benchmark processes once saw one worker of six outlive 30 s (cause not found; it passed 6 of 6
+#: times alone); 90 s tells a slow unwind from a stuck one on a loaded 2-core machine.
+SIGINT_GRACE = 90
+
+
 def _reap(pid: int) -> dict:
-    """Wait for the killed worker (SIGKILL it if a SIGINT has not ended it within 30 s)."""
-    deadline = time.monotonic() + 30
+    """Wait for the killed worker (SIGKILL it if a SIGINT has not ended it in SIGINT_GRACE s)."""
+    deadline = time.monotonic() + SIGINT_GRACE
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
@@ -398,7 +404,9 @@ def _kill_rounds(
             check(target, state)
     print(f"{kind} (fallback={fallback}): {stats}")
     assert stats["flips"] + stats["leftovers"] > 0, f"no kill hit a running save: {stats}"
-    assert stats["stuck"] == 0, f"a SIGINT did not end the worker within 30 s: {stats}"
+    assert stats["stuck"] == 0, (
+        f"a SIGINT did not end the worker within {SIGINT_GRACE} s: {stats}"
+    )
     return stats
 
 
