@@ -274,12 +274,13 @@ class Reconstruction:
             if not capture.outputs:
                 self.modifier.compress_modules(by_layer[name])
                 continue
-            targets = self._targets(layer, capture)
+            refining = self.settings.steps > 0
+            targets = self._targets(layer, capture) if refining else []
             if self.modifier.propagate_within_layer:
                 self._compress_in_order(layer, capture, by_layer[name])
             else:
                 self.modifier.compress_modules(by_layer[name])
-            if self.settings.steps > 0:
+            if refining:
                 self._refine(name, layer, capture, targets)
 
     def _targets(self, layer: nn.Module, capture: _Capture) -> list[torch.Tensor]:
