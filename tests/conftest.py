@@ -55,3 +55,24 @@ def _reset_llmcompressor_session() -> Iterator[None]:
         from llmcompressor.core import reset_session
 
         reset_session()
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh tiny Llama folder per test module (the CLI and optimum tests)."""
+    from tiny_llama import save_tiny_llama
+
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A seeded 4,000-word text over the tiny tokenizer's vocabulary, for calibration."""
+    import random
+
+    from tiny_llama import VOCAB
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("text") / "train.txt"
+    path.write_text(" ".join(f"w{rng.randrange(4, VOCAB)}" for _ in range(4000)))
+    return path

@@ -15,27 +15,13 @@ pytest.importorskip("optimum.quantization_base", reason="needs the [optimum] ext
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from armor_modifier.cli import main  # noqa: E402
-from tiny_llama import SEQ_LEN, VOCAB, sample_input, save_tiny_llama  # noqa: E402
+from tiny_llama import SEQ_LEN, sample_input  # noqa: E402
 
 #: a fast ARMOR run on the tiny Llama (the options of tests/test_cli.py's end-to-end prune)
 FAST = ["--num-samples", "4", "--seq-len", str(SEQ_LEN), "--wrapper-block-size", "16"]
 FAST += ["--num-iterations", "2", "--seed", "3"]
 OPTIMUM_CLI = Path(sys.executable).parent / "optimum-cli"
 
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    return save_tiny_llama(tmp_path_factory.mktemp("tiny") / "model")
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    import random
-
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("text") / "train.txt"
-    path.write_text(" ".join(f"w{rng.randrange(4, VOCAB)}" for _ in range(4000)))
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -236,13 +236,21 @@ def build_recipe(args: argparse.Namespace) -> Any:
     }
     if args.calibration is not None:
         fields["calibration"] = args.calibration
-    fields.update(
-        {
-            name: getattr(args, name)
-            for name in RECONSTRUCTION_FIELDS
-            if getattr(args, name) is not None
-        }
-    )
+    layer = {
+        name: getattr(args, name)
+        for name in RECONSTRUCTION_FIELDS
+        if getattr(args, name) is not None
+    }
+    refinement = {
+        f.name: layer[f"reconstruction_{f.name}"]
+        for f in dataclasses.fields(RefinementSettings)
+        if f"reconstruction_{f.name}" in layer
+    }
+    try:
+        RefinementSettings(**refinement)
+    except ValueError as err:
+        raise ARMORValueError(f"{err} (the option is {_option_name(str(err))})") from err
+    fields.update(layer)
     recipe: list[Any] = [ARMORModifier(**fields)]
     scheme = QUANT_SCHEMES[args.quantize]
     if scheme is not None and args.quantize.endswith("-gptq"):
