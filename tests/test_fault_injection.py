@@ -149,6 +149,9 @@ def _zygote(root: Path) -> None:
     """Answer one JSON line per request on the original stdout; everything else goes to stderr."""
     reply = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
+    # a shell starts background jobs with SIGINT ignored, and Python then installs no Ctrl-C
+    # handler: the SIGINT kills below would do nothing (seen when the suite ran under `cmd &`)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import torch
 
     torch.set_num_threads(1)
