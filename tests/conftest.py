@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,10 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+# Python's Ctrl-C handler, whatever the launcher left: a shell starts background jobs (`cmd &`)
+# with SIGINT ignored, Python then installs no handler, and the Ctrl-C tests (staging, fault
+# injection; their subprocesses inherit the disposition) failed in runs started that way
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _has_sm80_cuda() -> bool:
