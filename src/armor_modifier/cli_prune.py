@@ -241,13 +241,8 @@ def build_recipe(args: argparse.Namespace) -> Any:
         for name in RECONSTRUCTION_FIELDS
         if getattr(args, name) is not None
     }
-    refinement = {
-        f.name: layer[f"reconstruction_{f.name}"]
-        for f in dataclasses.fields(RefinementSettings)
-        if f"reconstruction_{f.name}" in layer
-    }
     try:
-        RefinementSettings(**refinement)
+        RefinementSettings.from_fields(layer)
     except ValueError as err:
         raise ARMORValueError(f"{err} (the option is {_option_name(str(err))})") from err
     fields.update(layer)

@@ -29,6 +29,7 @@ __all__ = [
     "effective_weight",
     "apply_input_wrapper",
     "apply_output_wrapper",
+    "apply_output_wrapper_around_bias",
 ]
 
 ARMOR_A = "armor_A"
@@ -50,16 +51,23 @@ def apply_output_wrapper(y: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return right_blockdiag(flat, A.transpose(1, 2).to(y.dtype)).reshape(y.shape)
 
 
+def apply_output_wrapper_around_bias(
+    y: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``A (y - bias) + bias`` for a Linear's output ``y [..., m]`` (``A y`` without bias)."""
+    if bias is None:
+        return apply_output_wrapper(y, A)
+    bias = bias.to(y.dtype)
+    return apply_output_wrapper(y - bias, A) + bias
+
+
 def _pre_hook(module: nn.Linear, args: tuple) -> tuple:
     x, *rest = args
     return (apply_input_wrapper(x, getattr(module, ARMOR_B)), *rest)
 
 
 def _post_hook(module: nn.Linear, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    if module.bias is None:
-        return apply_output_wrapper(output, getattr(module, ARMOR_A))
-    bias = module.bias.to(output.dtype)
-    return apply_output_wrapper(output - bias, getattr(module, ARMOR_A)) + bias
+    return apply_output_wrapper_around_bias(output, getattr(module, ARMOR_A), module.bias)
 
 
 def is_armor_linear(module: nn.Module) -> bool:

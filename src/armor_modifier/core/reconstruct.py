@@ -22,10 +22,12 @@ current parameter tensors, so no model framework is imported here.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -101,6 +103,19 @@ class RefinementSettings:
         g = self.guard_fraction
         if not isinstance(g, int | float) or not 0 < g < 1:
             raise ARMORValueError(f"reconstruction_guard_fraction must be in (0, 1), got {g!r}")
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any], seed: int = 0) -> RefinementSettings:
+        """From ``ARMORModifier``-style names: ``reconstruction_steps`` -> ``steps`` and so on;
+        names absent from ``fields`` keep their defaults, other names are ignored."""
+        return cls(
+            seed=seed,
+            **{
+                f.name: fields[f"reconstruction_{f.name}"]
+                for f in dataclasses.fields(cls)
+                if f"reconstruction_{f.name}" in fields
+            },
+        )
 
     def min_windows(self) -> int:
         """The fewest calibration windows that leave at least one guard and one fit window."""

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from armor_modifier.core import ARMORFactors, SolverSettings, factorize
 from armor_modifier.core.errors import ARMORCompressionError, ARMORValueError
 from armor_modifier.core.problem import block_within_budget
-from armor_modifier.core.reconstruct import RefinementSettings
+from armor_modifier.core.reconstruct import RECONSTRUCTION_HELP, RefinementSettings
 from armor_modifier.format.hooks import install_save_hook
 from armor_modifier.format.save import ARMOR_RECIPE_ATTR
 from armor_modifier.runtime import attach_wrappers, is_armor_linear
@@ -194,14 +194,11 @@ class ARMORModifier(Modifier):
     @property
     def refinement_settings(self) -> RefinementSettings:
         """The ``reconstruction_*`` fields as one checked :class:`RefinementSettings`."""
-        return RefinementSettings(
-            steps=self.reconstruction_steps,
-            learning_rate=self.reconstruction_learning_rate,
-            windows_per_step=self.reconstruction_windows_per_step,
-            guard_fraction=self.reconstruction_guard_fraction,
-            eval_every=self.reconstruction_eval_every,
-            seed=self.seed,
-        )
+        return RefinementSettings.from_fields(self._layer_fields(), seed=self.seed)
+
+    def _layer_fields(self) -> dict[str, Any]:
+        """The decoder-layer fields (``propagate_within_layer``, ``reconstruction_*``)."""
+        return {name: getattr(self, name) for name in RECONSTRUCTION_HELP}
 
     @property
     def target_modules(self) -> dict[str, nn.Linear]:
@@ -265,14 +262,7 @@ class ARMORModifier(Modifier):
             **self.solver_settings.to_dict(),
             "wrapper_block_size": self.wrapper_block_size,
             "budget_block_size": self._budget_block,
-            "propagate_within_layer": self.propagate_within_layer,
-            "reconstruction_steps": self.reconstruction_steps,
-            "reconstruction_learning_rate": self.reconstruction_learning_rate,
-            "reconstruction_windows_per_step": self.reconstruction_windows_per_step,
-            "reconstruction_parameters": self.reconstruction_parameters,
-            "reconstruction_guard_fraction": self.reconstruction_guard_fraction,
-            "reconstruction_eval_every": self.reconstruction_eval_every,
-            "reconstruction_target": self.reconstruction_target,
+            **self._layer_fields(),
         }
 
     # ---- lifecycle -------------------------------------------------------------------------

@@ -22,6 +22,7 @@ layer to layer (the dense layer applied to the dense stream before it is compres
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -40,7 +41,7 @@ from armor_modifier.runtime import (
     ARMOR_A,
     ARMOR_B,
     apply_input_wrapper,
-    apply_output_wrapper,
+    apply_output_wrapper_around_bias,
     detach_wrappers,
     is_armor_linear,
 )
@@ -95,8 +96,11 @@ def summarize_refinements(refinements: list[LayerRefinement]) -> str:
     )
 
 
-def decoder_layers(model: nn.Module, targets: dict[str, nn.Linear]) -> dict[str, nn.Module]:
-    """``{name: layer}`` of the ``nn.ModuleList`` elements that contain targets, model order.
+def decoder_layers(
+    model: nn.Module, targets: dict[str, nn.Linear]
+) -> tuple[dict[str, nn.Module], dict[nn.Linear, str]]:
+    """``{name: layer}`` of the ``nn.ModuleList`` elements that contain targets (model order),
+    and each target's innermost such layer, ``{target: layer name}``.
 
     :raises ARMORValueError: naming a target that lies in no such layer
     """
@@ -105,8 +109,8 @@ def decoder_layers(model: nn.Module, targets: dict[str, nn.Linear]) -> dict[str,
         if isinstance(module, nn.ModuleList):
             for index, child in enumerate(module):
                 layers[f"{name}.{index}" if name else str(index)] = child
-    owned = {}
-    for target in targets:
+    owner_of: dict[nn.Linear, str] = {}
+    for target, module in targets.items():
         owner = max((n for n in layers if target.startswith(n + ".")), key=len, default=None)
         if owner is None:
             raise ARMORValueError(
@@ -114,8 +118,9 @@ def decoder_layers(model: nn.Module, targets: dict[str, nn.Linear]) -> dict[str,
                 "propagate_within_layer / reconstruction_steps cannot replay it; add it to "
                 "`ignore` or leave both off"
             )
-        owned[owner] = layers[owner]
-    return {name: owned[name] for name in layers if name in owned}
+        owner_of[module] = owner
+    owned = set(owner_of.values())
+    return {name: layer for name, layer in layers.items() if name in owned}, owner_of
 
 
 @dataclass
@@ -151,12 +156,7 @@ class Reconstruction:
 
     def __init__(self, modifier: ARMORModifier, model: nn.Module) -> None:
         self.modifier = modifier
-        self.layers = decoder_layers(model, modifier.target_modules)
-        self._layer_names = {layer: name for name, layer in self.layers.items()}
-        self._owner = {
-            module: max((n for n in self.layers if name.startswith(n + ".")), key=len)
-            for name, module in modifier.target_modules.items()
-        }
+        self.layers, self._owner = decoder_layers(model, modifier.target_modules)
         self._captures: dict[nn.Module, _Capture] = {}
         self._dense_stream: list[torch.Tensor] | None = None
         self._checked: set[type] = set()
@@ -353,8 +353,8 @@ class Reconstruction:
             return self.forward(layer, i, capture)
 
         settings = self.settings
-        seeded = RefinementSettings(
-            **{**settings.__dict__, "seed": (settings.seed + zlib.crc32(name.encode())) % 2**31}
+        seeded = dataclasses.replace(
+            settings, seed=(settings.seed + zlib.crc32(name.encode())) % 2**31
         )
         rank, _ = rank_and_world()
         bar = tqdm(
@@ -432,10 +432,7 @@ def _trainable(
         )
         handles.append(
             module.register_forward_hook(
-                lambda m, _args, y, A=A: (
-                    apply_output_wrapper(y if m.bias is None else y - m.bias, A)
-                    + (0 if m.bias is None else m.bias)
-                )
+                lambda m, _args, y, A=A: apply_output_wrapper_around_bias(y, A, m.bias)
             )
         )
         if W is not None:

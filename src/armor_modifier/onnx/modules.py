@@ -12,22 +12,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from armor_modifier.runtime import ARMOR_A, ARMOR_B, armor_linears, effective_weight
+from armor_modifier.runtime import (
+    ARMOR_A,
+    ARMOR_B,
+    apply_input_wrapper,
+    apply_output_wrapper,
+    armor_linears,
+    effective_weight,
+)
 
 __all__ = ["CORE", "FactoredLinear", "fold_armor_linears", "factor_armor_linears"]
 
 #: name of the core parameter of :class:`FactoredLinear` (initializers end with ``.core``)
 CORE = "core"
-
-
-def _blockwise(x: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-    """``blockdiag(blocks) @ x`` per row: ``x [N, k b]``, ``blocks [k, b, b]`` -> ``[N, k b]``.
-
-    A batched matmul over the ``k`` blocks: ``[k, N, b] @ [k, b, b]``.
-    """
-    k, b, _ = blocks.shape
-    rows = x.reshape(-1, k, b).transpose(0, 1)
-    return torch.matmul(rows, blocks.transpose(1, 2)).transpose(0, 1).reshape(-1, k * b)
 
 
 class FactoredLinear(nn.Module):
@@ -51,9 +48,9 @@ class FactoredLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x [..., n] -> [..., m]``."""
         m, n = self.core.shape
-        flat = _blockwise(x.reshape(-1, n), self.wrapper_B)
+        flat = apply_input_wrapper(x.reshape(-1, n), self.wrapper_B)
         y = torch.matmul(self.core, flat.transpose(0, 1)).transpose(0, 1)
-        y = _blockwise(y, self.wrapper_A)
+        y = apply_output_wrapper(y, self.wrapper_A)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], m)
