@@ -23,6 +23,14 @@ round-to-nearest).
 ``sum(E^2) = tr((W - Q) (H + lambda I) (W - Q)^T)``: the reported loss is the damped layer
 objective itself. (GPTQ's code and llm-compressor report half of it.)
 
+**Group grids.** With ``fit_group`` and ``group_size``, the grid of each group of
+``group_size`` columns is fitted when the sweep reaches the group's first column, from the
+group's columns as compensated so far (masked), as the GPTQ paper's code does without
+``static_groups``. A grid fixed from the weight before GPTQ cannot follow the compensation: on
+SmolLM2's last ``down_proj`` (2:4, int4 in groups of 64) the compensated weights left the fixed
+range and were clamped, and GPTQ's output error on its own calibration inputs ended above
+round-to-nearest's (docs/benchmark_gptq.md).
+
 Columns with ``H_jj == 0`` saw no input; as in GPTQ their ``H_jj`` is set to 1, which decouples
 them in ``U``, so they are rounded to nearest (and masked) and pass no error on. Unlike GPTQ they
 are not zeroed: an input unseen in calibration may still occur.
@@ -43,6 +51,9 @@ from .sparsegpt import MAX_DAMPING_INCREASES, check_hessian, inverse_hessian_fac
 __all__ = ["GPTQResult", "masked_gptq"]
 
 Quantizer = Callable[[torch.Tensor, int], torch.Tensor]
+#: ``(columns [m, g] float32 as compensated so far and masked, index of the first column)``:
+#: fits the grid ``quantize`` then uses for those columns
+GroupFitter = Callable[[torch.Tensor, int], None]
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,8 @@ def masked_gptq(
     mask: torch.Tensor | None = None,
     block_size: int = 128,
     dampening_frac: float = 0.01,
+    fit_group: GroupFitter | None = None,
+    group_size: int | None = None,
 ) -> GPTQResult:
     """GPTQ of one weight that keeps its zeros: a 2:4 core stays 2:4.
 
@@ -80,13 +93,18 @@ def masked_gptq(
         fake-quantized columns on a grid fixed before the call; must map 0 to 0
     :param mask: bool ``[m, n]`` entries allowed to be non-zero; default ``W != 0``
     :param block_size: columns per lazy-update block (GPTQ's ``B``); the result depends on it
-        only through rounding
+        only through rounding. With ``fit_group`` it is rounded up to a multiple of
+        ``group_size``, so that every group's columns are up to date when it is fitted
     :param dampening_frac: ``lambda / mean(diag H)``, multiplied by ``DAMPING_GROWTH`` up to
         ``MAX_DAMPING_INCREASES`` times while a Cholesky factorisation fails
+    :param fit_group: called at the first column of every group of ``group_size`` columns, before
+        ``quantize`` sees them (see "Group grids" above); ``None``: the grid is fixed
+    :param group_size: columns per grid group; required with ``fit_group`` only
     :raises HessianNotPositiveDefinite: when every damping tried fails
     :raises ARMORValueError: on a bad shape, value or setting, or a non-finite quantizer output
     """
     Wf, M = _check_inputs(W, mask, quantize, block_size, dampening_frac)
+    block_size = _check_group_fitting(fit_group, group_size, block_size)
     n = Wf.shape[1]
     Hf = check_hessian(H.to(Wf.device) if isinstance(H, torch.Tensor) else H, n, symmetrize=False)
     dead = Hf.diagonal() == 0
@@ -97,7 +115,9 @@ def masked_gptq(
     loss = torch.zeros((), dtype=torch.float32, device=Wf.device)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
-        Q1, E1 = _quantize_block(Wf[:, i1:i2].clone(), U[i1:i2, i1:i2], M[:, i1:i2], quantize, i1)
+        Q1, E1 = _quantize_block(
+            Wf[:, i1:i2].clone(), U[i1:i2, i1:i2], M[:, i1:i2], quantize, i1, fit_group, group_size
+        )
         Q[:, i1:i2] = Q1
         Wf[:, i2:] -= E1 @ U[i1:i2, i2:]
         loss += E1.square().sum()
@@ -110,19 +130,28 @@ def masked_gptq(
 
 
 def _quantize_block(
-    W1: torch.Tensor, U1: torch.Tensor, M1: torch.Tensor, quantize: Quantizer, i1: int
+    W1: torch.Tensor,
+    U1: torch.Tensor,
+    M1: torch.Tensor,
+    quantize: Quantizer,
+    i1: int,
+    fit_group: GroupFitter | None,
+    group_size: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sweep one block column by column (Algorithm 1's inner loop).
 
     :param W1: ``[m, c]`` the block's current columns (updated in place)
     :param U1: ``[c, c]`` the block's diagonal block of ``U``
     :param M1: bool ``[m, c]`` the block's mask
-    :param i1: index of the block's first column in ``W``
+    :param i1: index of the block's first column in ``W`` (a multiple of ``group_size`` when
+        ``fit_group`` is given)
     :return: (``Q1 [m, c]`` quantized masked columns, ``E1 [m, c]`` scaled errors)
     """
     Q1 = torch.zeros_like(W1)
     E1 = torch.zeros_like(W1)
     for i in range(W1.shape[1]):
+        if fit_group is not None and group_size is not None and i % group_size == 0:
+            fit_group((W1[:, i : i + group_size] * M1[:, i : i + group_size]).clone(), i1 + i)
         w = W1[:, i : i + 1]
         q = quantize(w.clone(), i1 + i)
         if not isinstance(q, torch.Tensor) or q.shape != w.shape:
@@ -137,6 +166,25 @@ def _quantize_block(
         Q1[:, i : i + 1] = q
         E1[:, i : i + 1] = err
     return Q1, E1
+
+
+def _check_group_fitting(
+    fit_group: object, group_size: object, block_size: int
+) -> int:
+    """Validate ``fit_group`` / ``group_size``; return the block size to use."""
+    if fit_group is None:
+        return block_size
+    if not callable(fit_group):
+        raise ARMORTypeError(
+            f"fit_group must be a callable (columns [m, g], first column) -> None or None, "
+            f"got {type(fit_group).__name__}"
+        )
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ARMORValueError(
+            f"fit_group needs group_size, the columns per grid group (an int >= 1), "
+            f"got {group_size!r}"
+        )
+    return -(-block_size // group_size) * group_size
 
 
 def _check_inputs(

@@ -37,7 +37,7 @@ from armor_modifier.core.errors import (
 )
 from armor_modifier.core.gptq import masked_gptq
 
-__all__ = ["ARMORGPTQModifier", "column_quantizer"]
+__all__ = ["ARMORGPTQModifier", "ColumnGrid"]
 
 #: group sizes offered when one does not divide a layer's width
 _GROUP_SIZES = (32, 64, 96, 128, 256)
@@ -48,10 +48,10 @@ class ARMORGPTQModifier(GPTQModifier):
 
     Put it after ``ARMORModifier`` (or after a plain 2:4 pruning) in a recipe, with the fields of
     llm-compressor's ``GPTQModifier`` (``scheme``, ``targets``, ``ignore``, ``block_size``,
-    ``dampening_frac``, ``config_groups``). Zeros of each weight are kept: the mask is
-    ``weight != 0`` when the module is calibrated (for ARMOR Linears the 2:4 core). Integer
-    weight schemes only (W4A16 with a group size dividing every target's ``in_features``,
-    W8A8 / W8A16 per channel); FP8 stays round-to-nearest (``QuantizationModifier``), and
+    ``dampening_frac``, ``config_groups``) and ``static_groups``. Zeros of each weight are
+    kept: the mask is ``weight != 0`` when the module is calibrated (for ARMOR Linears the 2:4
+    core). Integer weight schemes only (W4A16 with a group size dividing every target's
+    ``in_features``, W8A8 / W8A16 per channel); FP8 stays round-to-nearest (``QuantizationModifier``), and
     activation reordering (``actorder``) is refused because it would interleave the 2:4 groups.
     Measured effect: ``docs/benchmark_gptq.md``.
 
@@ -71,6 +71,11 @@ class ARMORGPTQModifier(GPTQModifier):
 
     actorder: Any = None
     batched_quantization: Any = None
+    #: group strategies: ``False`` fits each group's scale (and zero-point) when GPTQ reaches the
+    #: group, from its weights as compensated so far; ``True`` fits every group once, from the
+    #: weight before GPTQ (llm-compressor's ``GPTQModifier``). Channel and tensor strategies are
+    #: always fitted once. Measured effect of both: docs/benchmark_gptq.md
+    static_groups: bool = False
 
     @field_validator("actorder", mode="before")
     @classmethod
@@ -117,22 +122,25 @@ class ARMORGPTQModifier(GPTQModifier):
             count = self._num_samples.pop(module).to(hessian.device)
             with torch.no_grad():
                 weight: torch.Tensor = module.get_parameter("weight").detach()
-                quantize = column_quantizer(qparams["scale"], qparams["zero_point"], quant_args)
+                grid = ColumnGrid(qparams["scale"], qparams["zero_point"], quant_args, observer)
+                refit = not self.static_groups and grid.group_size is not None
                 try:
                     result = masked_gptq(
                         weight,
                         hessian / count,
-                        quantize,
+                        grid,
                         block_size=self.block_size,
                         dampening_frac=self.dampening_frac or 0.01,
+                        fit_group=grid.fit if refit else None,
+                        group_size=grid.group_size if refit else None,
                     )
                 except HessianNotPositiveDefinite as err:
                     raise ARMORCompressionError(name, done, str(err)) from err
                 update_batch_qparams(
                     [module],
                     result.weight.unsqueeze(0),
-                    qparams["scale"].unsqueeze(0),
-                    qparams["zero_point"].unsqueeze(0),
+                    grid.scale.unsqueeze(0),
+                    grid.zero_point.unsqueeze(0),
                     None,
                     quant_args,
                 )
@@ -173,30 +181,55 @@ def check_gptq_scheme(name: str, module: nn.Linear, args: Any) -> None:
         )
 
 
-def column_quantizer(scale: torch.Tensor, zero_point: torch.Tensor, args: Any) -> Any:
-    """``quantize(columns [m, k], first) -> fake-quantized columns`` on the observer's grid.
+class ColumnGrid:
+    """A module's weight grid, column by column: ``quantize(columns [m, k], first)`` for
+    :func:`~armor_modifier.core.gptq.masked_gptq`, and ``fit`` to recompute one group's scale
+    and zero-point with a fresh observer of the module's observer type.
 
-    :param scale: ``[m, n / group_size]`` (group), ``[m, 1]`` (channel) or ``[1]`` (tensor)
-    :param zero_point: same shape as ``scale``
-    :param args: the module's weight ``QuantizationArgs``
+    :ivar scale: ``[m, n / group_size]`` (group), ``[m, 1]`` (channel) or ``[1]`` (tensor); a copy
+        of the one passed in, rewritten group by group by ``fit``
+    :ivar zero_point: same shape as ``scale``
+    :ivar group_size: columns per group (group strategy), else ``None``
     """
-    group = args.group_size if args.strategy == QuantizationStrategy.GROUP else None
-    per_column = args.model_copy(update={"strategy": QuantizationStrategy.CHANNEL})
 
-    def quantize(columns: torch.Tensor, first: int) -> torch.Tensor:
+    def __init__(
+        self, scale: torch.Tensor, zero_point: torch.Tensor, args: Any, observer: Any
+    ) -> None:
+        self.scale = scale.clone()
+        self.zero_point = zero_point.clone()
+        self.args = args
+        self.observer = observer
+        self.group_size: int | None = (
+            args.group_size if args.strategy == QuantizationStrategy.GROUP else None
+        )
+        self._per_column = args.model_copy(update={"strategy": QuantizationStrategy.CHANNEL})
+
+    def _column_params(self, index: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.scale.numel() == 1:
+            return self.scale.expand(m, 1), self.zero_point.expand(m, 1)
+        s, z = self.scale.reshape(m, -1), self.zero_point.reshape(m, -1)
+        return s[:, index : index + 1], z[:, index : index + 1]
+
+    def __call__(self, columns: torch.Tensor, first: int) -> torch.Tensor:
+        """Fake-quantize ``columns [m, k]`` (the weight's columns ``first .. first + k - 1``)."""
         out = torch.empty_like(columns)
         m = columns.shape[0]
         for k in range(columns.shape[1]):
-            index = 0 if group is None else (first + k) // group
-            s = scale.reshape(m, -1)[:, index : index + 1] if scale.numel() > 1 else scale
-            z = (
-                zero_point.reshape(m, -1)[:, index : index + 1]
-                if zero_point.numel() > 1
-                else zero_point
+            index = 0 if self.group_size is None else (first + k) // self.group_size
+            s, z = self._column_params(index, m)
+            out[:, k : k + 1] = fake_quantize(
+                columns[:, k : k + 1], s.to(columns.device), z.to(columns.device), self._per_column
             )
-            s = s.expand(m, 1).to(columns.device)
-            z = z.expand(m, 1).to(columns.device)
-            out[:, k : k + 1] = fake_quantize(columns[:, k : k + 1], s, z, per_column)
         return out
 
-    return quantize
+    def fit(self, columns: torch.Tensor, first: int) -> None:
+        """Recompute the scale and zero-point of the group starting at column ``first`` from
+        ``columns [m, group_size]`` (the module's observer type, on those columns alone)."""
+        if self.group_size is None:
+            raise ARMORValueError("fit needs a group strategy; channel and tensor grids are fixed")
+        observer = type(self.observer)(base_name="weight", args=self.args.model_copy(deep=True))
+        observer(columns.contiguous())
+        qparams = observer.get_qparams()
+        index = first // self.group_size
+        self.scale[:, index] = qparams["scale"].reshape(-1).to(self.scale)
+        self.zero_point[:, index] = qparams["zero_point"].reshape(-1).to(self.zero_point)
