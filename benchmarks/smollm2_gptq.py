@@ -5,8 +5,14 @@ Each base model is pruned once (dense: not at all; SparseGPT 2:4; ARMOR output o
 llm-compressor's ``oneshot`` on the same calibration windows:
 
 - ``w4a16-rtn`` / ``w8a8-rtn``: ``QuantizationModifier`` (round-to-nearest; keeps 2:4 zeros);
-- ``w4a16-gptq`` / ``w8a8-gptq``: ``ARMORGPTQModifier`` (GPTQ that keeps every pruned zero) on the
-  2:4 bases, llm-compressor's own ``GPTQModifier`` on the dense base.
+- ``w4a16-gptq`` / ``w8a8-gptq``: ``ARMORGPTQModifier`` (GPTQ that keeps every pruned zero; group
+  grids fitted as GPTQ reaches them) on the 2:4 bases, llm-compressor's own ``GPTQModifier`` on
+  the dense base;
+- ``w4a16-gptq-static``: ``ARMORGPTQModifier(static_groups=True)`` (grids fixed from the weight
+  before GPTQ, as llm-compressor's ``GPTQModifier`` does).
+
+``--gptq-dampening`` sets the GPTQ stages' ``dampening_frac`` (several values: one row each);
+``--also-valid`` also evaluates the valid splits (defaults are chosen there).
 
 W4A16: symmetric int4 in groups of 64 input columns (divides 576 and 1536; the preset's 128 does
 not divide 576). W8A8: int8 per channel, dynamic per-token int8 activations. Every row records
@@ -37,7 +43,7 @@ import torch
 LM_HEAD = "re:.*lm_head"
 GROUP_SIZE = 64
 BASES = ("dense", "sparsegpt", "armor")
-QUANTS = ("none", "w4a16-rtn", "w4a16-gptq", "w8a8-rtn", "w8a8-gptq")
+QUANTS = ("none", "w4a16-rtn", "w4a16-gptq", "w4a16-gptq-static", "w8a8-rtn", "w8a8-gptq")
 
 
 def scheme(quant: str) -> dict:
@@ -62,7 +68,7 @@ def base_recipe(base: str, seed: int) -> list:
     return [ARMORModifier(seed=seed, **common, **fields)]
 
 
-def quant_recipe(base: str, quant: str) -> list:
+def quant_recipe(base: str, quant: str, dampening: float) -> list:
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
@@ -72,8 +78,9 @@ def quant_recipe(base: str, quant: str) -> list:
     if quant.endswith("-rtn"):
         return [QuantizationModifier(config_groups=groups, ignore=[LM_HEAD])]
     if base == "dense":
-        return [GPTQModifier(config_groups=groups, ignore=[LM_HEAD])]
-    return [ARMORGPTQModifier(config_groups=groups, ignore=[LM_HEAD])]
+        return [GPTQModifier(config_groups=groups, ignore=[LM_HEAD], dampening_frac=dampening)]
+    return [ARMORGPTQModifier(config_groups=groups, ignore=[LM_HEAD], dampening_frac=dampening,
+                              static_groups=quant.endswith("-static"))]
 
 
 def checkpoint_bytes(model) -> int:
@@ -136,19 +143,24 @@ def run_base(base: str, quants: list[str], calibration, texts, args) -> None:
     if base != "dense":
         oneshot(model=model, processor=tokenizer, recipe=base_recipe(base, args.seed), **kwargs)
     prune_seconds = time.perf_counter() - start
-    for quant in quants:
+    runs = [(q, d) for q in quants
+            for d in (args.gptq_dampening if "gptq" in q else [args.gptq_dampening[0]])]
+    for quant, dampening in runs:
         if base == "dense" and quant.endswith("-rtn"):
             continue  # dense rows: unquantized and llm-compressor's own GPTQ
         stage = model if quant == "none" else copy.deepcopy(model)
         start = time.perf_counter()
         if quant != "none":
-            oneshot(model=stage, processor=tokenizer, recipe=quant_recipe(base, quant), **kwargs)
+            recipe = quant_recipe(base, quant, dampening)
+            oneshot(model=stage, processor=tokenizer, recipe=recipe, **kwargs)
         row = {
             "base": base,
             "quant": quant,
             "prune_seconds": prune_seconds,
             "quant_seconds": time.perf_counter() - start,
             "ppl": evaluate(stage, tokenizer, texts, args),
+            "ppl_valid": evaluate(stage, tokenizer, args.valid_texts, args)
+            if args.also_valid else None,
             "is_2of4": is_2of4(stage) if base != "dense" else None,
             # saving compresses in place and leaves a pending decompress hook that a later deep
             # copy would inherit: measure the base model's size on a copy
@@ -157,6 +169,7 @@ def run_base(base: str, quants: list[str], calibration, texts, args) -> None:
                 "num_samples": args.num_samples, "seq_len": args.seq_len,
                 "eval_windows": args.eval_windows, "split": args.split,
                 "group_size": GROUP_SIZE, "date": str(date.today()),
+                "gptq_dampening": dampening,
                 "machine": platform.machine(), "threads": torch.get_num_threads(),
             },
         }  # fmt: skip
@@ -167,24 +180,35 @@ def run_base(base: str, quants: list[str], calibration, texts, args) -> None:
             del stage
 
 
+def label(row: dict) -> str:
+    """The quantization column: the stage, and GPTQ's dampening when it is not 0.01."""
+    damp = row["setup"].get("gptq_dampening", 0.01)
+    return row["quant"] + (f", damp {damp:g}" if "gptq" in row["quant"] and damp != 0.01 else "")
+
+
 def report(results: Path, out: Path) -> None:
+    """Markdown table of the newest row of each (base, quantization), bases in ``BASES`` order;
+    valid-split columns when the rows have them."""
     rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
     texts = list(rows[0]["ppl"])
-    by = {(r["base"], r["quant"]): r for r in rows}
+    latest = {(r["base"], label(r)): r for r in rows}
+    valid = any(r.get("ppl_valid") for r in rows)
+    head = [f"{t} ppl" for t in texts] + ([f"{t} valid ppl" for t in texts] if valid else [])
     lines = [
-        "| base | quantization | " + " | ".join(f"{t} ppl" for t in texts)
-        + " | 2:4 kept | checkpoint MiB | stage s |",
-        "|---|---|" + "---|" * len(texts) + "---|---|---|",
+        "| base | quantization | " + " | ".join(head) + " | 2:4 kept | checkpoint MiB | stage s |",
+        "|---|---|" + "---|" * len(head) + "---|---|---|",
     ]  # fmt: skip
     for base in BASES:
-        for quant in QUANTS:
-            r = by.get((base, quant))
-            if r is None:
+        for (row_base, quant), r in latest.items():
+            if row_base != base:
                 continue
             kept = "-" if r["is_2of4"] is None else ("yes" if r["is_2of4"] else "NO")
-            seconds = r["prune_seconds"] if quant == "none" else r["quant_seconds"]
+            seconds = r["prune_seconds"] if r["quant"] == "none" else r["quant_seconds"]
+            cells = [f"{r['ppl'][t]:.2f}" for t in texts]
+            if valid:
+                cells += [f"{r['ppl_valid'][t]:.2f}" if r.get("ppl_valid") else "-" for t in texts]
             lines.append(
-                f"| {base} | {quant} | " + " | ".join(f"{r['ppl'][t]:.2f}" for t in texts)
+                f"| {base} | {quant} | " + " | ".join(cells)
                 + f" | {kept} | {r['bytes'] / 2**20:.1f} | {seconds:.0f} |"
             )  # fmt: skip
     out.write_text("\n".join(lines) + "\n")
@@ -202,6 +226,10 @@ def main() -> None:
     ap.add_argument("--texts", nargs="+", default=["wikivital", "ptb"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--gptq-dampening", type=float, nargs="+", default=[0.01],
+                    help="dampening_frac of the GPTQ stages; each GPTQ row runs once per value")
+    ap.add_argument("--also-valid", action="store_true",
+                    help="also evaluate the valid splits (same window count)")
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/gptq.jsonl"))
     ap.add_argument("--report", type=Path, default=None, help="write the table and exit")
     args = ap.parse_args()
@@ -217,6 +245,7 @@ def main() -> None:
         tokenizer, load_text("wikivital", "train"), args.num_samples, args.seq_len, seed=args.seed
     )
     texts = {name: load_text(name, args.split) for name in args.texts}
+    args.valid_texts = {name: load_text(name, "valid") for name in args.texts}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for base in args.bases:
         run_base(base, args.quants, calibration, texts, args)
