@@ -9,7 +9,9 @@ llm-compressor's ``oneshot`` on the same calibration windows:
   grids fitted as GPTQ reaches them) on the 2:4 bases, llm-compressor's own ``GPTQModifier`` on
   the dense base;
 - ``w4a16-gptq-static``: ``ARMORGPTQModifier(static_groups=True)`` (grids fixed from the weight
-  before GPTQ, as llm-compressor's ``GPTQModifier`` does).
+  before GPTQ, as llm-compressor's ``GPTQModifier`` does);
+- ``w4a16-gptq-act``: ``ARMORGPTQModifier(actorder="weight")`` (columns visited by descending
+  Hessian diagonal, grids fitted as GPTQ reaches them).
 
 ``--gptq-dampening`` sets the GPTQ stages' ``dampening_frac`` (several values: one row each);
 ``--also-valid`` also evaluates the valid splits (defaults are chosen there).
@@ -43,7 +45,8 @@ import torch
 LM_HEAD = "re:.*lm_head"
 GROUP_SIZE = 64
 BASES = ("dense", "sparsegpt", "armor")
-QUANTS = ("none", "w4a16-rtn", "w4a16-gptq", "w4a16-gptq-static", "w8a8-rtn", "w8a8-gptq")
+QUANTS = ("none", "w4a16-rtn", "w4a16-gptq", "w4a16-gptq-static", "w4a16-gptq-act", "w8a8-rtn",
+          "w8a8-gptq")
 
 
 def scheme(quant: str) -> dict:
@@ -80,7 +83,8 @@ def quant_recipe(base: str, quant: str, dampening: float) -> list:
     if base == "dense":
         return [GPTQModifier(config_groups=groups, ignore=[LM_HEAD], dampening_frac=dampening)]
     return [ARMORGPTQModifier(config_groups=groups, ignore=[LM_HEAD], dampening_frac=dampening,
-                              static_groups=quant.endswith("-static"))]
+                              static_groups=quant.endswith("-static"),
+                              actorder="weight" if quant.endswith("-act") else None)]
 
 
 def checkpoint_bytes(model) -> int:

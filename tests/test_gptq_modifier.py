@@ -1,6 +1,7 @@
 """ARMORGPTQModifier through llm-compressor's ``oneshot`` on the tiny Llama: 2:4 + W4A16 / W8A8
 GPTQ that keeps every pruned zero, saved as armor-ct and reloaded in a fresh interpreter, and
-every refusal (plain GPTQ after ARMOR, a group size that does not divide, actorder, FP8)."""
+every refusal (plain GPTQ after ARMOR, a group size that does not divide, actorder 'group',
+FP8)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.quantization import QuantizationModifier
 
-from armor_modifier.core import count_broken_groups
+from armor_modifier.core import count_broken_groups, masked_gptq
 from armor_modifier.core.errors import ARMORValueError
 from armor_modifier.modifier import ARMORGPTQModifier
 from armor_modifier.runtime import armor_linears
@@ -42,6 +43,8 @@ def runs(tiny_llama_folder, tmp_path_factory) -> dict:
     out["rtn"] = (run_oneshot(tiny_llama_folder, [*sparse_recipe(), rtn]), None)
     static = ARMORGPTQModifier(config_groups=w4a16_groups(32), ignore=IGNORE, static_groups=True)
     out["gptq_w4a16_static"] = (run_oneshot(tiny_llama_folder, [*sparse_recipe(), static]), None)
+    ordered = ARMORGPTQModifier(config_groups=w4a16_groups(32), ignore=IGNORE, actorder="weight")
+    out["gptq_w4a16_act"] = (run_oneshot(tiny_llama_folder, [*sparse_recipe(), ordered]), None)
     for case, gptq in {
         "gptq_w4a16": ARMORGPTQModifier(config_groups=w4a16_groups(32), ignore=IGNORE),
         "gptq_w8a8": ARMORGPTQModifier(scheme="W8A8", targets=["Linear"], ignore=IGNORE),
@@ -56,7 +59,7 @@ def runs(tiny_llama_folder, tmp_path_factory) -> dict:
 
 def test_every_core_keeps_its_2of4_mask(runs):
     sparse = armor_linears(runs["sparse"][0])
-    for case in ("gptq_w4a16", "gptq_w8a8"):
+    for case in ("gptq_w4a16", "gptq_w4a16_act", "gptq_w8a8"):
         quantized = armor_linears(runs[case][0])
         assert quantized.keys() == sparse.keys()
         for name, linear in quantized.items():
@@ -111,7 +114,7 @@ def test_saved_armor_ct_reloads_identically_in_a_fresh_interpreter(runs, case, f
     run_python(
         "import torch, armor_modifier\n"
         "from transformers import AutoModelForCausalLM\n"
-        "from armor_modifier.core import count_broken_groups\n"
+        "from armor_modifier.core import count_broken_groups, masked_gptq\n"
         "from armor_modifier.runtime import armor_linears\n"
         f"expected = torch.load({str(tmp_path / 'expected.pt')!r})\n"
         f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r}).eval()\n"
@@ -140,12 +143,24 @@ def test_group_size_that_does_not_divide_is_refused_before_work(tiny_llama_folde
         run_oneshot(tiny_llama_folder, [*sparse_recipe(), gptq], dataset=calibration_dataset(1))
 
 
-def test_actorder_is_refused_on_the_modifier_and_in_a_scheme(tiny_llama_folder):
-    with pytest.raises(ValueError, match="actorder='weight' would reorder them"):
-        ARMORGPTQModifier(scheme="W8A8", targets=["Linear"], actorder="weight")
-    gptq = ARMORGPTQModifier(config_groups=w4a16_groups(32, actorder="weight"), ignore=IGNORE)
-    with pytest.raises(ARMORValueError, match="config group 'group_0' sets weights.actorder"):
-        run_oneshot(tiny_llama_folder, [*sparse_recipe(), gptq], dataset=calibration_dataset(1))
+def test_group_actorder_is_refused_and_weight_order_is_read_from_the_scheme(
+    tiny_llama_folder, monkeypatch
+):
+    with pytest.raises(ValueError, match="actorder='group': ARMORGPTQModifier supports actorder"):
+        ARMORGPTQModifier(scheme="W8A8", targets=["Linear"], actorder="group")
+    import armor_modifier.modifier.gptq as gptq_module
+
+    orders = []
+
+    def recording(*args, **kwargs):
+        orders.append(kwargs["order"])
+        return masked_gptq(*args, **kwargs)
+
+    monkeypatch.setattr(gptq_module, "masked_gptq", recording)
+    gptq = ARMORGPTQModifier(config_groups=w4a16_groups(32, actorder="static"), ignore=IGNORE)
+    run_oneshot(tiny_llama_folder, [*sparse_recipe(), gptq], dataset=calibration_dataset(1))
+    assert orders and all(o is not None and sorted(o.tolist()) == list(range(o.numel()))
+                          for o in orders)
 
 
 def test_fp8_stays_round_to_nearest(tiny_llama_folder):

@@ -5,9 +5,11 @@ Hessian ``X^T X / N`` (any positive scale), ``U [n, n]`` the upper Cholesky fact
 ``(H + lambda I)^-1`` with ``lambda = dampening_frac * mean(diag H)``, ``B`` the columns per lazy
 block (``block_size``), ``Q [m, n]`` the result, ``E [m, n]`` the scaled errors.
 
-Columns are visited left to right (no activation reordering). Column ``j`` is fake-quantized and
-masked, ``q = quantize(w) * M[:, j]``; its scaled error ``err = (w - q) / U_jj`` is spread over
-the not yet visited columns through row ``j`` of ``U``: inside the block at once, to the later
+Columns are visited left to right, or in a given ``order`` (GPTQ's activation order: the
+columns with the largest ``H_jj`` first, so that the later ones compensate their error; the mask
+is per entry, so any order keeps it). Column ``j`` is fake-quantized and masked,
+``q = quantize(w) * M[:, j]``; its scaled error ``err = (w - q) / U_jj`` is spread over the not
+yet visited columns through row ``j`` of ``U``: inside the block at once, to the later
 blocks in one product per block (GPTQ's lazy batch updates).
 
 **The mask.** This is GPTQ whose quantizer maps pruned entries to 0, the way SparseGPT quantizes
@@ -24,7 +26,7 @@ round-to-nearest).
 objective itself. (GPTQ's code and llm-compressor report half of it.)
 
 **Group grids.** With ``fit_group`` and ``group_size``, the grid of each group of
-``group_size`` columns is fitted when the sweep reaches the group's first column, from the
+``group_size`` columns is fitted when the sweep first reaches one of its columns, from the
 group's columns as compensated so far (masked), as the GPTQ paper's code does without
 ``static_groups``. A grid fixed from the weight before GPTQ cannot follow the compensation: on
 SmolLM2's last ``down_proj`` (2:4, int4 in groups of 64) the compensated weights left the fixed
@@ -81,6 +83,7 @@ def masked_gptq(
     dampening_frac: float = 0.01,
     fit_group: GroupFitter | None = None,
     group_size: int | None = None,
+    order: torch.Tensor | None = None,
 ) -> GPTQResult:
     """GPTQ of one weight that keeps its zeros: a 2:4 core stays 2:4.
 
@@ -90,36 +93,42 @@ def masked_gptq(
     :param H: ``[n, n]`` Hessian of the layer's inputs (only its lower triangle and diagonal are
         read)
     :param quantize: ``(columns [m, k] float32, index of the first column) -> [m, k]``
-        fake-quantized columns on a grid fixed before the call; must map 0 to 0
+        fake-quantized columns on the current grid; must map 0 to 0. Called one column at a
+        time, with the column's index in ``W``
     :param mask: bool ``[m, n]`` entries allowed to be non-zero; default ``W != 0``
     :param block_size: columns per lazy-update block (GPTQ's ``B``); the result depends on it
-        only through rounding. With ``fit_group`` it is rounded up to a multiple of
-        ``group_size``, so that every group's columns are up to date when it is fitted
+        only through rounding
     :param dampening_frac: ``lambda / mean(diag H)``, multiplied by ``DAMPING_GROWTH`` up to
         ``MAX_DAMPING_INCREASES`` times while a Cholesky factorisation fails
-    :param fit_group: called at the first column of every group of ``group_size`` columns, before
-        ``quantize`` sees them (see "Group grids" above); ``None``: the grid is fixed
+    :param fit_group: called when the sweep reaches the first column of a group of
+        ``group_size`` columns (``[g * group_size, (g + 1) * group_size)`` of ``W``), before
+        ``quantize`` sees it (see "Group grids" above); ``None``: the grid is fixed
     :param group_size: columns per grid group; required with ``fit_group`` only
+    :param order: int ``[n]`` permutation: the order in which columns are visited (GPTQ's
+        activation order is ``argsort(diag(H), descending=True)``); default left to right. The
+        result is in ``W``'s column order; the mask and the groups are those of ``W``
     :raises HessianNotPositiveDefinite: when every damping tried fails
     :raises ARMORValueError: on a bad shape, value or setting, or a non-finite quantizer output
     """
     Wf, M = _check_inputs(W, mask, quantize, block_size, dampening_frac)
-    block_size = _check_group_fitting(fit_group, group_size, block_size)
+    _check_group_fitting(fit_group, group_size)
     n = Wf.shape[1]
+    perm = _check_order(order, n, Wf.device)
     Hf = check_hessian(H.to(Wf.device) if isinstance(H, torch.Tensor) else H, n, symmetrize=False)
     dead = Hf.diagonal() == 0
     Hf[dead, dead] = 1.0
-    U, _, increases = inverse_hessian_factor(Hf, dampening_frac, MAX_DAMPING_INCREASES)
+    lower = Hf.tril()
+    Hp = (lower + lower.T - torch.diag(Hf.diagonal()))[perm][:, perm]
+    U, _, increases = inverse_hessian_factor(Hp, dampening_frac, MAX_DAMPING_INCREASES)
 
+    sweep = _Sweep(Wf[:, perm].clone(), M[:, perm], U, perm, quantize, fit_group, group_size)
     Q = torch.zeros_like(Wf)
     loss = torch.zeros((), dtype=torch.float32, device=Wf.device)
     for i1 in range(0, n, block_size):
         i2 = min(i1 + block_size, n)
-        Q1, E1 = _quantize_block(
-            Wf[:, i1:i2].clone(), U[i1:i2, i1:i2], M[:, i1:i2], quantize, i1, fit_group, group_size
-        )
-        Q[:, i1:i2] = Q1
-        Wf[:, i2:] -= E1 @ U[i1:i2, i2:]
+        Q1, E1 = sweep.block(i1, i2)
+        Q[:, perm[i1:i2]] = Q1
+        sweep.W[:, i2:] -= E1 @ U[i1:i2, i2:]
         loss += E1.square().sum()
     if not bool(torch.isfinite(Q).all()):
         raise ARMORValueError(
@@ -129,51 +138,97 @@ def masked_gptq(
     return GPTQResult(weight=Q, loss=float(loss), num_damping_increases=increases)
 
 
-def _quantize_block(
-    W1: torch.Tensor,
-    U1: torch.Tensor,
-    M1: torch.Tensor,
-    quantize: Quantizer,
-    i1: int,
-    fit_group: GroupFitter | None,
-    group_size: int | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sweep one block column by column (Algorithm 1's inner loop).
+class _Sweep:
+    """Algorithm 1's state in visiting order: ``W [m, n]`` the columns permuted by ``perm``
+    (updated as the sweep goes), ``M`` the mask likewise, ``U`` of the permuted Hessian."""
 
-    :param W1: ``[m, c]`` the block's current columns (updated in place)
-    :param U1: ``[c, c]`` the block's diagonal block of ``U``
-    :param M1: bool ``[m, c]`` the block's mask
-    :param i1: index of the block's first column in ``W`` (a multiple of ``group_size`` when
-        ``fit_group`` is given)
-    :return: (``Q1 [m, c]`` quantized masked columns, ``E1 [m, c]`` scaled errors)
-    """
-    Q1 = torch.zeros_like(W1)
-    E1 = torch.zeros_like(W1)
-    for i in range(W1.shape[1]):
-        if fit_group is not None and group_size is not None and i % group_size == 0:
-            fit_group((W1[:, i : i + group_size] * M1[:, i : i + group_size]).clone(), i1 + i)
-        w = W1[:, i : i + 1]
-        q = quantize(w.clone(), i1 + i)
-        if not isinstance(q, torch.Tensor) or q.shape != w.shape:
-            got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
-            raise ARMORValueError(
-                f"quantize returned {got} for columns of shape {tuple(w.shape)}; it must return "
-                "a tensor of the same shape"
-            )
-        q = torch.where(M1[:, i : i + 1], q.to(W1.dtype), 0.0)
-        err = (w - q) / U1[i, i]
-        W1[:, i + 1 :] -= err * U1[i, i + 1 :]
-        Q1[:, i : i + 1] = q
-        E1[:, i : i + 1] = err
-    return Q1, E1
+    def __init__(
+        self,
+        W: torch.Tensor,
+        M: torch.Tensor,
+        U: torch.Tensor,
+        perm: torch.Tensor,
+        quantize: Quantizer,
+        fit_group: GroupFitter | None,
+        group_size: int | None,
+    ) -> None:
+        self.W, self.M, self.U, self.perm = W, M, U, perm
+        self.position = torch.argsort(perm)  # column of W -> its place in the visiting order
+        self.quantize, self.fit_group, self.group_size = quantize, fit_group, group_size
+        self.fitted: set[int] = set()
+
+    def block(self, i1: int, i2: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sweep visiting positions ``i1 .. i2 - 1`` column by column (Algorithm 1's inner loop).
+
+        :return: (``Q1 [m, i2 - i1]`` quantized masked columns, ``E1 [m, i2 - i1]`` scaled errors)
+        """
+        W1 = self.W[:, i1:i2].clone()
+        U1 = self.U[i1:i2, i1:i2]
+        Q1 = torch.zeros_like(W1)
+        E1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            column = int(self.perm[i1 + i])
+            self._fit_group_of(column, W1, E1, i1, i)
+            w = W1[:, i : i + 1]
+            q = self.quantize(w.clone(), column)
+            if not isinstance(q, torch.Tensor) or q.shape != w.shape:
+                got = tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__
+                raise ARMORValueError(
+                    f"quantize returned {got} for columns of shape {tuple(w.shape)}; it must "
+                    "return a tensor of the same shape"
+                )
+            q = torch.where(self.M[:, i1 + i : i1 + i + 1], q.to(W1.dtype), 0.0)
+            err = (w - q) / U1[i, i]
+            W1[:, i + 1 :] -= err * U1[i, i + 1 :]
+            Q1[:, i : i + 1] = q
+            E1[:, i : i + 1] = err
+        return Q1, E1
+
+    def _fit_group_of(
+        self, column: int, W1: torch.Tensor, E1: torch.Tensor, i1: int, i: int
+    ) -> None:
+        """Fit the grid of ``column``'s group when the sweep first reaches the group, from its
+        columns' current values: inside the block ``W1`` holds them; after it, the block's
+        updates so far (``E1[:, :i] U[i1:i1+i, p]``) are not applied yet and are added here."""
+        if self.fit_group is None or self.group_size is None:
+            return
+        group = column // self.group_size
+        if group in self.fitted:
+            return
+        self.fitted.add(group)
+        first = group * self.group_size
+        places = self.position[first : first + self.group_size]
+        current = torch.empty(W1.shape[0], places.numel(), dtype=W1.dtype, device=W1.device)
+        inside = places < i1 + W1.shape[1]
+        current[:, inside] = W1[:, places[inside] - i1]
+        later = places[~inside]
+        current[:, ~inside] = self.W[:, later] - E1[:, :i] @ self.U[i1 : i1 + i, later]
+        self.fit_group(current * self.M[:, places], first)
 
 
-def _check_group_fitting(
-    fit_group: object, group_size: object, block_size: int
-) -> int:
-    """Validate ``fit_group`` / ``group_size``; return the block size to use."""
+def _check_order(order: object, n: int, device: torch.device) -> torch.Tensor:
+    """``order`` as a permutation of ``range(n)`` on ``device`` (``None``: left to right)."""
+    if order is None:
+        return torch.arange(n, device=device)
+    if (
+        not isinstance(order, torch.Tensor)
+        or order.dtype.is_floating_point
+        or order.dtype == torch.bool
+        or order.shape != (n,)
+        or not torch.equal(torch.sort(order.cpu()).values, torch.arange(n))
+    ):
+        got = tuple(order.shape) if isinstance(order, torch.Tensor) else type(order).__name__
+        raise ARMORValueError(
+            f"order must be an integer permutation of the {n} columns, got {got}; use "
+            "torch.argsort(H.diagonal(), descending=True) for GPTQ's activation order"
+        )
+    return order.to(device=device, dtype=torch.long)
+
+
+def _check_group_fitting(fit_group: object, group_size: object) -> None:
+    """Validate ``fit_group`` / ``group_size``."""
     if fit_group is None:
-        return block_size
+        return
     if not callable(fit_group):
         raise ARMORTypeError(
             f"fit_group must be a callable (columns [m, g], first column) -> None or None, "
@@ -184,7 +239,6 @@ def _check_group_fitting(
             f"fit_group needs group_size, the columns per grid group (an int >= 1), "
             f"got {group_size!r}"
         )
-    return -(-block_size // group_size) * group_size
 
 
 def _check_inputs(

@@ -51,9 +51,11 @@ class ARMORGPTQModifier(GPTQModifier):
     ``dampening_frac``, ``config_groups``) and ``static_groups``. Zeros of each weight are
     kept: the mask is ``weight != 0`` when the module is calibrated (for ARMOR Linears the 2:4
     core). Integer weight schemes only (W4A16 with a group size dividing every target's
-    ``in_features``, W8A8 / W8A16 per channel); FP8 stays round-to-nearest (``QuantizationModifier``), and
-    activation reordering (``actorder``) is refused because it would interleave the 2:4 groups.
-    Measured effect: ``docs/benchmark_gptq.md``.
+    ``in_features``, W8A8 / W8A16 per channel); FP8 stays round-to-nearest
+    (``QuantizationModifier``). ``actorder="weight"`` (alias ``"static"``) visits columns by
+    descending Hessian diagonal during calibration only (the stored layout is unchanged and the
+    mask, per entry, is kept); ``"group"`` (a stored column permutation) is refused. Measured
+    effect: ``docs/benchmark_gptq.md``.
 
     Sample yaml (after ``import armor_modifier.modifier``)::
 
@@ -79,24 +81,16 @@ class ARMORGPTQModifier(GPTQModifier):
 
     @field_validator("actorder", mode="before")
     @classmethod
-    def _no_actorder(cls, value: Any) -> Any:
-        if value is not None:
-            raise ARMORValueError(
-                f"ARMORGPTQModifier quantizes columns in order so that every 2:4 group keeps "
-                f"its mask; actorder={value!r} would reorder them. Leave actorder unset (null)"
-            )
-        return value
+    def _weight_order_only(cls, value: Any) -> Any:
+        return _checked_actorder(value, "actorder")
 
     def resolve_quantization_config(self) -> Any:
-        """The schemes as ``QuantizationMixin`` resolves them; refuses ``actorder`` in a scheme."""
+        """The schemes as ``QuantizationMixin`` resolves them (``GPTQModifier``'s own resolution
+        would write its ``actorder`` into every scheme); each scheme's ``actorder`` checked."""
         config = QuantizationMixin.resolve_quantization_config(self)
         for name, scheme in config.config_groups.items():
             order = getattr_chain(scheme, "weights.actorder", None)
-            if order is not None:
-                raise ARMORValueError(
-                    f"config group {name!r} sets weights.actorder={order!r}; ARMORGPTQModifier "
-                    "keeps 2:4 groups in column order: remove actorder from the scheme"
-                )
+            _checked_actorder(order, f"config group {name!r}: weights.actorder")
         return config
 
     def on_initialize(self, state: State, **kwargs: Any) -> bool:
@@ -124,6 +118,10 @@ class ARMORGPTQModifier(GPTQModifier):
                 weight: torch.Tensor = module.get_parameter("weight").detach()
                 grid = ColumnGrid(qparams["scale"], qparams["zero_point"], quant_args, observer)
                 refit = not self.static_groups and grid.group_size is not None
+                actorder = _checked_actorder(self.actorder or quant_args.actorder, "actorder")
+                order = None
+                if actorder is not None:
+                    order = torch.argsort(hessian.diagonal(), descending=True)
                 try:
                     result = masked_gptq(
                         weight,
@@ -133,6 +131,7 @@ class ARMORGPTQModifier(GPTQModifier):
                         dampening_frac=self.dampening_frac or 0.01,
                         fit_group=grid.fit if refit else None,
                         group_size=grid.group_size if refit else None,
+                        order=order,
                     )
                 except HessianNotPositiveDefinite as err:
                     raise ARMORCompressionError(name, done, str(err)) from err
@@ -151,6 +150,20 @@ class ARMORGPTQModifier(GPTQModifier):
             )
             done.append(name)
             self._num_compressed_modules += 1
+
+
+def _checked_actorder(value: Any, what: str) -> str | None:
+    """``None`` or ``"weight"`` (``"static"`` is its alias); anything else is refused."""
+    if value is None or value is False:
+        return None
+    text = str(getattr(value, "value", value)).lower()
+    if text in ("weight", "static"):
+        return "weight"
+    raise ARMORValueError(
+        f"{what}={text!r}: ARMORGPTQModifier supports actorder 'weight' (alias 'static': columns "
+        "visited by activation order, layout unchanged) or null; 'group' would store a column "
+        "permutation that 2:4 kernels do not read"
+    )
 
 
 def check_gptq_scheme(name: str, module: nn.Linear, args: Any) -> None:
