@@ -126,8 +126,9 @@ class ARMORModifier(Modifier):
         iterate with the lowest held-out error is kept, and only if it beats the start
     :param reconstruction_eval_every: steps between held-out evaluations
     :param reconstruction_target: ``"layer"`` (the dense layer's output on the same, already
-        compressed upstream inputs) or ``"model"`` (the dense model's hidden state: also
-        corrects upstream drift)
+        compressed upstream inputs; the default) or ``"model"`` (the dense model's hidden
+        state: also corrects upstream drift, which on SmolLM2 fitted the calibration text's
+        domain and lost out of it: docs/benchmark_reconstruction_notes.md)
 
     Measured effects of the reconstruction fields: ``docs/benchmark_reconstruction.md``.
     """
