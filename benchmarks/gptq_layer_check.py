@@ -34,7 +34,8 @@ WINDOWS, SEQ_LEN = 16, 512
 
 def hessians(model, tokenizer) -> dict[tuple[str, str], torch.Tensor]:
     """``{(module name, "cal" | "wikivital" | "ptb"): H [n, n] float64, X^T X / tokens}``."""
-    from armor_modifier.evaluation import calibration_samples, load_text, tokenize_text
+    from armor_modifier.evaluation import calibration_samples, load_text
+    from armor_modifier.evaluation.data import tokenize_text
 
     modules = {f"model.layers.{i}.{p}": model.get_submodule(f"model.layers.{i}.{p}")
                for i in LAYERS for p in PROJECTIONS}
