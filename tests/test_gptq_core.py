@@ -129,8 +129,9 @@ def test_matches_unblocked_reference(m, n, block_size):
 
 @pytest.mark.parametrize("block_size", [1, 7, 16, 40, None])
 def test_fitted_group_grids_match_the_unblocked_reference(block_size):
-    """Blocks are rounded up to whole groups, so each group is fitted from fully updated
-    columns; the result equals the column-by-column sweep that fits at each group start."""
+    """A group that reaches past its block (block sizes 7 and 40 against groups of 16) is fitted
+    from its columns with the block's pending updates added: the result equals the
+    column-by-column sweep that fits at each group start."""
     W, _, H, M = _problem(32, 128, seed=3)
     ref, got = _FittedGrid(32, 128), _FittedGrid(32, 128)
     Q_ref, loss_ref = _reference(W, H, ref.quantize, M, fit_group=ref.fit)
