@@ -65,48 +65,32 @@ def hessians(model, tokenizer) -> dict[tuple[str, str], torch.Tensor]:
     return {key: value / (WINDOWS * SEQ_LEN) for key, value in sums.items()}
 
 
-def int4_grid(columns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int4 min-max ``(scale, zero_point)`` per row of ``columns [m, g]``."""
+def int4_grid(weight: torch.Tensor):
+    """``ARMORGPTQModifier``'s grid for symmetric int4 in groups of ``GROUP``: the observer's
+    (min-max) scales of ``weight``, refittable group by group."""
     from compressed_tensors.quantization import QuantizationArgs
-    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+    from llmcompressor.observers.min_max import MemorylessMinMaxObserver
 
-    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="channel")
-    return calculate_qparams(columns.min(1, keepdim=True).values,
-                             columns.max(1, keepdim=True).values, args)
+    from armor_modifier.modifier.gptq import ColumnGrid
 
-
-class Grid:
-    """Per-group int4 grids over ``n`` columns: fixed from a weight, or fitted by ``fit``."""
-
-    def __init__(self, weight: torch.Tensor) -> None:
-        from compressed_tensors.quantization import QuantizationArgs
-
-        self.args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="channel")
-        self.params = [int4_grid(weight[:, g:g + GROUP]) for g in range(0, weight.shape[1], GROUP)]
-
-    def fit(self, columns: torch.Tensor, first: int) -> None:
-        self.params[first // GROUP] = int4_grid(columns)
-
-    def __call__(self, columns: torch.Tensor, first: int) -> torch.Tensor:
-        from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-
-        out = torch.empty_like(columns)
-        for k in range(columns.shape[1]):
-            scale, zero = self.params[(first + k) // GROUP]
-            out[:, k:k + 1] = fake_quantize(columns[:, k:k + 1], scale, zero, self.args)
-        return out
+    args = QuantizationArgs(num_bits=4, type="int", symmetric=True, strategy="group",
+                            group_size=GROUP)
+    observer = MemorylessMinMaxObserver(base_name="weight", args=args.model_copy(deep=True))
+    observer(weight)
+    qparams = observer.get_qparams()
+    return ColumnGrid(qparams["scale"], qparams["zero_point"], args, observer)
 
 
 def variants(S: torch.Tensor, H: torch.Tensor) -> dict[str, torch.Tensor]:
     from armor_modifier.core import masked_gptq
 
     order = torch.argsort(H.diagonal(), descending=True)
-    out = {"rtn": Grid(S)(S, 0) * (S != 0)}
+    out = {"rtn": int4_grid(S)(S, 0) * (S != 0)}
     for name, damp, fitted, act in (("gptq-static", 0.01, False, False),
                                     ("gptq-fitted", 0.01, True, False),
                                     ("gptq-fitted-d0.1", 0.1, True, False),
                                     ("gptq-act-fitted-d0.1", 0.1, True, True)):
-        grid = Grid(S)
+        grid = int4_grid(S)
         fit = {"fit_group": grid.fit, "group_size": GROUP} if fitted else {}
         out[name] = masked_gptq(S, H, grid, dampening_frac=damp, order=order if act else None,
                                 **fit).weight

@@ -41,6 +41,9 @@ __all__ = ["ARMORGPTQModifier", "ColumnGrid"]
 
 #: group sizes offered when one does not divide a layer's width
 _GROUP_SIZES = (32, 64, 96, 128, 256)
+#: ``dampening_frac`` when none is given: 0.1, not GPTQModifier's 0.01, chosen on WikiVital /
+#: PTB valid for 2:4 + W4A16 on SmolLM2 (docs/benchmark_gptq.md)
+DEFAULT_DAMPENING = 0.1
 
 
 class ARMORGPTQModifier(GPTQModifier):
@@ -73,9 +76,9 @@ class ARMORGPTQModifier(GPTQModifier):
 
     actorder: Any = None
     batched_quantization: Any = None
-    #: ``lambda / mean(diag H)`` added to the Hessian's diagonal. 0.1, not GPTQModifier's 0.01:
-    #: chosen on WikiVital / PTB valid for 2:4 + W4A16 on SmolLM2 (docs/benchmark_gptq.md)
-    dampening_frac: float | None = 0.1
+    #: ``lambda / mean(diag H)`` added to the Hessian's diagonal (``DEFAULT_DAMPENING`` when
+    #: ``None``)
+    dampening_frac: float | None = DEFAULT_DAMPENING
     #: group strategies: ``False`` fits each group's scale (and zero-point) when GPTQ reaches the
     #: group, from its weights as compensated so far; ``True`` fits every group once, from the
     #: weight before GPTQ (llm-compressor's ``GPTQModifier``). Channel and tensor strategies are
@@ -131,7 +134,7 @@ class ARMORGPTQModifier(GPTQModifier):
                         hessian / count,
                         grid,
                         block_size=self.block_size,
-                        dampening_frac=self.dampening_frac or 0.1,
+                        dampening_frac=self.dampening_frac or DEFAULT_DAMPENING,
                         fit_group=grid.fit if refit else None,
                         group_size=grid.group_size if refit else None,
                         order=order,
