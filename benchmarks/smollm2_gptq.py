@@ -11,7 +11,13 @@ llm-compressor's ``oneshot`` on the same calibration windows:
 - ``w4a16-gptq-static``: ``ARMORGPTQModifier(static_groups=True)`` (grids fixed from the weight
   before GPTQ, as llm-compressor's ``GPTQModifier`` does);
 - ``w4a16-gptq-act``: ``ARMORGPTQModifier(actorder="weight")`` (columns visited by descending
-  Hessian diagonal, grids fitted as GPTQ reaches them).
+  Hessian diagonal, grids fitted as GPTQ reaches them);
+- ``w4a16-rtn-refit`` (ARMOR base, an ablation): ``ARMORGPTQModifier(dampening_frac=1e6)``, whose
+  compensation is then negligible (round-to-nearest on the same min-max grids), followed by its
+  wrapper refit: what the refit does without GPTQ.
+
+On the ARMOR base ``ARMORGPTQModifier`` refits the wrappers to the quantized cores after GPTQ
+(``refit_wrappers`` passes; ``--refit-wrappers`` gives the values, one row each, 0 = off).
 
 ``--gptq-dampening`` sets the GPTQ stages' ``dampening_frac`` (several values: one row each);
 ``--also-valid`` also evaluates the valid splits (defaults are chosen there).
@@ -45,8 +51,10 @@ import torch
 LM_HEAD = "re:.*lm_head"
 GROUP_SIZE = 64
 BASES = ("dense", "sparsegpt", "armor")
-QUANTS = ("none", "w4a16-rtn", "w4a16-gptq", "w4a16-gptq-static", "w4a16-gptq-act", "w8a8-rtn",
-          "w8a8-gptq")
+QUANTS = ("none", "w4a16-rtn", "w4a16-gptq", "w4a16-gptq-static", "w4a16-gptq-act",
+          "w4a16-rtn-refit", "w8a8-rtn", "w8a8-gptq")
+#: ``dampening_frac`` that makes GPTQ's compensation negligible (``w4a16-rtn-refit``)
+NO_COMPENSATION = 1e6
 
 
 def scheme(quant: str) -> dict:
@@ -71,20 +79,24 @@ def base_recipe(base: str, seed: int) -> list:
     return [ARMORModifier(seed=seed, **common, **fields)]
 
 
-def quant_recipe(base: str, quant: str, dampening: float) -> list:
+def quant_recipe(base: str, quant: str, dampening: float, refit: int) -> list:
     from llmcompressor.modifiers.gptq import GPTQModifier
     from llmcompressor.modifiers.quantization import QuantizationModifier
 
     from armor_modifier.modifier import ARMORGPTQModifier
 
     groups = scheme(quant)
+    if quant == "w4a16-rtn-refit":
+        return [ARMORGPTQModifier(config_groups=groups, ignore=[LM_HEAD],
+                                  dampening_frac=NO_COMPENSATION, refit_wrappers=refit)]
     if quant.endswith("-rtn"):
         return [QuantizationModifier(config_groups=groups, ignore=[LM_HEAD])]
     if base == "dense":
         return [GPTQModifier(config_groups=groups, ignore=[LM_HEAD], dampening_frac=dampening)]
     return [ARMORGPTQModifier(config_groups=groups, ignore=[LM_HEAD], dampening_frac=dampening,
                               static_groups=quant.endswith("-static"),
-                              actorder="weight" if quant.endswith("-act") else None)]
+                              actorder="weight" if quant.endswith("-act") else None,
+                              refit_wrappers=refit)]
 
 
 def checkpoint_bytes(model) -> int:
@@ -147,15 +159,16 @@ def run_base(base: str, quants: list[str], calibration, texts, args) -> None:
     if base != "dense":
         oneshot(model=model, processor=tokenizer, recipe=base_recipe(base, args.seed), **kwargs)
     prune_seconds = time.perf_counter() - start
-    runs = [(q, d) for q in quants
-            for d in (args.gptq_dampening if "gptq" in q else [args.gptq_dampening[0]])]
-    for quant, dampening in runs:
+    runs = [(q, d, r) for q in quants
+            for d in (args.gptq_dampening if "gptq" in q else [args.gptq_dampening[0]])
+            for r in (args.refit_wrappers if refits(base, q) else [0])]
+    for quant, dampening, refit in runs:
         if base == "dense" and quant.endswith("-rtn"):
             continue  # dense rows: unquantized and llm-compressor's own GPTQ
         stage = model if quant == "none" else copy.deepcopy(model)
         start = time.perf_counter()
         if quant != "none":
-            recipe = quant_recipe(base, quant, dampening)
+            recipe = quant_recipe(base, quant, dampening, refit)
             oneshot(model=stage, processor=tokenizer, recipe=recipe, **kwargs)
         row = {
             "base": base,
@@ -173,7 +186,8 @@ def run_base(base: str, quants: list[str], calibration, texts, args) -> None:
                 "num_samples": args.num_samples, "seq_len": args.seq_len,
                 "eval_windows": args.eval_windows, "split": args.split,
                 "group_size": GROUP_SIZE, "date": str(date.today()),
-                "gptq_dampening": dampening,
+                "gptq_dampening": dampening if quant != "w4a16-rtn-refit" else NO_COMPENSATION,
+                "refit_wrappers": refit,
                 "machine": platform.machine(), "threads": torch.get_num_threads(),
             },
         }  # fmt: skip
@@ -184,10 +198,22 @@ def run_base(base: str, quants: list[str], calibration, texts, args) -> None:
             del stage
 
 
+def refits(base: str, quant: str) -> bool:
+    """Whether the stage is ``ARMORGPTQModifier`` on ARMOR Linears (so ``refit_wrappers`` acts)."""
+    return base == "armor" and ("gptq" in quant or quant == "w4a16-rtn-refit")
+
+
 def label(row: dict) -> str:
-    """The quantization column: the stage, and GPTQ's dampening when it is not 0.01."""
+    """The quantization column: the stage, GPTQ's dampening when it is not 0.01 and the wrapper
+    refit passes when there are any (rows from before the refit have none)."""
     damp = row["setup"].get("gptq_dampening", 0.01)
-    return row["quant"] + (f", damp {damp:g}" if "gptq" in row["quant"] and damp != 0.01 else "")
+    passes = row["setup"].get("refit_wrappers", 0)
+    text = row["quant"] + (f", damp {damp:g}" if "gptq" in row["quant"] and damp != 0.01 else "")
+    if passes and row["quant"] != "w4a16-rtn-refit":
+        text += f", refit {passes}"
+    elif passes:
+        text += f" {passes}"
+    return text
 
 
 def report(results: Path, out: Path) -> None:
@@ -232,6 +258,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--gptq-dampening", type=float, nargs="+", default=[0.01],
                     help="dampening_frac of the GPTQ stages; each GPTQ row runs once per value")
+    ap.add_argument("--refit-wrappers", type=int, nargs="+", default=None,
+                    help="ARMORGPTQModifier's refit_wrappers on the ARMOR base (its default when "
+                         "not given); each such row runs once per value")
     ap.add_argument("--also-valid", action="store_true",
                     help="also evaluate the valid splits (same window count)")
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/gptq.jsonl"))
@@ -242,6 +271,9 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     import armor_modifier.modifier  # noqa: F401  (registers the modifiers)
+    from armor_modifier.modifier.gptq import DEFAULT_REFIT_PASSES
+
+    args.refit_wrappers = args.refit_wrappers or [DEFAULT_REFIT_PASSES]
     from armor_modifier.evaluation import calibration_samples, load_default_model, load_text
 
     _, tokenizer, _ = load_default_model()

@@ -9,9 +9,12 @@ to zero, so the result changes kept weights only and every 2:4 core stays 2:4.
 
 For an ARMOR Linear the Hessian hook sees the core's real inputs ``B x`` (ARMOR's input wrapper is
 a forward pre-hook that runs first), so the Hessian is ``B H Bᵀ``, not ``H``. The wrappers ``A``
-and ``B`` stay in full precision. Scales and zero-points come from the module's weight observer,
-exactly as ``GPTQModifier`` computes them, so armor-ct stores the result with compressed-tensors'
-``pack-quantized`` (W4A16) or ``int-quantized`` (W8A8) format and reloads bit for bit.
+and ``B`` stay in full precision; after its core is quantized they are refitted (``refit_wrappers``
+passes of :func:`armor_modifier.core.wrapper_refit.refit_wrappers`) so that the layer's output
+on the calibration inputs matches its output before quantization. Scales and zero-points come
+from the module's weight observer, exactly as ``GPTQModifier`` computes them, so armor-ct stores
+the result with compressed-tensors' ``pack-quantized`` (W4A16) or ``int-quantized`` (W8A8) format
+and reloads bit for bit.
 """
 
 from __future__ import annotations
@@ -19,28 +22,37 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from compressed_tensors.distributed import greedy_bin_packing
+from compressed_tensors.offload.dist_utils import is_distributed
 from compressed_tensors.quantization import QuantizationStrategy, QuantizationType
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
-from compressed_tensors.utils import getattr_chain, match_named_modules
+from compressed_tensors.utils import getattr_chain, match_named_modules, update_offload_parameter
 from llmcompressor.core import State
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.gptq.helpers import update_batch_qparams
 from llmcompressor.modifiers.quantization.quantization.mixin import QuantizationMixin
+from llmcompressor.utils.dist import broadcast_qparams_and_cleanup
 from loguru import logger
 from pydantic import field_validator
+from torch import distributed as dist
 from torch import nn
 
+from armor_modifier.core import wrapper_refit
 from armor_modifier.core.errors import (
     ARMORCompressionError,
     ARMORValueError,
     HessianNotPositiveDefinite,
 )
 from armor_modifier.core.gptq import masked_gptq
+from armor_modifier.runtime import ARMOR_A, ARMOR_B, is_armor_linear
 
 __all__ = ["ARMORGPTQModifier", "ColumnGrid"]
 
 #: group sizes offered when one does not divide a layer's width
 _GROUP_SIZES = (32, 64, 96, 128, 256)
+#: ``refit_wrappers`` when none is given: passes chosen on WikiVital / PTB valid
+#: (docs/benchmark_gptq.md)
+DEFAULT_REFIT_PASSES = 4
 #: ``dampening_frac`` when none is given: 0.1, not GPTQModifier's 0.01, chosen on WikiVital /
 #: PTB valid for 2:4 + W4A16 on SmolLM2 (docs/benchmark_gptq.md)
 DEFAULT_DAMPENING = 0.1
@@ -57,8 +69,9 @@ class ARMORGPTQModifier(GPTQModifier):
     ``in_features``, W8A8 / W8A16 per channel); FP8 stays round-to-nearest
     (``QuantizationModifier``). ``actorder="weight"`` (alias ``"static"``) visits columns by
     descending Hessian diagonal during calibration only (the stored layout is unchanged and the
-    mask, per entry, is kept); ``"group"`` (a stored column permutation) is refused. Measured
-    effect: ``docs/benchmark_gptq.md``.
+    mask, per entry, is kept); ``"group"`` (a stored column permutation) is refused. On ARMOR
+    Linears the full-precision wrappers are then refitted to the quantized core
+    (``refit_wrappers``). Measured effect of each: ``docs/benchmark_gptq.md``.
 
     Sample yaml (after ``import armor_modifier.modifier``)::
 
@@ -84,6 +97,20 @@ class ARMORGPTQModifier(GPTQModifier):
     #: weight before GPTQ (llm-compressor's ``GPTQModifier``). Channel and tensor strategies are
     #: always fitted once. Measured effect of both: docs/benchmark_gptq.md
     static_groups: bool = False
+    #: ARMOR Linears: passes of wrapper refitting after the core is quantized (exact update of
+    #: ``A``, one conjugate-gradient step on ``B``, each kept only if the layer's output error on
+    #: the calibration inputs does not rise); 0 leaves the wrappers as ``ARMORModifier`` made
+    #: them. Other Linears have no wrappers and ignore it
+    refit_wrappers: int = DEFAULT_REFIT_PASSES
+
+    @field_validator("refit_wrappers")
+    @classmethod
+    def _passes_not_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ARMORValueError(
+                f"refit_wrappers={value}: give the number of refit passes, 0 (off) or more"
+            )
+        return value
 
     @field_validator("actorder", mode="before")
     @classmethod
@@ -110,8 +137,24 @@ class ARMORGPTQModifier(GPTQModifier):
                     check_gptq_scheme(name, module, scheme.weights)
         return super().on_initialize(state, **kwargs)
 
+    def compress_modules(self) -> None:
+        """GPTQModifier's (under torchrun each rank quantizes its share and the quantized
+        parameters are broadcast), then the refitted wrappers are broadcast the same way."""
+        if not (is_distributed() and self.refit_wrappers):
+            super().compress_modules()
+            return
+        _, _, owner = greedy_bin_packing(
+            list(self._hessians.keys()),
+            dist.get_world_size(),
+            item_weight_fn=lambda module: self._hessians[module].shape[0],
+        )  # the assignment GPTQModifier.compress_modules makes from the same Hessians
+        armor = [module for module in owner if is_armor_linear(module)]
+        super().compress_modules()
+        broadcast_qparams_and_cleanup(armor, owner, [ARMOR_A, ARMOR_B])
+
     def compress_module_list(self, module_list: list[nn.Module]) -> None:
-        """Quantize each calibrated module with mask-preserving GPTQ (one module at a time)."""
+        """Quantize each calibrated module with mask-preserving GPTQ (one module at a time) and
+        refit the wrappers of ARMOR Linears to their quantized cores."""
         done: list[str] = []
         for module in module_list:
             name = self._module_names[module]
@@ -123,7 +166,7 @@ class ARMORGPTQModifier(GPTQModifier):
             with torch.no_grad():
                 weight: torch.Tensor = module.get_parameter("weight").detach()
                 grid = ColumnGrid(qparams["scale"], qparams["zero_point"], quant_args, observer)
-                refit = not self.static_groups and grid.group_size is not None
+                fit_groups = not self.static_groups and grid.group_size is not None
                 actorder = _checked_actorder(self.actorder or quant_args.actorder, "actorder")
                 order = None
                 if actorder is not None:
@@ -135,12 +178,28 @@ class ARMORGPTQModifier(GPTQModifier):
                         grid,
                         block_size=self.block_size,
                         dampening_frac=self.dampening_frac or DEFAULT_DAMPENING,
-                        fit_group=grid.fit if refit else None,
-                        group_size=grid.group_size if refit else None,
+                        fit_group=grid.fit if fit_groups else None,
+                        group_size=grid.group_size if fit_groups else None,
                         order=order,
                     )
                 except HessianNotPositiveDefinite as err:
                     raise ARMORCompressionError(name, done, str(err)) from err
+                refit_note = ""
+                if self.refit_wrappers and is_armor_linear(module):
+                    fitted = wrapper_refit.refit_wrappers(
+                        getattr(module, ARMOR_A),
+                        getattr(module, ARMOR_B),
+                        weight.to(hessian.dtype),
+                        result.weight.to(hessian.dtype),
+                        hessian / count,
+                        self.refit_wrappers,
+                    )
+                    update_offload_parameter(module, ARMOR_A, fitted.A)
+                    update_offload_parameter(module, ARMOR_B, fitted.B)
+                    refit_note = (
+                        f", wrappers refitted: output error {fitted.loss_before:.4g} -> "
+                        f"{fitted.loss_after:.4g}"
+                    )
                 update_batch_qparams(
                     [module],
                     result.weight.unsqueeze(0),
@@ -152,7 +211,7 @@ class ARMORGPTQModifier(GPTQModifier):
             logger.info(
                 f"ARMOR GPTQ {name}: loss {result.loss:.4g}, zeros kept "
                 f"({int((weight == 0).sum())} of {weight.numel()}), "
-                f"{result.num_damping_increases} damping increases"
+                f"{result.num_damping_increases} damping increases{refit_note}"
             )
             done.append(name)
             self._num_compressed_modules += 1
