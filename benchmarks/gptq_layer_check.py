@@ -9,7 +9,11 @@ calibration Hessian, then quantizes the sparse weight to symmetric int4 in group
 - ``gptq-static``: :func:`masked_gptq` with those grids fixed (llm-compressor's ``GPTQModifier``);
 - ``gptq-fitted``: grids fitted when GPTQ reaches each group (``ARMORGPTQModifier``'s default);
 - ``gptq-fitted-d0.1``: the same with ``dampening_frac`` 0.1;
-- ``gptq-act-fitted-d0.1``: the same in activation order.
+- ``gptq-act-fitted-d0.1``: the same in activation order;
+- ``gptq-fitted-d0.1+refit4`` / ``rtn+refit4``: ``gptq-fitted-d0.1`` / ``rtn``, then 4 passes of
+  :func:`~armor_modifier.core.wrapper_refit.refit_wrappers` with identity wrappers of block 32
+  (``ARMORGPTQModifier``'s default on ARMOR Linears; here the weights are SparseGPT's, so the
+  wrappers start at identity and the refitted layer is ``A' Q B'``).
 
 Prints, per Linear and as a mean over them, the output error that quantization adds on top of the
 2:4 weight's own error (``tr((Q - W) H (Q - W)^T) / tr((S - W) H (S - W)^T) - 1``, ``W`` dense,
@@ -29,6 +33,7 @@ import torch
 LAYERS = (2, 10, 20, 28)
 PROJECTIONS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
 GROUP = 64
+WRAPPER_BLOCK = 32
 WINDOWS, SEQ_LEN = 16, 512
 
 
@@ -94,7 +99,19 @@ def variants(S: torch.Tensor, H: torch.Tensor) -> dict[str, torch.Tensor]:
         fit = {"fit_group": grid.fit, "group_size": GROUP} if fitted else {}
         out[name] = masked_gptq(S, H, grid, dampening_frac=damp, order=order if act else None,
                                 **fit).weight
+    for name in ("gptq-fitted-d0.1", "rtn"):
+        out[f"{name}+refit4"] = refitted(S, out[name], H)
     return out
+
+
+def refitted(S: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``A' Q B'``: identity wrappers of block ``WRAPPER_BLOCK`` refitted to ``Q``, target ``S``."""
+    from armor_modifier.core import identity_blocks, left_blockdiag, right_blockdiag
+    from armor_modifier.core.wrapper_refit import refit_wrappers
+
+    (m, n), b = S.shape, WRAPPER_BLOCK
+    fit = refit_wrappers(identity_blocks(m // b, b), identity_blocks(n // b, b), S, Q, H, 4)
+    return right_blockdiag(left_blockdiag(fit.A, Q), fit.B)
 
 
 def added_error(Q: torch.Tensor, S: torch.Tensor, W: torch.Tensor, H: torch.Tensor) -> float:
