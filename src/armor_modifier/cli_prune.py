@@ -157,7 +157,8 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
         choices=list(QUANT_SCHEMES),
         default="none",
         help="quantization of the cores after pruning: round-to-nearest, or *-gptq for "
-        "mask-preserving GPTQ (ARMORGPTQModifier)",
+        "mask-preserving GPTQ (ARMORGPTQModifier; the wrappers are then refitted to the "
+        "quantized cores)",
     )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (>= 1)")
 

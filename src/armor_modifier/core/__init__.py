@@ -4,7 +4,8 @@ Tensors and a frozen :class:`SolverSettings` in, a frozen :class:`ARMORFactors` 
 ``ARMOR_SPEC.md`` for the algorithm. Modules: :mod:`.solver` the block coordinate descent,
 :mod:`.proxy` the paper's diagonal proxy (from NoWag-P), :mod:`.output` the output error (from
 :mod:`.sparsegpt`), :mod:`.discrete` / :mod:`.sparsity` the 2:4 step and masks, :mod:`.blockdiag`
-wrapper products, :mod:`.settings` the knobs, :mod:`.errors` the package's error classes.
+wrapper products, :mod:`.gptq` mask-keeping GPTQ, :mod:`.wrapper_refit` wrappers refitted to a
+quantized core, :mod:`.settings` the knobs, :mod:`.errors` the package's error classes.
 """
 
 from .blockdiag import dense_blockdiag, identity_blocks, left_blockdiag, right_blockdiag
@@ -26,6 +27,7 @@ from .settings import FIELD_HELP, INITS, MODES, OBJECTIVES, SolverSettings
 from .solver import ARMORFactors, factorize
 from .sparsegpt import SparseGPTResult, sparsegpt_2of4, sparsegpt_prune
 from .sparsity import count_broken_groups, is_2_of_4, top2_of_4_mask
+from .wrapper_refit import WrapperRefit, refit_wrappers
 
 __all__ = [
     "ARMORCheckpointError",
@@ -44,6 +46,7 @@ __all__ = [
     "OutputObjective",
     "SolverSettings",
     "SparseGPTResult",
+    "WrapperRefit",
     "choose_wrapper_block_size",
     "count_broken_groups",
     "dense_blockdiag",
@@ -57,6 +60,7 @@ __all__ = [
     "output_loss",
     "output_ridge",
     "proxy_loss",
+    "refit_wrappers",
     "right_blockdiag",
     "sparsegpt_2of4",
     "sparsegpt_prune",
