@@ -1,7 +1,7 @@
 """ARMORGPTQModifier through llm-compressor's ``oneshot`` on the tiny Llama: 2:4 + W4A16 / W8A8
-GPTQ that keeps every pruned zero, saved as armor-ct and reloaded in a fresh interpreter, and
-every refusal (plain GPTQ after ARMOR, a group size that does not divide, actorder 'group',
-FP8)."""
+GPTQ that keeps every pruned zero, the wrapper refit after it, saved as armor-ct and reloaded in
+a fresh interpreter, and every refusal (plain GPTQ after ARMOR, a group size that does not divide,
+actorder 'group', FP8, negative refit passes)."""
 
 from __future__ import annotations
 
