@@ -16,7 +16,7 @@ llm-compressor's ``oneshot`` on the same calibration windows:
   compensation is then negligible (round-to-nearest on the same min-max grids), followed by its
   wrapper refit: what the refit does without GPTQ.
 
-The variants (``-static``, ``-act``, ``-rtn-refit``) run on the 2:4 bases only.
+The variants ``-static`` and ``-act`` run on the 2:4 bases only, ``-rtn-refit`` on ARMOR's.
 
 On the ARMOR base ``ARMORGPTQModifier`` refits the wrappers to the quantized cores after GPTQ
 (``refit_wrappers`` passes; ``--refit-wrappers`` gives the values, one row each, 0 = off).
@@ -165,7 +165,9 @@ def run_base(base: str, quants: list[str], calibration, texts, args) -> None:
             for d in (args.gptq_dampening if "gptq" in q else [args.gptq_dampening[0]])
             for r in (args.refit_wrappers if refits(base, q) else [0])]
     for quant, dampening, refit in runs:
-        if base == "dense" and quant.endswith(("-static", "-act", "-refit")):
+        if (base == "dense" and quant.endswith(("-static", "-act"))) or (
+            quant == "w4a16-rtn-refit" and base != "armor"
+        ):
             continue  # dense rows: unquantized, round-to-nearest and llm-compressor's own GPTQ
         stage = model if quant == "none" else copy.deepcopy(model)
         start = time.perf_counter()

@@ -47,7 +47,8 @@ class WrapperRefit:
 
     :ivar A: ``[p, b, b]`` new output wrapper
     :ivar B: ``[q, b, b]`` new input wrapper ``R B``
-    :ivar loss_before: ``L`` of ``(A, Q, B)``, relative to ``tr(A S H (A S)^T)``
+    :ivar loss_before: ``L`` of ``(A, Q, B)``, relative to ``tr(A S H (A S)^T)`` (``H`` with the
+        ridge)
     :ivar loss_after: ``L`` of the result (never above ``loss_before``)
     """
 
