@@ -32,7 +32,7 @@ import torch
 from .blockdiag import identity_blocks, left_blockdiag
 from .errors import ARMORValueError
 from .iterate import Iterate
-from .output import OutputObjective
+from .output import OutputObjective, damped
 
 __all__ = ["REFIT_RIDGE", "WrapperRefit", "refit_wrappers"]
 
@@ -94,10 +94,7 @@ def refit_wrappers(
     if iterations < 0:
         raise ARMORValueError(f"iterations={iterations}: use 0 (no refit) or more")
     A64, S64, Q64, H64 = (t.double() for t in (A, S, Q, H))
-    H64 = (H64 + H64.T) / 2
-    H64 = H64 + ridge * H64.diagonal().mean().clamp_min(0) * torch.eye(
-        n, dtype=H64.dtype, device=H64.device
-    )
+    H64 = damped((H64 + H64.T) / 2, ridge, "identity", 0.0)
     objective = OutputObjective(left_blockdiag(A64, S64), H64, b)
     R0 = identity_blocks(n // b, b, dtype=torch.float64, device=H64.device)
     it = Iterate(A64.clone(), R0, Q64 * objective.d, Q64 != 0)
