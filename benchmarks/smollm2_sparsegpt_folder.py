@@ -1,4 +1,4 @@
-"""Write llm-compressor's SparseGPT 2:4 of SmolLM2-135M-Instruct (Q4_1) as a plain checkpoint folder.
+"""Write llm-compressor's SparseGPT 2:4 of SmolLM2-135M-Instruct (Q4_1) as a plain checkpoint.
 
 The baseline row of the zero-shot table (``docs/benchmark_zeroshot.md``): the same calibration as
 ``armor prune smollm2`` (``--num-samples`` windows of ``--seq-len`` WikiVital-train tokens, seed 0),

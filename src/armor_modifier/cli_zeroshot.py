@@ -59,7 +59,9 @@ def check_zero_shot_arguments(args: argparse.Namespace) -> None:
     if args.output is not None:
         folder = Path(args.output).expanduser().resolve().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise ARMORValueError(f"--output {args.output}: folder {folder} is missing or not writable")
+            raise ARMORValueError(
+                f"--output {args.output}: folder {folder} is missing or not writable"
+            )
         if Path(args.output).is_dir():
             raise ARMORValueError(f"--output {args.output} is a folder; name a .json file")
     if args.tasks is None:

