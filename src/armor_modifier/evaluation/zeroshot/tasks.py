@@ -39,7 +39,7 @@ class ZeroShotTask:
     :param name: lm-eval's task name.
     :param lm_eval_yaml: lm-eval's YAML for it, relative to ``lm_eval/tasks``.
     :param data_folder: the ``save_to_disk`` folder relative to the data root.
-    :param licence: the data set's upstream licence, as its authors' card gives it.
+    :param licence: the data set's upstream licence, as its Hugging Face card gives it.
     :param overrides: YAML keys besides the data source that the local copy needs.
     """
 
@@ -60,7 +60,7 @@ TASKS: dict[str, ZeroShotTask] = {
             "arc_challenge", "arc/arc_challenge.yaml", "ai2_arc/ARC-Challenge", "CC BY-SA 4.0"
         ),
         ZeroShotTask(
-            "winogrande", "winogrande/default.yaml", "winogrande/winogrande_xl", "CC BY 4.0"
+            "winogrande", "winogrande/default.yaml", "winogrande/winogrande_xl", "CC BY"
         ),
         ZeroShotTask(
             "boolq",
@@ -69,7 +69,9 @@ TASKS: dict[str, ZeroShotTask] = {
             "CC BY-SA 3.0",
             overrides=(("doc_to_target", "{{ 1 if answer else 0 }}"),),
         ),
-        ZeroShotTask("openbookqa", "openbookqa/openbookqa.yaml", "openbookqa/main", "Apache-2.0"),
+        ZeroShotTask(
+            "openbookqa", "openbookqa/openbookqa.yaml", "openbookqa/main", "not stated (unknown)"
+        ),
     )
 }
 #: the seven tasks of ``armor eval --tasks default``, in the order tables list them

@@ -1,0 +1,103 @@
+"""Zero-shot table and plot from ``armor eval --tasks ... --output NAME.json`` files.
+
+One row per JSON file (the method is the file's stem, the order the command line's): WikiVital and
+PTB perplexity where the file has them, each task's headline accuracy (``acc_norm`` where lm-eval
+defines it, else ``acc``) with its standard error, the mean, and the share of SparseGPT's mean
+accuracy drop from dense that the row recovers. A difference to SparseGPT smaller than one
+combined standard error ``sqrt(se_a^2 + se_b^2)`` is marked with ``~`` (within noise).
+
+Usage::
+
+    python benchmarks/zeroshot_report.py results/dense.json results/sparsegpt.json \\
+        results/armor.json --plot docs/benchmark_zeroshot.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def load(paths: list[Path]) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in paths}
+
+
+def _ppl(row: dict, text: str) -> str:
+    found = [v["ppl"] for k, v in row.get("perplexity", {}).items() if k.startswith(text + "/")]
+    return f"{found[0]:.2f}" if found else "-"
+
+
+def _within(a: dict, b: dict) -> bool:
+    return abs(a["value"] - b["value"]) < math.hypot(a["stderr"], b["stderr"])
+
+
+def table(rows: dict[str, dict], baseline: str = "sparsegpt", dense: str = "dense") -> str:
+    """The markdown table (accuracies in %)."""
+    first = next(iter(rows.values()))["zero_shot"]
+    tasks = [(s["task"], s["metric"]) for s in first["scores"]]
+    head = ["method", "WikiVital ppl", "PTB ppl"]
+    head += [f"{t} ({'norm' if m == 'acc_norm' else 'acc'})" for t, m in tasks]
+    head += ["mean", "drop recovered"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = rows.get(baseline, {}).get("zero_shot")
+    top = rows.get(dense, {}).get("zero_shot")
+    for name, row in rows.items():
+        zs = row["zero_shot"]
+        cells = [name, _ppl(row, "wikivital"), _ppl(row, "ptb")]
+        for score in zs["scores"]:
+            mark = ""
+            if base is not None and name not in (baseline, dense):
+                other = next(s for s in base["scores"] if s["task"] == score["task"])
+                mark = " ~" if _within(score, other) else ""
+            cells.append(f"{100 * score['value']:.1f} ± {100 * score['stderr']:.1f}{mark}")
+        cells.append(f"**{100 * zs['mean']:.2f}** ± {100 * zs['mean_stderr']:.2f}")
+        recovered = "-"
+        if base is not None and top is not None and name not in (baseline, dense):
+            drop = top["mean"] - base["mean"]
+            if drop > 0:
+                recovered = f"{100 * (zs['mean'] - base['mean']) / drop:.0f} %"
+        cells.append(recovered)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: dict[str, dict], path: Path) -> None:
+    """Grouped bars: one group per task (and the mean), one bar per method, standard errors."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(rows.values()))["zero_shot"]
+    labels = [s["task"] for s in first["scores"]] + ["mean"]
+    width = 0.8 / len(rows)
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    for i, (name, row) in enumerate(rows.items()):
+        zs = row["zero_shot"]
+        values = [100 * s["value"] for s in zs["scores"]] + [100 * zs["mean"]]
+        errors = [100 * s["stderr"] for s in zs["scores"]] + [100 * zs["mean_stderr"]]
+        xs = [k + (i - (len(rows) - 1) / 2) * width for k in range(len(labels))]
+        ax.bar(xs, values, width, yerr=errors, capsize=2, label=name)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_ylabel("accuracy % (acc_norm where defined)")
+    ax.legend(fontsize=8, ncol=len(rows))
+    ax.set_ylim(0, 100)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", nargs="+", type=Path, help="armor eval --output files")
+    parser.add_argument("--plot", type=Path, help="also write the bar chart to this PNG")
+    args = parser.parse_args()
+    rows = load(args.results)
+    print(table(rows))
+    if args.plot is not None:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
