@@ -4,11 +4,13 @@
 #   summary.txt         GPU (nvidia-smi, torch's device name), versions, each step's exit status
 #   pytest_gpu.log      pytest -m gpu (the test files that carry the gpu marker)
 #   gpu_speed.log/json  benchmarks/gpu_speed.py (Llama-3-8B shapes: dense vs 2:4 vs ARMOR)
-#   layer_scaling.log/json  benchmarks/layer_scaling.py --device cuda on 4096x4096, 4096x14336,
-#                           14336x4096 (SparseGPT vs one ARMOR iteration)
+#   layer_scaling.log/json  benchmarks/layer_scaling.py --device cuda on its 7 shapes, 576x576
+#                           to 14336x4096 (SparseGPT vs one ARMOR iteration)
 #   gpu_oneshot.log/json    benchmarks/gpu_oneshot.py (oneshot on a SmolLM2-135M-shaped model)
 # Each step runs under its own `timeout`, capped by what is left of GPU_CHECK_BUDGET seconds
-# (default 450), so one hang cannot eat the rest.
+# (default 450), so one hang cannot eat the rest. GPU_CHECK_STEPS picks steps (default: all of
+# "pytest_gpu gpu_speed layer_scaling gpu_oneshot"); ONESHOT_VARIANTS the oneshot variants
+# (default "sparsegpt armor armor+rec"), e.g. for a shorter second run.
 #
 # Python: $PYTHON, else ./.venv/bin/python, else python3. Where ./.whl holds wheels (packages the
 # GPU machine lacks: llmcompressor, compressed-tensors, loguru, datasets, ...), they are installed
@@ -22,6 +24,8 @@ ROOT=$PWD
 OUT=${OUT:-$ROOT/gpu_check_out}
 mkdir -p "$OUT"
 BUDGET=${GPU_CHECK_BUDGET:-450}
+STEPS=" ${GPU_CHECK_STEPS:-pytest_gpu gpu_speed layer_scaling gpu_oneshot} "
+read -r -a VARIANTS <<<"${ONESHOT_VARIANTS:-sparsegpt armor armor+rec}"
 BENCHMARKS=(benchmarks/gpu_speed.py benchmarks/layer_scaling.py benchmarks/gpu_oneshot.py)
 if [[ -z "${PYTHON:-}" ]]; then
     if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
@@ -94,6 +98,10 @@ tail -n 12 "$SUMMARY"
 step() {
     local name=$1 want=$2 left rc
     shift 2
+    if [[ "$STEPS" != *" $name "* ]]; then
+        note "step $name: not selected (GPU_CHECK_STEPS)"
+        return
+    fi
     left=$((BUDGET - SECONDS - 5))
     if ((left < 15)); then
         note "step $name: skipped, ${left} s of the budget left"
@@ -111,8 +119,9 @@ mapfile -t GPU_TESTS < <(grep -l "pytest.mark.gpu" tests/test_*.py)
 step pytest_gpu 90 "$PYTHON" -m pytest -q -m gpu -rs -p no:cacheprovider "${GPU_TESTS[@]}"
 step gpu_speed 75 "$PYTHON" benchmarks/gpu_speed.py --json "$OUT/gpu_speed.json"
 step layer_scaling 100 "$PYTHON" benchmarks/layer_scaling.py --device cuda \
-    --shapes 4096x4096 4096x14336 14336x4096 --iterations 10 --json "$OUT/layer_scaling.json"
+    --shapes 576x576 896x4864 4864x896 2048x2048 4096x4096 4096x14336 14336x4096 \
+    --iterations 10 --json "$OUT/layer_scaling.json"
 step gpu_oneshot 170 "$PYTHON" benchmarks/gpu_oneshot.py --device cuda --layers 30 \
-    --samples 32 --seq-len 256 --json "$OUT/gpu_oneshot.json"
+    --samples 32 --seq-len 256 --variants "${VARIANTS[@]}" --json "$OUT/gpu_oneshot.json"
 note "gpu_check done in ${SECONDS} s"
 exit 0

@@ -5,13 +5,15 @@
 2:4 tensor-core kernels (cuSPARSELt, or CUTLASS); the wrapper hooks keep applying ``B`` before and
 ``A`` after as batched ``b x b`` block products, ``y = A (S (B x)) + bias``.
 
-- fp16 / bf16 cores: either backend. Shapes must be multiples of the backend's minimum tile
-  (cuSPARSELt 16x16, CUTLASS 32x64 for 16-bit cores).
+- fp16 / bf16 cores: either backend (CUTLASS on compute capability 8.x only: PyTorch's CUTLASS
+  2:4 matmul fails on Hopper, seen on an H200). Shapes must be multiples of the backend's
+  minimum tile (cuSPARSELt 16x16, CUTLASS 32x64 for 16-bit cores).
 - 8-bit compressed-tensors cores (FP8_DYNAMIC, W8A8 INT8: per-channel static weights, per-token
   dynamic activations): cuSPARSELt ``_cslt_sparse_mm`` on the 8-bit codes, with the activation
-  codes computed by compressed-tensors' own ``compute_dynamic_scales_and_zp``/``quantize`` and both
-  scales applied to the bf16 result. Used only when a probe matmul succeeds on the device (FP8
-  needs sm89+ and a cuSPARSELt build with E4M3).
+  codes computed by compressed-tensors' own ``compute_dynamic_scales_and_zp`` and its eager
+  quantization formula (:func:`_activation_codes`), and both scales applied to the bf16 result.
+  Used only when a probe matmul succeeds on the device (FP8 needs sm89+ and a cuSPARSELt build
+  with E4M3).
 
 Needs CUDA with compute capability >= 8.0; raises :class:`ARMORRuntimeError` otherwise. The GPU
 tests (``tests/test_cuda.py``, marker ``gpu``) hold the accuracy bounds.
@@ -105,15 +107,29 @@ def _check_shape(name: str, weight: torch.Tensor, backend: Backend) -> None:
         )
 
 
+def _activation_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: Any, args: Any):
+    """compressed-tensors' eager ``_quantize`` (``x / scale + zp``, clamp, round or cast to the
+    8-bit dtype). Its public ``quantize`` dispatches CUDA tensors to a Triton kernel that, in
+    0.19, raises "Unsupported quantization strategy: token" (found on an H200)."""
+    from compressed_tensors.quantization.quant_args import round_to_quantized_type_args
+    from compressed_tensors.quantization.utils import calculate_range
+
+    q_min, q_max = calculate_range(args, x.device)
+    scaled = x / scale
+    if zero_point is not None:
+        scaled += zero_point.to(x.dtype)
+    codes = round_to_quantized_type_args(tensor=scaled, args=args, min=q_min, max=q_max)
+    return codes.to(args.pytorch_dtype())
+
+
 def _scaled_8bit_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """``x`` (already ``B x``) -> ``S x + bias`` with 8-bit codes on cuSPARSELt."""
-    from compressed_tensors.quantization.lifecycle.forward import quantize
     from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
 
     scheme: Any = self.quantization_scheme
     args = scheme.input_activations
     scale, zero_point = compute_dynamic_scales_and_zp(value=x, args=args, module=self)
-    codes = quantize(x, scale, zero_point, args, dtype=args.pytorch_dtype())
+    codes = _activation_codes(x, scale, zero_point, args)
     n = x.shape[-1]
     codes = codes.reshape(-1, n)
     tokens = codes.shape[0]
@@ -219,6 +235,13 @@ def to_semi_structured(model: nn.Module, backend: Backend | None = None) -> dict
                 "(load with dtype=torch.bfloat16)"
             )
         _check_shape(name, weight, backend)
+        if backend == "cutlass" and torch.cuda.get_device_capability(weight.device)[0] != 8:
+            raise ARMORRuntimeError(
+                f"{name}: PyTorch's cutlass 2:4 kernels run on compute capability 8.x only "
+                f"({torch.cuda.get_device_name(weight.device)} is "
+                f"{'.'.join(map(str, torch.cuda.get_device_capability(weight.device)))}: the "
+                "matmul fails with 'sparse_semi_structured_mad_op'); use backend='cusparselt'"
+            )
         if linear.bias is not None and linear.bias.dtype != weight.dtype:
             raise ARMORRuntimeError(
                 f"{name}: bias dtype {linear.bias.dtype} != core {weight.dtype}"
