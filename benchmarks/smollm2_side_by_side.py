@@ -176,7 +176,7 @@ def run_method(method: str, calibration, texts, args) -> dict:
             wrapper_params / dense_params
         row["mean_loss_ratio"] = sum(r.loss_ratio for r in results) / len(results)
         row["fields"] = ARMOR_METHODS.get(method) or MIXED_METHODS[method]
-        refinements = [r.result for modifier in recipe for r in modifier.refinements]
+        refinements = [r.result for modifier in recipe for r in modifier.reconstructions]
         if refinements:
             row["reconstruction"] = {
                 "layers": len(refinements),

@@ -68,23 +68,23 @@ def armor_recipe(calibration: str):
 
 @contextmanager
 def recording_solver_inputs() -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor | None]]]:
-    """Within the block, every ``ARMORModifier.solve`` records ``name -> (h, H)``, the float32
+    """Within the block, every ``LinearCompressor.solve`` records ``name -> (h, H)``, the float32
     statistics the solver receives."""
-    from armor_modifier.modifier import ARMORModifier
+    from armor_modifier.modifier.compressor import LinearCompressor
 
     inputs: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    solve = ARMORModifier.solve
+    solve = LinearCompressor.solve
 
     def recording(self, module):
         stats = self.statistics[module]
-        inputs[self.name_of(module)] = (stats.mean(), stats.hessian())
+        inputs[self.names[module]] = (stats.mean(), stats.hessian())
         return solve(self, module)
 
-    ARMORModifier.solve = recording
+    LinearCompressor.solve = recording  # type: ignore[method-assign]
     try:
         yield inputs
     finally:
-        ARMORModifier.solve = solve
+        LinearCompressor.solve = solve  # type: ignore[method-assign]
 
 
 def compress(folder: Path, calibration: str, dataset=None) -> dict:
@@ -98,8 +98,8 @@ def compress(folder: Path, calibration: str, dataset=None) -> dict:
         logits = model(sample_input()).logits
     return {
         "logits": logits,
-        "refinements": [(r.layer, r.result.initial_error, r.result.final_error,
-                         r.result.best_step) for r in modifier.refinements],
+        "reconstructions": [(r.layer, r.result.initial_error, r.result.final_error,
+                         r.result.best_step) for r in modifier.reconstructions],
         "tensors": {
             name: tuple(
                 t.detach().clone()
@@ -231,9 +231,9 @@ def test_two_ranks_match_one_process(two_ranks, tiny_llama_folder, calibration):
         for a, b in zip(ranks[0]["tensors"][name], single["tensors"][name], strict=True):
             assert torch.equal(a, b), name
     assert torch.equal(ranks[0]["logits"], single["logits"])
-    assert ranks[0]["refinements"] == ranks[1]["refinements"] == single["refinements"]
+    assert ranks[0]["reconstructions"] == ranks[1]["reconstructions"] == single["reconstructions"]
     if calibration == "sequential-refined":
-        assert any(step > 0 for *_, step in single["refinements"])  # observed: steps 1 and 2
+        assert any(step > 0 for *_, step in single["reconstructions"])  # observed: steps 1 and 2
 
 
 if __name__ == "__main__":

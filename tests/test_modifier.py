@@ -22,7 +22,7 @@ from llmcompressor.modifiers.quantization import QuantizationModifier
 from torch import nn
 from torch.utils.data import DataLoader
 
-import armor_modifier.modifier.base as modifier_base
+import armor_modifier.modifier.compressor as modifier_compressor
 from armor_modifier.core import count_broken_groups, nowag_p, proxy_loss
 from armor_modifier.core.scoring import output_loss
 from armor_modifier.core.sparsegpt import sparsegpt_2of4
@@ -247,7 +247,7 @@ def test_quantization_before_armor_is_refused(folder):
 @pytest.mark.integration
 def test_solver_failure_names_module_and_compressed(folder, monkeypatch):
     calls = []
-    real = modifier_base.factorize
+    real = modifier_compressor.factorize
 
     def failing(weight, h, *args, **kwargs):
         calls.append(1)
@@ -255,7 +255,7 @@ def test_solver_failure_names_module_and_compressed(folder, monkeypatch):
             raise RuntimeError("linalg.cholesky: simulated failure")
         return real(weight, h, *args, **kwargs)
 
-    monkeypatch.setattr(modifier_base, "factorize", failing)
+    monkeypatch.setattr(modifier_compressor, "factorize", failing)
     with pytest.raises(ARMORCompressionError) as info:
         run_oneshot(folder, [armor(ignore=["re:.*lm_head"], num_iterations=0)])
     names = target_names()

@@ -64,7 +64,7 @@ def test_zero_steps_is_todays_result_bit_for_bit(tiny_llama_folder: Path) -> Non
     a, b = _state(plain), _state(zero)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(_logits(plain), _logits(zero))
-    assert explicit.refinements == []
+    assert explicit.reconstructions == []
 
 
 def _layer0_guard_error(model: nn.Module, dense: nn.Module, guard: list[int]) -> float:
@@ -106,7 +106,7 @@ def test_refinement_keeps_2of4_and_never_raises_the_held_out_error(
     refined = run_oneshot(tiny_llama_folder, [modifier], dataset=dataset)
     for name, module in armor_linears(refined).items():
         assert is_2_of_4(module.weight != 0), name
-    results = {r.layer: r.result for r in modifier.refinements}
+    results = {r.layer: r.result for r in modifier.reconstructions}
     assert list(results) == ["model.layers.0", "model.layers.1"]
     assert all(r.final_error <= r.initial_error and not r.rolled_back for r in results.values())
     assert any(r.accepted for r in results.values())  # observed: both layers accepted
@@ -137,7 +137,7 @@ def test_non_finite_refinement_rolls_back(
     monkeypatch.setattr(torch.optim.Adam, "step", poisoned)
     modifier = _armor(**REFINE)
     refined = run_oneshot(tiny_llama_folder, [modifier], dataset=dataset)
-    assert [r.result.rolled_back for r in modifier.refinements] == [True, True]
+    assert [r.result.rolled_back for r in modifier.reconstructions] == [True, True]
     a, b = _state(plain), _state(refined)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -149,7 +149,7 @@ def test_refined_model_saves_and_reloads_with_identical_logits(
 
     modifier = _armor(**REFINE)
     model = run_oneshot(tiny_llama_folder, [modifier], dataset=calibration_dataset(WINDOWS))
-    assert any(r.result.accepted for r in modifier.refinements)
+    assert any(r.result.accepted for r in modifier.reconstructions)
     model.save_pretrained(tmp_path / "ct")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32).eval()
     assert torch.equal(_logits(model), _logits(reloaded))
@@ -165,8 +165,8 @@ def test_model_target_and_wrappers_only_run(tiny_llama_folder: Path) -> None:
     # from the refined layer 0)
     layer0 = [k for k in plain if k.startswith("model.layers.0.") and k.endswith(".weight")]
     assert len(layer0) == 7 and all(torch.equal(state[k], plain[k]) for k in layer0)
-    assert any(r.result.accepted for r in modifier.refinements)
-    assert all(r.result.final_error <= r.result.initial_error for r in modifier.refinements)
+    assert any(r.result.accepted for r in modifier.reconstructions)
+    assert all(r.result.final_error <= r.result.initial_error for r in modifier.reconstructions)
 
 
 def test_propagation_feeds_o_proj_the_compressed_attention(
@@ -174,7 +174,7 @@ def test_propagation_feeds_o_proj_the_compressed_attention(
 ) -> None:
     """With propagation, the Hessian o_proj is factorised with is that of its inputs in the
     final model (compressed q/k/v), recomputed by brute force; without it, it is not."""
-    import armor_modifier.modifier.base as base
+    import armor_modifier.modifier.compressor as base
 
     seen: dict[int, torch.Tensor] = {}
     original = base.factorize

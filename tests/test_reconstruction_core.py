@@ -1,4 +1,4 @@
-"""``core.reconstruct.refine`` on a small masked linear layer with a known dense answer.
+"""``core.reconstruct.reconstruct_layer`` on a small masked linear layer with a known dense answer.
 
 The "layer" is ``f(X) = X + X (S ⊙ M)^T`` (a residual block around one 2:4 Linear); targets come
 from a dense ``W``. Brute-force references: the guard error is recomputed here from the returned
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from armor_modifier.core import ARMORValueError, is_2_of_4, top2_of_4_mask
-from armor_modifier.core.reconstruct import RefinementSettings, guard_split, refine
+from armor_modifier.core.reconstruct import ReconstructionSettings, guard_split, reconstruct_layer
 
 D = 16
 WINDOWS = 16
@@ -51,8 +51,8 @@ def test_guard_split_is_even_and_disjoint() -> None:
 def test_guard_split_refuses_too_few_windows_naming_the_minimum() -> None:
     with pytest.raises(ARMORValueError, match="at least 8 calibration samples"):
         guard_split(7, 0.125)
-    assert RefinementSettings(guard_fraction=0.125).min_windows() == 8
-    assert RefinementSettings(guard_fraction=0.25).min_windows() == 4
+    assert ReconstructionSettings(guard_fraction=0.125).min_windows() == 8
+    assert ReconstructionSettings(guard_fraction=0.25).min_windows() == 4
 
 
 @pytest.mark.parametrize(
@@ -68,15 +68,17 @@ def test_guard_split_refuses_too_few_windows_naming_the_minimum() -> None:
 )
 def test_settings_refuse_bad_values(field: str, value: object) -> None:
     with pytest.raises(ARMORValueError, match=field):
-        RefinementSettings(**{field: value})
+        ReconstructionSettings(**{field: value})
 
 
 def test_refine_lowers_the_guard_error_and_keeps_the_mask() -> None:
     X, T, S, M = _problem()
-    settings = RefinementSettings(steps=200, learning_rate=1e-2, guard_fraction=0.25, eval_every=10)
+    settings = ReconstructionSettings(
+        steps=200, learning_rate=1e-2, guard_fraction=0.25, eval_every=10
+    )
     _, guard = guard_split(WINDOWS, settings.guard_fraction)
     before = _guard_error(X, T, S, guard)
-    result = refine(lambda i: X[i] + X[i] @ S.T, X, T, [S], [M], settings)
+    result = reconstruct_layer(lambda i: X[i] + X[i] @ S.T, X, T, [S], [M], settings)
     after = _guard_error(X, T, S, guard)
     assert result.accepted and not result.rolled_back
     # recomputed here from the returned S (float64 sums both sides: agreement observed ~1e-15)
@@ -97,13 +99,13 @@ def test_refine_keeps_the_start_when_the_fit_windows_mislead() -> None:
     for i in fit:
         T[i] = X[i] + 3 * torch.randn(TOKENS, D, generator=g)
     start = S.clone()
-    result = refine(
+    result = reconstruct_layer(
         lambda i: X[i] + X[i] @ S.T,
         X,
         T,
         [S],
         [M],
-        RefinementSettings(steps=60, learning_rate=5e-2, guard_fraction=0.25, eval_every=5),
+        ReconstructionSettings(steps=60, learning_rate=5e-2, guard_fraction=0.25, eval_every=5),
     )
     assert not result.accepted and result.final_error == result.initial_error
     assert torch.equal(S, start)
@@ -120,8 +122,10 @@ def test_refine_rolls_back_on_a_non_finite_loss() -> None:
         out = X[i] + X[i] @ S.T
         return out * float("nan") if calls["n"] > 40 else out
 
-    settings = RefinementSettings(steps=50, learning_rate=1e-2, guard_fraction=0.25, eval_every=2)
-    result = refine(run, X, T, [S], [M], settings)
+    settings = ReconstructionSettings(
+        steps=50, learning_rate=1e-2, guard_fraction=0.25, eval_every=2
+    )
+    result = reconstruct_layer(run, X, T, [S], [M], settings)
     assert result.rolled_back and not result.accepted and result.best_step == 0
     assert result.steps_run < 50
     assert torch.equal(S, start)
@@ -130,6 +134,8 @@ def test_refine_rolls_back_on_a_non_finite_loss() -> None:
 def test_zero_steps_change_nothing() -> None:
     X, T, S, M = _problem(seed=3)
     start = S.clone()
-    result = refine(lambda i: X[i] + X[i] @ S.T, X, T, [S], [M], RefinementSettings(steps=0))
+    result = reconstruct_layer(
+        lambda i: X[i] + X[i] @ S.T, X, T, [S], [M], ReconstructionSettings(steps=0)
+    )
     assert result.steps_run == 0 and not result.accepted
     assert torch.equal(S, start)

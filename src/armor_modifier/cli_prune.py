@@ -12,9 +12,9 @@ from typing import Any
 
 from armor_modifier.core.errors import ARMORValueError
 
-from .core import FIELD_HELP, INITS, MODES, OBJECTIVES, SolverSettings
-from .core.reconstruct import PARAMETER_SETS, RECONSTRUCTION_HELP, TARGETS, RefinementSettings
-from .core.scoring import DAMPING_KINDS
+from .core import SolverSettings
+from .core.options import setting_rows
+from .core.reconstruct import RECONSTRUCTION_FIELDS, ReconstructionSettings
 from .format.staging import check_writable, staged_replace
 
 __all__ = ["QUANT_SCHEMES", "add_prune_arguments", "build_recipe", "one_line", "run_prune"]
@@ -36,82 +36,37 @@ GPTQ_GROUP_SIZE = 64
 LM_HEAD = "re:.*lm_head"
 
 
-#: Choices of the solver fields that take one of a few strings.
-_CHOICES = {
-    "update_mode": MODES,
-    "objective": OBJECTIVES,
-    "init": INITS,
-    "output_damping_kind": DAMPING_KINDS,
-}
-#: Solver fields the command line does not expose (``--seed`` seeds both data and solver).
+#: Settings the command line does not expose (``--seed`` seeds both data and solver).
 _NOT_OPTIONS = ("seed",)
 
 
-def _option(field: dataclasses.Field) -> str:
-    return "--" + field.name.replace("_", "-")
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
-def add_solver_arguments(group: argparse._ArgumentGroup) -> None:
-    """One option per :class:`SolverSettings` field, named after it, help from FIELD_HELP."""
-    defaults = SolverSettings()
-    for field in dataclasses.fields(SolverSettings):
-        if field.name in _NOT_OPTIONS:
+def add_settings_arguments(group: argparse._ArgumentGroup, which: str) -> None:
+    """One option per setting of ``which`` (``"solver"`` or ``"reconstruction"``), named after
+    the modifier field, typed and described from :func:`setting_rows`."""
+    for row in setting_rows():
+        if row.group != which or row.name in _NOT_OPTIONS:
             continue
-        default = getattr(defaults, field.name)
-        shown = "per Linear from --max-wrapper-overhead" if default is None else repr(default)
-        if field.name == "init" and default is None:
+        shown = repr(row.default)
+        if row.name == "wrapper_block_size":
+            shown = "per Linear from --max-wrapper-overhead"
+        elif row.name == "init":
             shown = "by objective"
-        help_text = f"{FIELD_HELP[field.name]} (default {shown})"
-        if isinstance(default, bool):
+        help_text = f"{row.help} (default {shown})"
+        if row.scalar is bool:
             group.add_argument(
-                _option(field), action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-        elif field.name in _CHOICES:
+                _option(row.name), action=argparse.BooleanOptionalAction, default=None,
+                help=help_text,
+            )  # fmt: skip
+        elif row.choices is not None:
             group.add_argument(
-                _option(field), choices=_CHOICES[field.name], default=None, help=help_text
+                _option(row.name), choices=row.choices, default=None, help=help_text
             )
         else:
-            kind = int if field.name == "wrapper_block_size" else type(default)
-            group.add_argument(_option(field), type=kind, default=None, help=help_text)
-
-
-#: ``ARMORModifier`` fields of the decoder-layer work, with their command-line types
-RECONSTRUCTION_FIELDS: dict[str, Any] = {
-    "propagate_within_layer": bool,
-    "reconstruction_steps": int,
-    "reconstruction_learning_rate": float,
-    "reconstruction_windows_per_step": int,
-    "reconstruction_parameters": PARAMETER_SETS,
-    "reconstruction_guard_fraction": float,
-    "reconstruction_eval_every": int,
-    "reconstruction_target": TARGETS,
-}
-
-
-def add_reconstruction_arguments(group: argparse._ArgumentGroup) -> None:
-    """One option per decoder-layer field of ``ARMORModifier``, help from RECONSTRUCTION_HELP."""
-    defaults = RefinementSettings()
-    shown = {
-        "propagate_within_layer": False,
-        "reconstruction_steps": defaults.steps,
-        "reconstruction_learning_rate": defaults.learning_rate,
-        "reconstruction_windows_per_step": defaults.windows_per_step,
-        "reconstruction_parameters": PARAMETER_SETS[0],
-        "reconstruction_guard_fraction": defaults.guard_fraction,
-        "reconstruction_eval_every": defaults.eval_every,
-        "reconstruction_target": TARGETS[0],
-    }
-    for name, kind in RECONSTRUCTION_FIELDS.items():
-        option = "--" + name.replace("_", "-")
-        help_text = f"{RECONSTRUCTION_HELP[name]} (default {shown[name]!r})"
-        if kind is bool:
-            group.add_argument(
-                option, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-        elif isinstance(kind, tuple):
-            group.add_argument(option, choices=kind, default=None, help=help_text)
-        else:
-            group.add_argument(option, type=kind, default=None, help=help_text)
+            group.add_argument(_option(row.name), type=row.scalar, default=None, help=help_text)
 
 
 def add_prune_arguments(p: argparse.ArgumentParser) -> None:
@@ -150,8 +105,10 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
         help="statistics through already-pruned layers ('sequential') or from "
         "the dense model ('dense'); default: by objective",
     )
-    add_solver_arguments(algo)
-    add_reconstruction_arguments(p.add_argument_group("decoder-layer work (ignored with --recipe)"))
+    add_settings_arguments(algo, "solver")
+    add_settings_arguments(
+        p.add_argument_group("decoder-layer work (ignored with --recipe)"), "reconstruction"
+    )
     algo.add_argument(
         "--quantize",
         choices=list(QUANT_SCHEMES),
@@ -243,7 +200,7 @@ def build_recipe(args: argparse.Namespace) -> Any:
         if getattr(args, name) is not None
     }
     try:
-        RefinementSettings.from_fields(layer)
+        ReconstructionSettings.from_fields(layer)
     except ValueError as err:
         raise ARMORValueError(f"{err} (the option is {_option_name(str(err))})") from err
     fields.update(layer)

@@ -1,8 +1,9 @@
-"""Decoder-layer reconstruction (ARMOR_SPEC.md §12): refine a layer's ARMOR parameters jointly.
+"""Decoder-layer reconstruction (docs/algorithm.md, "Decoder-layer reconstruction"): a layer's
+ARMOR parameters fitted jointly.
 
 After every Linear of a layer is factorised alone, the layer's output still carries the errors the
 Linears cannot see from their own inputs (the softmax, the SiLU gate, the next Linear's real
-inputs). :func:`refine` lowers the layer's relative output error
+inputs). :func:`reconstruct_layer` lowers the layer's relative output error
 
     R(θ) = Σ_i ||f_θ(X_i) − T_i||² / Σ_i ||T_i − X_i||²
 
@@ -26,8 +27,8 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
@@ -35,12 +36,12 @@ from .errors import ARMORValueError
 
 __all__ = [
     "PARAMETER_SETS",
-    "RECONSTRUCTION_HELP",
+    "RECONSTRUCTION_FIELDS",
     "TARGETS",
-    "RefinementResult",
-    "RefinementSettings",
+    "ReconstructionResult",
+    "ReconstructionSettings",
     "guard_split",
-    "refine",
+    "reconstruct_layer",
 ]
 
 #: Which parameters move: every wrapper and core, the wrappers only, or the cores only.
@@ -48,46 +49,49 @@ PARAMETER_SETS = ("all", "wrappers", "core")
 #: What the layer's output is fitted to.
 TARGETS = ("layer", "model")
 
-#: One line per ``ARMORModifier`` field of the decoder-layer work (the CLI's ``--help`` too).
-RECONSTRUCTION_HELP: dict[str, str] = {
-    "propagate_within_layer": "compress each decoder layer's Linears in call order, groups "
-    "sharing one input (q/k/v, o, gate/up, down), re-collecting each later group's statistics "
-    "through the already compressed ones",
-    "reconstruction_steps": "Adam steps refining each decoder layer's ARMOR parameters jointly on "
-    "the layer's output error (0: off)",
-    "reconstruction_learning_rate": "Adam learning rate of the refinement",
-    "reconstruction_windows_per_step": "calibration windows (batches) per refinement step",
-    "reconstruction_parameters": "what moves: 'all' (A, B and the kept core values), 'wrappers' "
-    "or 'core'; masks never move",
-    "reconstruction_guard_fraction": "share of the calibration windows held out; the best "
-    "held-out iterate is kept only when it beats the unrefined layer",
-    "reconstruction_eval_every": "steps between held-out evaluations",
-    "reconstruction_target": "'layer' (the dense layer on the same inputs) or 'model' (the dense "
-    "model's hidden state, which also corrects upstream drift)",
-}
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
 
 
 @dataclass(frozen=True)
-class RefinementSettings:
-    """Knobs of :func:`refine` (the modifier's ``reconstruction_*`` fields; measured effects in
-    ``docs/benchmark_reconstruction.md``).
+class ReconstructionSettings:
+    """Every knob of the decoder-layer work, checked on creation; each field's ``help`` metadata
+    is its one-line description (the modifier's field description and the CLI's ``--help``).
 
-    :ivar steps: Adam steps (0: no refinement)
-    :ivar learning_rate: Adam learning rate
-    :ivar windows_per_step: fit windows whose gradients are summed per step
-    :ivar guard_fraction: share of the windows held out as the guard set
-    :ivar eval_every: steps between guard evaluations (the last step is always evaluated)
-    :ivar seed: seed of the order in which fit windows are visited
+    The modifier's field for ``x`` is ``reconstruction_x`` (:data:`RECONSTRUCTION_FIELDS`), except
+    ``propagate_within_layer``; ``seed`` is the modifier's ``seed``. Measured effects:
+    ``docs/benchmark_reconstruction.md``.
     """
 
-    steps: int = 0
-    learning_rate: float = 1e-4
-    windows_per_step: int = 4
-    guard_fraction: float = 0.125
-    eval_every: int = 20
-    seed: int = 0
+    propagate_within_layer: bool = field(default=False, metadata=_help(
+        "compress each decoder layer's Linears in call order, groups sharing one input (q/k/v, "
+        "o, gate/up, down), re-collecting each later group's statistics through the already "
+        "compressed ones"))
+    steps: int = field(default=0, metadata=_help(
+        "Adam steps fitting each decoder layer's ARMOR parameters jointly to the layer's output "
+        "(0: off, the per-Linear result bit for bit)"))
+    learning_rate: float = field(default=1e-4, metadata=_help("Adam learning rate"))
+    windows_per_step: int = field(default=4, metadata=_help(
+        "calibration windows (batches) per Adam step"))
+    parameters: Literal["all", "wrappers", "core"] = field(default="all", metadata=_help(
+        "what moves: 'all' (A, B and the kept core values), 'wrappers' or 'core'; masks never "
+        "move, so every core stays exactly 2:4"))
+    guard_fraction: float = field(default=0.125, metadata=_help(
+        "share of the calibration windows held out; the best held-out iterate is kept only "
+        "when it beats the unrefined layer"))
+    eval_every: int = field(default=20, metadata=_help("steps between held-out evaluations"))
+    target: Literal["layer", "model"] = field(default="layer", metadata=_help(
+        "'layer' (the dense layer on the same, already compressed inputs) or 'model' (the dense "
+        "model's hidden state, which also corrects upstream drift)"))
+    seed: int = field(default=0, metadata=_help(
+        "seed of the order in which fit windows are visited (each layer adds crc32 of its name)"))
 
     def __post_init__(self) -> None:
+        if not isinstance(self.propagate_within_layer, bool):
+            raise ARMORValueError(
+                f"propagate_within_layer must be True or False, got {self.propagate_within_layer!r}"
+            )
         for name in ("steps", "windows_per_step", "eval_every", "seed"):
             value = getattr(self, name)
             low = 0 if name in ("steps", "seed") else 1
@@ -103,28 +107,51 @@ class RefinementSettings:
         g = self.guard_fraction
         if not isinstance(g, int | float) or not 0 < g < 1:
             raise ARMORValueError(f"reconstruction_guard_fraction must be in (0, 1), got {g!r}")
+        for name, choices in (("parameters", PARAMETER_SETS), ("target", TARGETS)):
+            if getattr(self, name) not in choices:
+                raise ARMORValueError(
+                    f"reconstruction_{name} must be one of {list(choices)}, "
+                    f"got {getattr(self, name)!r}"
+                )
+
+    @property
+    def works_per_layer(self) -> bool:
+        """Whether anything runs per decoder layer (propagation or reconstruction)."""
+        return self.propagate_within_layer or self.steps > 0
 
     @classmethod
-    def from_fields(cls, fields: Mapping[str, Any], seed: int = 0) -> RefinementSettings:
-        """From ``ARMORModifier``-style names: ``reconstruction_steps`` -> ``steps`` and so on;
-        names absent from ``fields`` keep their defaults, other names are ignored."""
+    def from_fields(cls, fields: Mapping[str, Any], seed: int = 0) -> ReconstructionSettings:
+        """From ``ARMORModifier``-style names (:data:`RECONSTRUCTION_FIELDS`); names absent from
+        ``fields`` keep their defaults, other names are ignored."""
         return cls(
             seed=seed,
             **{
-                f.name: fields[f"reconstruction_{f.name}"]
-                for f in dataclasses.fields(cls)
-                if f"reconstruction_{f.name}" in fields
+                name: fields[option]
+                for option, name in RECONSTRUCTION_FIELDS.items()
+                if option in fields
             },
         )
+
+    def to_fields(self) -> dict[str, Any]:
+        """The ``ARMORModifier``-style names and values (recorded in armor-ct's recipe)."""
+        return {option: getattr(self, name) for option, name in RECONSTRUCTION_FIELDS.items()}
 
     def min_windows(self) -> int:
         """The fewest calibration windows that leave at least one guard and one fit window."""
         return max(2, math.ceil(1 / self.guard_fraction - 1e-9))
 
 
+#: ``ARMORModifier`` field -> :class:`ReconstructionSettings` field (all but ``seed``)
+RECONSTRUCTION_FIELDS: dict[str, str] = {
+    (f.name if f.name == "propagate_within_layer" else f"reconstruction_{f.name}"): f.name
+    for f in dataclasses.fields(ReconstructionSettings)
+    if f.name != "seed"
+}
+
+
 @dataclass(frozen=True)
-class RefinementResult:
-    """What :func:`refine` did to one layer.
+class ReconstructionResult:
+    """What :func:`reconstruct_layer` did to one layer.
 
     :ivar initial_error: guard-set ``R`` of the starting parameters
     :ivar final_error: guard-set ``R`` of the parameters returned (``<= initial_error``)
@@ -171,15 +198,15 @@ def guard_split(num_windows: int, guard_fraction: float) -> tuple[list[int], lis
     return fit, guard
 
 
-def refine(
+def reconstruct_layer(
     run: Callable[[int], torch.Tensor],
     inputs: Sequence[torch.Tensor],
     targets: Sequence[torch.Tensor],
     params: Sequence[torch.Tensor],
     masks: Sequence[torch.Tensor | None],
-    settings: RefinementSettings,
+    settings: ReconstructionSettings,
     progress: Callable[[int, float], None] | None = None,
-) -> RefinementResult:
+) -> ReconstructionResult:
     """Refine ``params`` in place by Adam on the fit windows; keep the best guard iterate.
 
     :param run: ``i -> f_θ(X_i)`` ``[..., d]``, differentiable in ``params``
@@ -238,7 +265,7 @@ def refine(
     with torch.no_grad():
         for p, value in zip(params, best, strict=True):
             p.copy_(value)
-    return RefinementResult(
+    return ReconstructionResult(
         initial_error=initial_error,
         final_error=best_error,
         best_step=best_step,
@@ -280,7 +307,7 @@ def _step(
     return total
 
 
-def _window_order(fit: list[int], settings: RefinementSettings):
+def _window_order(fit: list[int], settings: ReconstructionSettings):
     """Endless stream of fit windows: a fresh seeded permutation per pass."""
     generator = torch.Generator().manual_seed(settings.seed)
     while True:

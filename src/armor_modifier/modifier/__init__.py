@@ -1,9 +1,13 @@
-"""The llm-compressor adapter: :class:`ARMORModifier` and its helpers.
+"""The llm-compressor adapter: :class:`ARMORModifier`, :class:`ARMORGPTQModifier` and their
+engines.
 
-Importing this package imports llm-compressor and registers ``ARMORModifier`` with its
-``ModifierFactory`` so YAML recipes can name it. Modules: :mod:`.base` the modifier,
-:mod:`.checks` target resolution and recipe checks, :mod:`.stats` input statistics,
-:mod:`.parallel` the torch.distributed path, :mod:`.report` per-module results and the summary.
+Importing this package imports llm-compressor and registers both modifiers with its
+``ModifierFactory`` so YAML recipes can name them. Modules: :mod:`.base` the modifier (fields +
+lifecycle), :mod:`.fields` its settings fields derived from the settings objects,
+:mod:`.compressor` the per-Linear engine, :mod:`.capture` and :mod:`.reconstruction` the
+decoder-layer engine, :mod:`.collectives` torch.distributed, :mod:`.checks` target resolution and
+recipe checks, :mod:`.stats` input statistics, :mod:`.report` per-module results, :mod:`.gptq` the
+mask-keeping GPTQ modifier.
 """
 
 from armor_modifier.core.errors import ARMORCompressionError

@@ -8,6 +8,7 @@ Everything here raises ``ValueError``/``TypeError`` naming the module, the value
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from compressed_tensors.utils import match_named_modules, match_targets
@@ -18,9 +19,12 @@ from torch import nn
 from armor_modifier.core.errors import ARMORTypeError, ARMORValueError
 from armor_modifier.runtime import is_armor_linear
 
+from .collectives import rank_and_world
+
 __all__ = [
     "MODIFIERS_REFUSED_AFTER",
     "check_calibration_set",
+    "check_guard_windows",
     "check_recipe_composition",
     "check_shared_calibration_pass",
     "check_target_linear",
@@ -246,3 +250,25 @@ def check_shared_calibration_pass(
                 "ARMOR's B·x. Use oneshot's default pipeline='independent', or a dynamic "
                 "activation scheme (FP8_DYNAMIC, W8A8)."
             )
+
+
+def check_guard_windows(settings: Any, calib: Any) -> None:
+    """Refuse a calibration set too small to hold out a guard window (before any work).
+
+    :param settings: the :class:`~armor_modifier.core.reconstruct.ReconstructionSettings`.
+    :param calib: llm-compressor's calibration dataloader (its length counts this rank's batches).
+    """
+    if settings.steps == 0 or calib is None:
+        return
+    try:
+        batches = len(calib) * rank_and_world()[1]
+    except TypeError:
+        return
+    need = settings.min_windows()
+    if batches < need:
+        raise ARMORValueError(
+            f"reconstruction_steps={settings.steps} holds out "
+            f"reconstruction_guard_fraction={settings.guard_fraction:g} of the "
+            f"calibration batches, but there are only {batches}: pass at least {need} "
+            "calibration samples (batches), or raise the fraction"
+        )
