@@ -38,6 +38,15 @@ _hook._overridden = True  # llm-compressor's marker: do not wrap this save again
 _hook._armor_save = True
 
 
+def appended_recipe(model: nn.Module, mine: dict[str, Any]) -> dict[str, Any]:
+    """``armor.recipe`` after one more ARMORModifier: its settings ``mine``, or, when an earlier
+    one already recorded its own on the model, ``{"modifiers": [earlier..., mine]}``."""
+    earlier = getattr(model, ARMOR_RECIPE_ATTR, None)
+    if not isinstance(earlier, dict):
+        return mine
+    return {"modifiers": [*earlier.get("modifiers", [earlier]), mine]}
+
+
 def install_save_hook(model: nn.Module, recipe: dict[str, Any] | None = None) -> None:
     """Make ``model.save_pretrained`` write armor-ct, outside any wrapper already installed.
 

@@ -10,11 +10,21 @@ recipe checks, :mod:`.stats` input statistics, :mod:`.report` per-module results
 mask-keeping GPTQ modifier.
 """
 
+from llmcompressor.modifiers.factory import ModifierFactory
+
 from armor_modifier.core.errors import ARMORCompressionError
 
-from .base import ARMORModifier, register
+from .base import ARMORModifier
 from .gptq import ARMORGPTQModifier
 from .report import ARMORModuleResult
+
+
+def register() -> None:
+    """Make ``ARMORModifier`` and ``ARMORGPTQModifier`` available to YAML recipes (idempotent)."""
+    for cls in (ARMORModifier, ARMORGPTQModifier):
+        if ModifierFactory._registered_registry.get(cls.__name__) is not cls:
+            ModifierFactory.register(cls.__name__, cls)
+
 
 register()
 

@@ -12,10 +12,8 @@ import dataclasses
 from typing import Any, Literal
 
 import torch
-from compressed_tensors.utils import match_named_modules
 from llmcompressor.core import Event, State, active_session
 from llmcompressor.modifiers import Modifier
-from llmcompressor.modifiers.factory import ModifierFactory
 from loguru import logger
 from pydantic import Field, PrivateAttr, create_model, model_validator
 from torch import nn
@@ -24,16 +22,14 @@ from armor_modifier.core import SolverSettings
 from armor_modifier.core.errors import ARMORValueError
 from armor_modifier.core.problem import block_within_budget
 from armor_modifier.core.reconstruct import RECONSTRUCTION_FIELDS, ReconstructionSettings
-from armor_modifier.format.hooks import install_save_hook
-from armor_modifier.format.save import ARMOR_RECIPE_ATTR
+from armor_modifier.format.hooks import appended_recipe, install_save_hook
 
 from .checks import (
     check_calibration_set,
     check_guard_windows,
     check_recipe_composition,
     check_shared_calibration_pass,
-    check_target_linears,
-    resolve_target_linears,
+    checked_targets,
 )
 from .compressor import LinearCompressor
 from .fields import settings_fields
@@ -41,9 +37,7 @@ from .reconstruction import LayerReconstruction, Reconstruction, summarize_recon
 from .report import ARMORModuleResult, summarize
 from .stats import collect_dense_statistics
 
-__all__ = ["ARMORModifier", "register"]
-
-SOLVER_FIELDS = tuple(f.name for f in dataclasses.fields(SolverSettings))
+__all__ = ["ARMORModifier"]
 
 _SettingsFields: Any = create_model("_SettingsFields", __base__=Modifier, **settings_fields())
 
@@ -52,29 +46,22 @@ class ARMORModifier(_SettingsFields):
     """ARMOR 2:4 pruning: each Linear ``W`` becomes ``A · S · B``, a 2:4 sparse core ``S`` between
     small block-diagonal wrappers ``A``, ``B``.
 
-    Paper: L. Liu et al., *ARMOR: High-Performance Semi-Structured Pruning via Adaptive Matrix
-    Factorization*, https://arxiv.org/abs/2510.05528 (independent Apache-2.0 implementation).
-    After compression each Linear's ``weight`` holds the exactly-2:4 core and forward hooks apply
-    ``B`` before and ``A`` after it: ``y = A (S (B x)) + bias``.
+    Paper: https://arxiv.org/abs/2510.05528 (independent Apache-2.0 implementation). After
+    compression each Linear's ``weight`` holds the exactly-2:4 core and forward hooks apply ``B``
+    before and ``A`` after it: ``y = A (S (B x)) + bias``.
 
-    Fields: ``targets`` (default ``["Linear"]``), ``ignore`` (``"re:.*lm_head"`` for the head),
-    ``mask_structure`` (``"2:4"``), ``calibration`` (``"sequential"``: each layer sees the
-    already-pruned earlier layers' outputs; ``"dense"``: one extra pass of the unpruned model;
-    default by objective), and every solver and decoder-layer setting, each described in
-    ``docs/settings.md`` (generated from the settings objects) and in its pydantic description.
+    Fields: ``targets``, ``ignore`` (``"re:.*lm_head"`` for the head), ``mask_structure``
+    (``"2:4"``), ``calibration`` (``"sequential"``: through the already-pruned layers; ``"dense"``:
+    one pass of the unpruned model; default by objective) and every setting of ``docs/settings.md``
+    (generated from the settings objects; each field's pydantic description says the same).
 
-    Lifecycle:
-
-    - on_initialize: resolve ``targets``/``ignore`` and check them and the recipe
-    - on_calibration_start: ``"dense"`` collects the statistics in one pass of the unpruned
-      model; ``"sequential"`` hooks the targets (and the decoder layers for the layer work)
-    - on_sequential_epoch_end (once per decoder layer): compress that layer's Linears (with the
-      decoder-layer work when on; under torchrun the work is spread over ranks)
-    - on_calibration_end: compress what is left, remove hooks, log the summary
-    - on_finalize: error if a target was left; install the armor-ct ``save_pretrained`` hook
-
-    Quantize after ARMOR with ``QuantizationModifier`` (round-to-nearest) or
-    ``ARMORGPTQModifier`` (GPTQ that keeps the zeros); llm-compressor's own GPTQ is refused.
+    Lifecycle: on_initialize resolves and checks the targets and the recipe;
+    on_calibration_start hooks the targets (sequential) or collects dense statistics;
+    on_sequential_epoch_end compresses that decoder layer's targets (with the decoder-layer work
+    when on; under torchrun spread over ranks); on_calibration_end compresses what is left and
+    logs the summary; on_finalize checks that nothing was left and installs the armor-ct
+    ``save_pretrained`` hook. Quantize afterwards with ``QuantizationModifier`` or
+    ``ARMORGPTQModifier`` (llm-compressor's own GPTQ fills the zeros and is refused).
     """
 
     requires_calibration_data: bool = True
@@ -106,7 +93,8 @@ class ARMORModifier(_SettingsFields):
     def solver_settings(self) -> SolverSettings:
         """The solver fields as one checked :class:`SolverSettings`, with the block size the
         budget gave once the targets are known and ``wrapper_block_size`` is unset."""
-        settings = SolverSettings(**{name: getattr(self, name) for name in SOLVER_FIELDS})
+        fields = dataclasses.fields(SolverSettings)
+        settings = SolverSettings(**{f.name: getattr(self, f.name) for f in fields})
         if self._budget_block is not None and self.wrapper_block_size is None:
             settings = settings.replace(wrapper_block_size=self._budget_block)
         return settings
@@ -119,8 +107,7 @@ class ARMORModifier(_SettingsFields):
 
     @property
     def budget_block_size(self) -> int | None:
-        """With ``wrapper_block_size`` unset: the largest ``b`` whose wrappers over all targets
-        stay within ``max_wrapper_overhead`` (set at initialisation)."""
+        """The ``b`` the overhead budget gave the targets (``wrapper_block_size`` unset)."""
         return self._budget_block
 
     @property
@@ -163,20 +150,7 @@ class ARMORModifier(_SettingsFields):
 
     def on_initialize(self, state: State, **kwargs: Any) -> bool:
         """Resolve and check the target Linears and the rest of the recipe; no data yet."""
-        model = state.model
-        layers = dict(match_named_modules(model, self.targets))
-        if not layers:
-            raise ARMORValueError(
-                f"targets={self.targets!r} match no module of {type(model).__name__}; use "
-                "'Linear', a class name, an exact module name or a 're:' pattern"
-            )
-        modules = resolve_target_linears(layers, self.ignore)
-        if not modules:
-            raise ARMORValueError(
-                f"targets={self.targets!r} matched {list(layers)[:5]}... but, after ignore="
-                f"{self.ignore!r}, no nn.Linear is left to prune"
-            )
-        check_target_linears(model, modules)
+        modules = checked_targets(state.model, self.targets, self.ignore)
         check_calibration_set(state.data.calib)
         check_recipe_composition(self, active_session().lifecycle.recipe.modifiers)
         self._names = {module: name for name, module in modules.items()}
@@ -186,16 +160,11 @@ class ARMORModifier(_SettingsFields):
         self._compressor = LinearCompressor(
             self._names, self.solver_settings, from_budget=self.wrapper_block_size is None
         )
-        block = (
-            f"wrapper_block_size={self.wrapper_block_size}"
-            if self.wrapper_block_size is not None
-            else f"max_wrapper_overhead={self.max_wrapper_overhead:g} -> wrapper_block_size="
-            f"{self._budget_block}"
-        )
+        budget = "" if self._budget_block is None else f"{self.max_wrapper_overhead:g} budget -> "
         logger.info(
             f"ARMOR will prune {len(modules)} Linear modules (objective={self.objective}, "
-            f"calibration={self.effective_calibration}, {block}, "
-            f"num_iterations={self.num_iterations})"
+            f"calibration={self.effective_calibration}, wrapper_block_size={budget}"
+            f"{self.wrapper_block_size or self._budget_block}, iterations={self.num_iterations})"
         )
         return True
 
@@ -210,15 +179,10 @@ class ARMORModifier(_SettingsFields):
                     "ARMORModifier(calibration='dense') needs calibration data: pass `dataset=` "
                     "to oneshot"
                 )
-            collect_dense_statistics(
-                self,
-                state.model,
-                state.data.calib,
-                self._names,
-                compressor.statistics,
-                lambda stat: lambda _module, args, _output: stat.add(args[0]),
-                with_gram=compressor.settings.needs_hessian,
-            )
+            with_gram = compressor.settings.needs_hessian
+            stats = compressor.statistics
+            collect_dense_statistics(self, state.model, state.data.calib, self._names, stats,
+                                     with_gram)  # fmt: skip
             return
         for module in self._names:
             self.register_hook(module, self.calibrate_module, "forward")
@@ -277,28 +241,10 @@ class ARMORModifier(_SettingsFields):
                 "reached them (did oneshot get a dataset?)"
             )
         # after oneshot wrapped save_pretrained: the armor-ct hook must sit outside that wrapper
-        install_save_hook(state.model, recipe=_recorded(state.model, self.settings()))
+        install_save_hook(state.model, recipe=appended_recipe(state.model, self.settings()))
         return True
 
     def _engine(self) -> LinearCompressor:
         if self._compressor is None:
             raise ARMORValueError("ARMORModifier was not initialised (run it through oneshot)")
         return self._compressor
-
-
-def _recorded(model: nn.Module, mine: dict[str, Any]) -> dict[str, Any]:
-    """``armor.recipe`` after this modifier: its settings, or, when an earlier ARMORModifier
-    already recorded its own on the model, ``{"modifiers": [earlier..., mine]}``."""
-    earlier = getattr(model, ARMOR_RECIPE_ATTR, None)
-    if not isinstance(earlier, dict):
-        return mine
-    return {"modifiers": [*earlier.get("modifiers", [earlier]), mine]}
-
-
-def register() -> None:
-    """Make ``ARMORModifier`` and ``ARMORGPTQModifier`` available to YAML recipes (idempotent)."""
-    from .gptq import ARMORGPTQModifier
-
-    for cls in (ARMORModifier, ARMORGPTQModifier):
-        if ModifierFactory._registered_registry.get(cls.__name__) is not cls:
-            ModifierFactory.register(cls.__name__, cls)

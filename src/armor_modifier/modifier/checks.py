@@ -29,6 +29,7 @@ __all__ = [
     "check_shared_calibration_pass",
     "check_target_linear",
     "check_target_linears",
+    "checked_targets",
     "is_ignored",
     "resolve_target_linears",
 ]
@@ -82,6 +83,30 @@ def is_ignored(name: str, module: nn.Module, ignore: Sequence[str]) -> bool:
 def _join(prefix: str, name: str) -> str:
     # llm-compressor joins with a dot even for the layer itself, giving "lm_head." (fact 6)
     return f"{prefix}.{name}" if name else prefix
+
+
+def checked_targets(
+    model: nn.Module, targets: str | list[str], ignore: Sequence[str]
+) -> dict[str, nn.Linear]:
+    """The Linears a modifier with these ``targets`` / ``ignore`` prunes, each checked
+    (:func:`check_target_linears`); ``{name: Linear}`` in model order.
+
+    :raises ARMORValueError: when the targets match nothing, or nothing is left after ``ignore``
+    """
+    layers = dict(match_named_modules(model, targets))
+    if not layers:
+        raise ARMORValueError(
+            f"targets={targets!r} match no module of {type(model).__name__}; use "
+            "'Linear', a class name, an exact module name or a 're:' pattern"
+        )
+    modules = resolve_target_linears(layers, ignore)
+    if not modules:
+        raise ARMORValueError(
+            f"targets={targets!r} matched {list(layers)[:5]}... but, after ignore="
+            f"{ignore!r}, no nn.Linear is left to prune"
+        )
+    check_target_linears(model, modules)
+    return modules
 
 
 def resolve_target_linears(

@@ -99,7 +99,6 @@ def collect_dense_statistics(
     dataloader: Iterable[dict],
     modules: Mapping[nn.Linear, str],
     stats: dict[nn.Linear, InputStatistics],
-    make_hook: Callable[[InputStatistics], Callable],
     with_gram: bool = False,
 ) -> int:
     """Run the calibration set once through the unpruned ``model``, filling ``stats``.
@@ -112,7 +111,6 @@ def collect_dense_statistics(
     :param dataloader: llm-compressor's calibration dataloader (dicts of tensors)
     :param modules: target Linear -> name
     :param stats: filled in place: one :class:`InputStatistics` per target Linear
-    :param make_hook: builds a forward hook ``(module, args, output)`` that adds ``args[0]``
     :param with_gram: also accumulate ``X^T X`` (for the layer Hessian)
     :return: the number of batches seen
     """
@@ -120,7 +118,7 @@ def collect_dense_statistics(
     for module in modules:
         stat = InputStatistics.empty(module.in_features, get_execution_device(module), with_gram)
         stats[module] = stat
-        handles.add(hooks.register_hook(module, make_hook(stat), "forward"))
+        handles.add(hooks.register_hook(module, _adder(stat), "forward"))
     device = get_execution_device(model)
     num_batches = 0
     try:
@@ -136,3 +134,12 @@ def collect_dense_statistics(
         hooks.remove_hooks(handles)
     logger.info(f"ARMOR dense statistics: {num_batches} batches through the unpruned model")
     return num_batches
+
+
+def _adder(stat: InputStatistics) -> Callable[..., None]:
+    """A forward hook ``(module, args, output)`` adding the module's input to ``stat``."""
+
+    def hook(_module: nn.Module, args: tuple, _output: torch.Tensor) -> None:
+        stat.add(args[0])
+
+    return hook
