@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from armor_modifier import factorize, nowag_p, proxy_loss
+from armor_modifier import factorize
+from armor_modifier.core import nowag_p, proxy_loss
 from armor_modifier.evaluation import calibration_samples, load_default_model, wikivital_split
 
 TYPES = (

@@ -1,8 +1,13 @@
-"""Imports flow one way: core <- runtime <- format <- modifier <- cli (README, Layout).
+"""The one layering rule of the package, read from the source with ``ast`` (no import runs).
 
-Read from the source with ``ast`` (no import runs), so a violation fails here even where ruff's
-per-folder banned-api rules do not reach (``runtime.py``, ``cuda.py``).
+1. Imports flow one way between the parts: core <- runtime <- format <- modifier <- pruning <- cli
+   (``cuda``, ``onnx``, ``evaluation`` and ``integrations`` beside them as :data:`RULES` says),
+   and the parts below the modifier never import llm-compressor.
+2. No import circle between modules: every import counts, ``TYPE_CHECKING`` blocks and imports
+   inside functions included.
 """
+
+from __future__ import annotations
 
 import ast
 import sys
@@ -12,36 +17,46 @@ import pytest
 
 SRC = Path(__file__).parents[1] / "src" / "armor_modifier"
 STDLIB = set(sys.stdlib_module_names)
+ABOVE_MODIFIER = {"modifier", "pruning", "cli", "cli_prune", "cli_zeroshot"}
 
-#: package part -> (allowed third-party roots, or None: any but llm-compressor; forbidden
+#: package part -> (allowed third-party roots; None: any but llm-compressor; ANY: any), forbidden
 #: armor_modifier parts)
+ANY = frozenset({"*"})
 RULES = {
     "core": (
         {"torch"},
-        {"runtime", "cuda", "format", "modifier", "cli", "cli_prune", "evaluation"},
+        {"runtime", "cuda", "format", "onnx", "evaluation", "integrations", *ABOVE_MODIFIER},
     ),
-    "runtime": ({"torch"}, {"cuda", "format", "modifier", "cli", "cli_prune", "evaluation"}),
-    "cuda": ({"torch", "compressed_tensors"}, {"format", "modifier", "cli", "cli_prune"}),
+    "runtime": ({"torch"}, {"cuda", "format", "onnx", "evaluation", *ABOVE_MODIFIER}),
+    "cuda": ({"torch", "compressed_tensors"}, {"format", "onnx", *ABOVE_MODIFIER}),
     "format": (
         {"torch", "safetensors", "transformers", "compressed_tensors", "loguru", "pydantic"},
-        {"modifier", "cli", "cli_prune", "evaluation"},
+        {"onnx", "evaluation", *ABOVE_MODIFIER},
     ),
-    "evaluation": (None, {"modifier", "cli", "cli_prune"}),
+    "evaluation": (None, ABOVE_MODIFIER),
     # the ONNX exporter reads armor-ct through format/ and runtime; it never needs llm-compressor
     "onnx": (
         {"torch", "numpy", "onnx", "onnxruntime", "transformers", "compressed_tensors",
          "safetensors", "loguru"},
-        {"modifier", "cli", "cli_prune", "evaluation"},
+        {"evaluation", *ABOVE_MODIFIER},
     ),
-    # optimum adapters sit beside the CLI (they reuse it): anything but llm-compressor directly
-    "integrations": (None, set()),
+    "modifier": (ANY, {"pruning", "cli", "cli_prune", "cli_zeroshot", "integrations"}),
+    "pruning": (ANY, {"cli", "cli_prune", "cli_zeroshot", "integrations"}),
+    "cli_prune": (ANY, {"cli", "integrations"}),
+    "cli_zeroshot": (ANY, {"cli", "cli_prune", "integrations"}),
 }
 
 
-def _imports(path: Path) -> list[tuple[str, int]]:
-    """``(absolute module, line)`` of every import in ``path`` (relative ones resolved)."""
-    parts = path.relative_to(SRC.parent).with_suffix("").parts
-    package = parts[:-1] if parts[-1] != "__init__" else parts[:-1]
+def _module_name(path: Path, root: Path) -> str:
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, root: Path) -> list[tuple[str, int]]:
+    """``(absolute module, line)`` of every import in ``path`` (relative ones resolved); for
+    ``from X import name`` also ``X.name`` (it may be a submodule)."""
+    parts = path.relative_to(root.parent).with_suffix("").parts
+    package = parts[:-1]
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -52,41 +67,100 @@ def _imports(path: Path) -> list[tuple[str, int]]:
                 name = ".".join((*base, node.module or ""))
             else:
                 name = node.module or ""
-            found.append((name.rstrip("."), node.lineno))
+            name = name.rstrip(".")
+            found.append((name, node.lineno))
+            found += [(f"{name}.{alias.name}", node.lineno) for alias in node.names]
     return found
 
 
-def _part(path: Path) -> str:
-    first = path.relative_to(SRC).parts[0]
+def _part(path: Path, root: Path) -> str:
+    first = path.relative_to(root).parts[0]
     return first.removesuffix(".py")
+
+
+def _check_layering(path: Path, root: Path) -> None:
+    part = _part(path, root)
+    if part not in RULES:
+        return
+    allowed, forbidden = RULES[part]
+    modules = {_module_name(p, root) for p in root.rglob("*.py")}
+    for name, line in _imports(path, root):
+        root_name = name.split(".")[0]
+        if root_name == root.name:
+            inner = name.split(".")[1] if "." in name else ""
+            assert inner not in forbidden, f"{path}:{line} imports {name}"
+        elif name in modules or root_name in STDLIB or root_name == "__future__" or allowed is ANY:
+            continue
+        elif allowed is None:
+            assert root_name != "llmcompressor", f"{path}:{line} imports {name}"
+        else:
+            assert root_name in allowed, f"{path}:{line} imports {name}"
 
 
 @pytest.mark.parametrize("path", sorted(SRC.rglob("*.py")), ids=lambda p: str(p.relative_to(SRC)))
 def test_imports_flow_one_way(path):
-    part = _part(path)
-    if part not in RULES:
-        return
-    allowed, forbidden = RULES[part]
-    for name, line in _imports(path):
-        root = name.split(".")[0]
-        if root == "armor_modifier":
-            inner = name.split(".")[1] if "." in name else ""
-            assert inner not in forbidden, f"{path}:{line} imports {name}"
-        elif allowed is None:
-            assert root != "llmcompressor", f"{path}:{line} imports {name}"
-        elif root != "__future__":
-            assert root in STDLIB or root in allowed, f"{path}:{line} imports {name}"
+    _check_layering(path, SRC)
 
 
-def test_the_rules_catch_a_violation(tmp_path, monkeypatch):
-    """The check above can fail: an llm-compressor import in the core is caught."""
-    core = tmp_path / "armor_modifier" / "core"
-    core.mkdir(parents=True)
-    bad = core / "bad.py"
-    bad.write_text("from llmcompressor import oneshot\nfrom ..modifier import base\n")
-    monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path / "armor_modifier")
+def import_graph(root: Path) -> dict[str, set[str]]:
+    """``module -> modules of the package it imports`` (every import statement)."""
+    modules = {_module_name(p, root): p for p in root.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        targets = {target for target, _ in _imports(path, root) if target in modules}
+        graph[name] = targets - {name}
+    return graph
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle as ``[a, b, ..., a]``, or ``None`` (depth-first search)."""
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt) :] + [nxt]
+            if nxt not in state:
+                found = visit(nxt)
+                if found:
+                    return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            found = visit(node)
+            if found:
+                return found
+    return None
+
+
+def test_no_import_circle():
+    cycle = find_cycle(import_graph(SRC))
+    assert cycle is None, " -> ".join(cycle or [])
+
+
+def test_the_rules_catch_a_violation(tmp_path):
+    """Both checks can fail: an llm-compressor import or an upward import in the core, and a
+    circle made of a TYPE_CHECKING import."""
+    root = tmp_path / "armor_modifier"
+    (root / "core").mkdir(parents=True)
+    (root / "modifier").mkdir()
+    bad = root / "core" / "bad.py"
+    bad.write_text("from llmcompressor import oneshot\n")
     with pytest.raises(AssertionError, match="imports llmcompressor"):
-        test_imports_flow_one_way(bad)
+        _check_layering(bad, root)
     bad.write_text("from ..modifier import base\n")
     with pytest.raises(AssertionError, match="imports armor_modifier.modifier"):
-        test_imports_flow_one_way(bad)
+        _check_layering(bad, root)
+    (root / "modifier" / "a.py").write_text("from .b import thing\n")
+    (root / "modifier" / "b.py").write_text(
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .a import other\n"
+    )
+    assert find_cycle(import_graph(root)) == [
+        "armor_modifier.modifier.a", "armor_modifier.modifier.b", "armor_modifier.modifier.a"
+    ]

@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from armor_modifier import factorize, nowag_p, proxy_loss
-from armor_modifier.core import dense_blockdiag, is_2_of_4
+from armor_modifier import factorize
+from armor_modifier.core import dense_blockdiag, is_2_of_4, nowag_p, proxy_loss
 from armor_modifier.core.iterate import Iterate
 from armor_modifier.core.problem import normalize
 from armor_modifier.core.proxy import DiagonalProxy

@@ -1,70 +1,65 @@
 """armor-modifier: ARMOR 2:4 pruning for llm-compressor.
 
-``import armor_modifier`` exposes the solver (:func:`factorize`, :class:`SolverSettings`) and
-registers the ``armor-ct`` checkpoint format with transformers (so
-``AutoModelForCausalLM.from_pretrained`` restores the wrappers and the 2:4 cores). It does not
-import llm-compressor: :class:`ARMORModifier` is loaded (and registered with llm-compressor's
-``ModifierFactory``, so YAML recipes find it) on first access of ``armor_modifier.ARMORModifier``
-or on ``import armor_modifier.modifier``.
+What a user calls is here: :func:`prune`, :class:`ARMORModifier`, :class:`ARMORGPTQModifier`, the
+settings objects, :func:`factorize`, :func:`save_armor_pretrained`, :func:`export_dense`,
+:func:`to_semi_structured` and :class:`ARMORError` (every error the package raises on purpose
+derives from it; the specific classes are in :mod:`armor_modifier.core.errors`).
+
+``import armor_modifier`` is light: it registers the ``armor-ct`` checkpoint format with
+transformers (so ``AutoModelForCausalLM.from_pretrained`` restores the wrappers and the 2:4 cores)
+and imports neither llm-compressor nor the CUDA runtime. The names that need them
+(``prune``, the modifiers, ``to_semi_structured``) are imported on first access; the modifiers
+are then registered with llm-compressor's ``ModifierFactory`` so YAML recipes find them. The same
+happens whatever was imported before.
 """
 
 from __future__ import annotations
 
-import sys
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from .core import ARMORFactors, SolverSettings, factorize, nowag_p, output_loss, proxy_loss
-from .core.errors import (
-    ARMORCheckpointError,
-    ARMORCompressionError,
-    ARMORError,
-    ARMORRuntimeError,
-    ARMORTypeError,
-    ARMORValueError,
-    HessianNotPositiveDefinite,
-)
-from .format import export_dense, install_save_hook, save_armor_pretrained
+from .core import SolverSettings, factorize
+from .core.errors import ARMORError
+from .core.reconstruct import ReconstructionSettings
+from .format import export_dense, save_armor_pretrained
 from .format import register as _register_loader
 
 if TYPE_CHECKING:
-    from .modifier import ARMORModifier, ARMORModuleResult
+    from .cuda import to_semi_structured
+    from .modifier import ARMORGPTQModifier, ARMORModifier
+    from .pruning import PruneResult, prune
 
 __version__ = "0.1.0"
 
-_LAZY = {"ARMORModifier", "ARMORModuleResult"}
+#: name -> submodule that defines it, imported on first access
+_LAZY = {
+    "ARMORModifier": "modifier",
+    "ARMORGPTQModifier": "modifier",
+    "prune": "pruning",
+    "PruneResult": "pruning",
+    "to_semi_structured": "cuda",
+}
 
 
 def __getattr__(name: str) -> Any:
-    """``ARMORModifier`` / ``ARMORModuleResult`` import llm-compressor only when first asked for."""
+    """The names of :data:`_LAZY`, imported from their submodule when first asked for."""
     if name in _LAZY:
-        from . import modifier
-
-        return getattr(modifier, name)
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 _register_loader()
-if "llmcompressor" in sys.modules:
-    # llm-compressor is already loaded: register ARMORModifier for YAML recipes at no extra cost
-    from . import modifier as _modifier  # noqa: F401
 
 __all__ = [
-    "ARMORCheckpointError",
-    "ARMORCompressionError",
     "ARMORError",
-    "ARMORFactors",
+    "ARMORGPTQModifier",
     "ARMORModifier",
-    "ARMORModuleResult",
-    "ARMORRuntimeError",
-    "ARMORTypeError",
-    "ARMORValueError",
-    "HessianNotPositiveDefinite",
+    "PruneResult",
+    "ReconstructionSettings",
     "SolverSettings",
     "export_dense",
     "factorize",
-    "install_save_hook",
-    "nowag_p",
-    "output_loss",
-    "proxy_loss",
+    "prune",
     "save_armor_pretrained",
+    "to_semi_structured",
 ]

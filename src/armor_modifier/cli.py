@@ -22,15 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_prune import QUANT_SCHEMES, add_prune_arguments, one_line, run_prune
+from .cli_prune import add_prune_arguments, one_line, run_prune
 from .cli_zeroshot import add_zero_shot_arguments, check_zero_shot_arguments, run_zero_shot
 from .core.errors import ARMORError
 from .onnx.command import add_onnx_arguments, run_onnx_export
+from .pruning import DEFAULT_MODEL, QUANT_SCHEMES
 
 __all__ = ["main", "build_parser", "add_commands", "run_command"]
-
-DEFAULT_MODEL = "smollm2"
-
 
 class CLIError(Exception):
     """A user error: printed as one line, exit code 2."""
@@ -224,7 +222,7 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         if args.command == "prune":
             _check_output_folder(Path(args.output), args.overwrite)
             _check_model_path(args.model)
-            run_prune(args, _load)
+            run_prune(args)
         elif args.command == "eval":
             run_eval(args)
         elif args.command == "export-onnx":

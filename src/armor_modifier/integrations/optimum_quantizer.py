@@ -8,21 +8,20 @@
     quantizer.quantize("out/my-llama-armor", calibration_dataset="wikivital",
                        num_samples=128, seq_len=2048, wrapper_block_size=32)
 
-``quantize`` runs exactly ``armor prune`` (the same parser defaults, recipe building, oneshot run
-and staged armor-ct save of ``cli_prune.run_prune``): the same arguments and seed give the same
-checkpoint. ARMOR and decoder-layer options are the ``ARMORModifier`` / ``armor prune`` field names
-as keywords; ``recipe`` is an llm-compressor YAML file instead of them. Needs the ``[optimum]``
-extra; without it the class raises an ``ImportError`` naming the extra.
+``quantize`` is :func:`armor_modifier.prune` (which ``armor prune`` also calls): the same
+arguments and seed give the same checkpoint. ARMOR and decoder-layer settings are the
+``ARMORModifier`` field names as keywords; ``recipe`` is an llm-compressor YAML file instead of
+them. Needs the ``[optimum]`` extra; without it the class raises an ``ImportError`` naming it.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Any
 
 from armor_modifier.core.errors import ARMORTypeError, ARMORValueError
+from armor_modifier.format.staging import resolve_target
 
 try:
     from optimum.quantization_base import OptimumQuantizer
@@ -32,8 +31,6 @@ except ImportError:  # the [optimum] extra is not installed: the class below say
 __all__ = ["ARMORQuantizer", "OPTIMUM_EXTRA"]
 
 OPTIMUM_EXTRA = "pip install 'armor-modifier[optimum]'"
-#: ``armor prune`` options that ``quantize`` takes as its own parameters, not as ``**fields``
-_OWN = ("model", "output", "overwrite", "dataset", "num_samples", "seq_len", "seed", "recipe")
 
 
 def _require_optimum() -> None:
@@ -84,86 +81,35 @@ class ARMORQuantizer(OptimumQuantizer or object):  # type: ignore[misc]
             )
         return cls(model_or_path, tokenizer)
 
-    def _load(self, name: str) -> Any:
-        """``armor prune``'s loader, or the given model with its tokenizer."""
-        if self.model is None:
-            from armor_modifier.cli import _load
-
-            return _load(name)
-        tokenizer = self.tokenizer
-        if tokenizer is None:
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(self.name_or_path)
-        return self.model, tokenizer, self.name_or_path
-
-    def prune_arguments(
+    def quantize(
         self,
         save_dir: str | os.PathLike,
+        file_prefix: str | None = None,
         *,
-        calibration_dataset: str = "wikivital",
-        num_samples: int = 16,
-        seq_len: int = 512,
-        seed: int = 0,
-        recipe: str | os.PathLike | None = None,
-        overwrite: bool = False,
-        **fields: Any,
-    ) -> argparse.Namespace:
-        """The ``armor prune`` arguments ``quantize`` runs with (parsed by the CLI's parser)."""
-        from armor_modifier.cli import build_parser
-
-        if not isinstance(calibration_dataset, str | os.PathLike):
-            raise ARMORTypeError(
-                f"calibration_dataset must name a text ('wikivital', 'ptb', a text file or "
-                f"'hf:NAME[:CONFIG]'), got {type(calibration_dataset).__name__}"
-            )
-        if recipe is not None and not isinstance(recipe, str | os.PathLike):
-            raise ARMORTypeError(
-                f"recipe must be a YAML file path, got {type(recipe).__name__}; pass modifier "
-                "settings as keyword arguments instead"
-            )
-        name = self.name_or_path or "model"
-        argv = ["prune", str(name), "--output", os.fspath(save_dir)]
-        argv += ["--dataset", os.fspath(calibration_dataset), "--seed", str(seed)]
-        argv += ["--num-samples", str(num_samples), "--seq-len", str(seq_len)]
-        if recipe is not None:
-            argv += ["--recipe", os.fspath(recipe)]
-        if overwrite:
-            argv.append("--overwrite")
-        args = build_parser().parse_args(argv)
-        known = sorted(set(vars(args)) - {"command", "threads", *_OWN})
-        unknown = sorted(set(fields) - set(known))
-        if unknown:
-            raise ARMORValueError(f"unknown ARMOR settings {unknown}; the settings are {known}")
-        for key, value in fields.items():
-            setattr(args, key, value)
-        return args
-
-    def quantize(
-        self, save_dir: str | os.PathLike, file_prefix: str | None = None, **kwargs: Any
+        calibration_dataset: Any = "wikivital",
+        **kwargs: Any,
     ) -> Path:
-        """Prune with ARMOR 2:4 (+ the chosen quantization) and write armor-ct to ``save_dir``.
+        """Prune with ARMOR 2:4 (+ the chosen quantization) and write armor-ct to ``save_dir``:
+        :func:`armor_modifier.prune` of this model.
 
         :param save_dir: output folder (staged and swapped in; must be empty unless
             ``overwrite=True``)
         :param file_prefix: optimum's interface; armor-ct uses transformers' file names, so only
             ``None`` is accepted
-        :param kwargs: :meth:`prune_arguments`: ``calibration_dataset``, ``num_samples``,
-            ``seq_len``, ``seed``, ``recipe``, ``overwrite`` and ``ARMORModifier`` fields
+        :param calibration_dataset: ``prune``'s ``dataset``: a text name or file, or a tokenized
+            dataset
+        :param kwargs: the rest of ``prune``'s keywords (``num_samples``, ``seq_len``, ``seed``,
+            ``recipe``, ``quantize``, ``overwrite``, ``ARMORModifier`` fields)
         :return: ``save_dir`` as an absolute path
         """
-        from armor_modifier.cli_prune import run_prune
-        from armor_modifier.format.staging import resolve_target
+        from armor_modifier.pruning import prune
 
         if file_prefix is not None:
             raise ARMORValueError(
                 f"file_prefix={file_prefix!r}: armor-ct uses transformers' file names; leave it out"
             )
-        args = self.prune_arguments(save_dir, **kwargs)
-        target = Path(args.output)
-        if target.is_dir() and any(target.iterdir()) and not args.overwrite:
-            raise ARMORValueError(
-                f"output folder {target} exists and is not empty; pass overwrite=True to replace it"
-            )
-        run_prune(args, self._load)
-        return resolve_target(target)
+        model = self.model if self.model is not None else self.name_or_path
+        result = prune(
+            model, save_dir, tokenizer=self.tokenizer, dataset=calibration_dataset, **kwargs
+        )
+        return Path(result.output) if result.output is not None else resolve_target(save_dir)
