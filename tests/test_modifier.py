@@ -17,6 +17,7 @@ import yaml
 from compressed_tensors.utils import match_named_modules
 from llmcompressor import oneshot
 from llmcompressor.core import State
+from llmcompressor.modifiers import Modifier
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from torch import nn
@@ -148,10 +149,24 @@ def _nowag_losses(dense_model, stats: dict[str, tuple]) -> dict[str, float]:
     return losses
 
 
-def test_defaults_are_the_measured_best():
-    modifier = armor()
-    assert modifier.objective == "output" and modifier.output_damping == 0.1
-    assert modifier.effective_calibration == "sequential"
+def test_modifier_fields_are_the_settings_objects_fields():
+    """Every setting is declared once: the modifier has exactly the settings objects' fields,
+    with their defaults, and hands them back unchanged."""
+    import dataclasses
+
+    from armor_modifier import ReconstructionSettings, SolverSettings
+    from armor_modifier.core.reconstruct import RECONSTRUCTION_FIELDS
+
+    modifier = ARMORModifier()
+    own = {"targets", "ignore", "mask_structure", "calibration"}
+    declared = {f.name for f in dataclasses.fields(SolverSettings)} | set(RECONSTRUCTION_FIELDS)
+    assert set(ARMORModifier.model_fields) - set(Modifier.model_fields) == own | declared
+    assert modifier.solver_settings == SolverSettings()
+    assert modifier.reconstruction_settings == ReconstructionSettings()
+    changed = ARMORModifier(num_iterations=3, reconstruction_eval_every=7, seed=5)
+    assert changed.solver_settings == SolverSettings(num_iterations=3, seed=5)
+    assert changed.reconstruction_settings == ReconstructionSettings(eval_every=7, seed=5)
+    assert modifier.effective_calibration == "sequential"  # the output objective's default
     assert armor(objective="proxy").effective_calibration == "dense"
     assert armor(calibration="dense").effective_calibration == "dense"
 

@@ -61,15 +61,22 @@ def test_optimum_cli_help_lists_armor():
 
 
 def test_optimum_still_imports():
-    """Our ``optimum.commands.register`` portion does not shadow the real optimum package."""
+    """Our ``optimum.commands.register`` portion does not shadow the real optimum package: its
+    modules come from the installed distribution, and ARMORQuantizer is its quantizer type."""
+    import inspect
+
     import optimum.exporters
     import optimum.quantization_base
 
-    import optimum
+    from armor_modifier.integrations.optimum_quantizer import ARMORQuantizer
 
-    assert any("site-packages" in path for path in optimum.__path__)
-    assert optimum.quantization_base.OptimumQuantizer is not None
-    assert optimum.exporters is not None
+    ours = Path(__file__).parents[1] / "src"
+    paths = [Path(optimum.quantization_base.__file__), *map(Path, optimum.exporters.__path__)]
+    for path in (p.resolve() for p in paths):
+        assert "site-packages" in path.parts and ours not in path.parents, path
+    assert inspect.isabstract(optimum.quantization_base.OptimumQuantizer)
+    assert issubclass(ARMORQuantizer, optimum.quantization_base.OptimumQuantizer)
+    assert not inspect.isabstract(ARMORQuantizer)
 
 
 def test_optimum_cli_armor_has_every_armor_command(monkeypatch, capsys):
