@@ -71,7 +71,7 @@ def setting_rows() -> list[SettingRow]:
 
 def _type_name(kind: Any) -> str:
     text = str(kind).replace("typing.", "")
-    return text.removeprefix("<class '").removesuffix("'>")
+    return text.removeprefix("<class '").removesuffix("'>").replace("|", "\\|")
 
 
 def settings_table() -> str:
@@ -79,5 +79,5 @@ def settings_table() -> str:
     lines = ["| field | type | default | what it does |", "|---|---|---|---|"]
     for row in setting_rows():
         kind, default = _type_name(row.kind), repr(row.default)
-        lines.append(f"| `{row.name}` | `{kind}` | `{default}` | {row.help} |")
+        lines.append(f"| `{row.name}` | {kind} | `{default}` | {row.help.replace('|', '/')} |")
     return "\n".join(lines)
