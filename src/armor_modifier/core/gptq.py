@@ -16,9 +16,8 @@ blocks in one product per block (GPTQ's lazy batch updates).
 jointly with a mask: an error update may land on an entry that is pruned in a later column; it
 is carried there and compensated again (through ``U``) when that column is set to 0. The result
 is exactly 0 off ``M`` and only kept entries change. Dropping such updates instead (masking
-every update) keeps the same zeros but gives up compensation: on the correlated inputs of
-``tests/test_gptq_core.py`` it left 20-40 % more output error (on milder ones, at times more than
-round-to-nearest).
+every update) keeps the same zeros but gives up compensation, and leaves more output error
+(``tests/test_gptq_core.py`` compares both).
 
 **The loss.** Column ``j``'s final value satisfies ``W_j - Q_j = sum_{i <= j} E_i U_ij``, so
 ``W - Q = E U`` and, with ``U^T U = (H + lambda I)^-1``,
@@ -28,10 +27,8 @@ objective itself. (GPTQ's code and llm-compressor report half of it.)
 **Group grids.** With ``fit_group`` and ``group_size``, the grid of each group of
 ``group_size`` columns is fitted when the sweep first reaches one of its columns, from the
 group's columns as compensated so far (masked), as the GPTQ paper's code does without
-``static_groups``. A grid fixed from the weight before GPTQ cannot follow the compensation: on
-SmolLM2's last ``down_proj`` (2:4, int4 in groups of 64) the compensated weights left the fixed
-range and were clamped, and GPTQ's output error on its own calibration inputs ended above
-round-to-nearest's (docs/benchmark_gptq.md).
+``static_groups``. A grid fixed from the weight before GPTQ cannot follow the compensation: the
+compensated weights can leave the fixed range and be clamped (docs/benchmark_gptq.md).
 
 Columns with ``H_jj == 0`` saw no input; as in GPTQ their ``H_jj`` is set to 1, which decouples
 them in ``U``, so they are rounded to nearest (and masked) and pass no error on. Unlike GPTQ they

@@ -1,9 +1,8 @@
 """Every knob of the ARMOR solver in one frozen object, with the one set of defaults and checks.
 
-:func:`~armor_modifier.core.factorize` takes a :class:`SolverSettings`; ``ARMORModifier``'s fields
-map onto it one to one, the ``armor`` CLI builds its options from :data:`FIELD_HELP`, and an
-armor-ct checkpoint records :meth:`SolverSettings.to_dict`. Measured effects of the defaults are
-in ``docs/benchmark_smollm2.md`` and ``docs/layer_benchmark.md``.
+:func:`~armor_modifier.core.factorize` takes a :class:`SolverSettings`; ``ARMORModifier``'s fields,
+the ``armor prune`` options and ``docs/settings.md`` are built from it (:mod:`.options`), and an
+armor-ct checkpoint records :meth:`SolverSettings.to_dict`.
 """
 
 from __future__ import annotations
@@ -72,14 +71,9 @@ def _choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 class SolverSettings:
     """The ARMOR solver's settings (see :data:`FIELD_HELP` for each field; checked on creation).
 
-    :ivar max_wrapper_overhead: default 0.10 (``docs/benchmark_smollm2.md``: on SmolLM2-135M it
-        gives b = 44, i.e. 36 for q/o and 32 elsewhere, 9.5 %; block 32 sits at 9.2 % there)
-    :ivar wrapper_block_size: default ``None``: chosen from the budget above (by
-        :class:`~armor_modifier.ARMORModifier` over all its targets, by ``factorize`` for its
-        one weight)
-    :ivar num_iterations: default 20
-    :ivar objective: default ``"output"`` (ARMOR_SPEC.md section 11)
-    :ivar output_damping: default 0.1 (``benchmarks/output_layer_check.py``)
+    ``wrapper_block_size=None`` follows ``max_wrapper_overhead`` (over all targets of an
+    ``ARMORModifier``, over the one weight for ``factorize``). How the defaults were chosen and
+    what they measure: ``docs/settings.md`` and the benchmark documents it points to.
     """
 
     max_wrapper_overhead: float = 0.10

@@ -50,11 +50,9 @@ __all__ = ["ARMORGPTQModifier", "ColumnGrid"]
 
 #: group sizes offered when one does not divide a layer's width
 _GROUP_SIZES = (32, 64, 96, 128, 256)
-#: ``refit_wrappers`` when none is given: passes chosen on WikiVital / PTB valid
-#: (docs/benchmark_gptq.md)
+#: ``refit_wrappers`` when none is given (how it was chosen: docs/benchmark_gptq.md)
 DEFAULT_REFIT_PASSES = 4
-#: ``dampening_frac`` when none is given: 0.1, not GPTQModifier's 0.01, chosen on WikiVital /
-#: PTB valid for 2:4 + W4A16 on SmolLM2 (docs/benchmark_gptq.md)
+#: ``dampening_frac`` when none is given, not GPTQModifier's 0.01 (docs/benchmark_gptq.md)
 DEFAULT_DAMPENING = 0.1
 
 

@@ -1,21 +1,16 @@
 """The calibration statistic ``h`` for :class:`~armor_modifier.modifier.ARMORModifier`.
 
-``h [n]`` is the mean over calibration tokens of ``x_j^2`` at a Linear's input (ARMOR_SPEC.md
-section 7); the output-aware objective also needs the layer Hessian ``H = X^T X / N`` (section 11).
-Both are kept as running float64 sums and an int64 token count, so ranks can all-reduce them and
-divide once (the mean of the union, independent of how tokens were split).
+``h [n]`` is the mean over calibration tokens of ``x_j^2`` at a Linear's input; the output
+objective also needs the layer Hessian ``H = X^T X / N`` (docs/algorithm.md, "Calibration
+statistics"). Both are kept as running float64 sums and an int64 token count, so ranks can
+all-reduce them and divide once (the mean of the union, independent of how tokens were split).
 
-Why float64: the solver's discrete decisions (SparseGPT's mask, the accept tests of the 2:4 step)
-flip on last-bit changes of ``h`` and ``H``, and under sequential calibration a changed layer
-changes every later layer's inputs. With float32 sums, 2 ranks and 1 process add the same
-per-sample terms in another order: ``tests/test_distributed.py`` measured 8.6e-8 relative on
-layer 0, which became a 1.4e-3 change of one ``A S B``, 2.3e-4 on layer 1's statistics and a
-different SparseGPT mask there. Every product of two float32 inputs is exact in float64, and
-float64 sums of them differ between orders by ~1e-15 relative (observed), far below float32's
-rounding step (~6e-8), so :meth:`InputStatistics.mean` and :meth:`InputStatistics.hessian`, rounded
-once to float32, come out bit-identical unless a value lies within ~1e-15 of a float32 rounding
-boundary. Cost: ``8 n^2`` bytes per ``X^T X`` (twice float32) and a float64 ``addmm`` per batch
-(1.9x float32's on one CPU thread at 2048 x 1024).
+Why float64: the solver's discrete decisions flip on last-bit changes of ``h`` and ``H``, and
+float32 sums depend on the order in which ranks add their terms. Every product of two float32
+inputs is exact in float64, and float64 sums of them differ between orders far below float32's
+rounding step, so :meth:`InputStatistics.mean` and :meth:`InputStatistics.hessian`, rounded once
+to float32, are the same whatever the order (``tests/test_distributed.py``: bit for bit). Cost:
+``8 n^2`` bytes per ``X^T X`` and a float64 ``addmm`` per batch.
 
 :func:`collect_dense_statistics` runs one forward pass of the unpruned model over the calibration
 set, outside llm-compressor's pipelines, for ``calibration="dense"`` (the paper's statistics).
