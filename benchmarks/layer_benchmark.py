@@ -7,7 +7,7 @@ For every Linear type of one decoder layer (q, k, v, o, gate, up, down) of SmolL
   iteration budgets),
 - the true relative output error ``||(W_hat - W) X^T||^2 / ||W X^T||^2`` of each,
 - ARMOR's seconds per iteration (paper proxy in both modes, and the output-aware objective of
-  ARMOR_SPEC.md section 11 started from SparseGPT);
+  docs/algorithm.md's output objective, started from SparseGPT);
 
 then, on one layer, the speed target: the wall time exact mode needs to reach the proxy loss that
 adam mode reaches after ``--adam-iterations`` iterations, as a ratio measured in the same run; and a

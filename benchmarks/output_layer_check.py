@@ -1,4 +1,5 @@
-"""Output-aware ARMOR on real SmolLM2-135M layers (ARMOR_SPEC.md section 11): a quick check.
+"""Output-aware ARMOR on real SmolLM2-135M layers (docs/algorithm.md):
+a quick check.
 
 For each chosen Linear of one decoder layer of SmolLM2-135M-Instruct (Q4_1), with the inputs ``X``
 of ``--samples`` x ``--seq-len`` WikiVital-train tokens (``H = X^T X / N``), print the relative

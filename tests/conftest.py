@@ -5,7 +5,8 @@
   per update of A on a 1536x576 layer).
 - ``gpu`` tests skip without a CUDA device of compute capability >= 8.0.
 - ``tiny_llama_folder``: the tiny Llama of ``tests/tiny_llama.py`` and its tokenizer, saved once
-  per session (oneshot needs a model on disk, ARCHITECTURE.md fact 7).
+  per session (oneshot needs a model on disk: docs/stack.md, "oneshot re-reads the config from
+  name_or_path").
 - After every test, llm-compressor's active session is reset if llm-compressor was imported, so no
   test sees another's recipe, modifiers or model (nothing here imports llm-compressor itself).
 """

@@ -1,4 +1,5 @@
-"""The output-aware objective (ARMOR_SPEC.md section 11) and SparseGPT, against brute force.
+"""The output-aware objective (docs/algorithm.md, "The output objective") and SparseGPT, against
+brute force.
 
 References use the calibration inputs ``X`` directly (``||(W_hat - W) X^T||^2``), in float64,
 never the solver's own ``H`` algebra.

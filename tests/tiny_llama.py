@@ -2,7 +2,8 @@
 
 Everything is built locally (no network): a 2-layer Llama (hidden 64, intermediate 128, vocab 128,
 tied embeddings by default) from the one builder :func:`build_tiny_llama`, saved to a folder and
-reloaded, because ``oneshot`` re-reads the config from ``name_or_path`` (ARCHITECTURE.md fact 7);
+reloaded, because ``oneshot`` re-reads the config from ``name_or_path`` (docs/stack.md, "oneshot
+re-reads the config from name_or_path");
 a word-level ``PreTrainedTokenizerFast``; and a ``datasets.Dataset`` of ``input_ids`` windows.
 
 Imported by the tests, by ``tests/checkpoint_helpers.py`` and by ``tests/test_distributed.py``

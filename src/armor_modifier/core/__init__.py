@@ -1,7 +1,7 @@
 """The ARMOR math core: pure torch, no framework imports.
 
 Tensors and a frozen :class:`SolverSettings` in, a frozen :class:`ARMORFactors` out. See
-``ARMOR_SPEC.md`` for the algorithm. Modules: :mod:`.solver` the block coordinate descent,
+``docs/algorithm.md`` for the algorithm. Modules: :mod:`.solver` the block coordinate descent,
 :mod:`.proxy` the paper's diagonal proxy (from NoWag-P), :mod:`.output` the output error (from
 :mod:`.sparsegpt`), :mod:`.discrete` / :mod:`.sparsity` the 2:4 step and masks, :mod:`.blockdiag`
 wrapper products, :mod:`.gptq` mask-keeping GPTQ, :mod:`.wrapper_refit` wrappers refitted to a

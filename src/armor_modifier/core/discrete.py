@@ -1,4 +1,4 @@
-"""The exact discrete step for one 4-group (ARMOR_SPEC.md section 5b, step 4), batched.
+"""The exact discrete step for one 4-group (docs/algorithm.md, "Block coordinate descent"), batched.
 
 For a group with new values ``s [4]`` the loss of its tile is, up to a constant,
 

@@ -1,4 +1,4 @@
-"""The output-aware objective (ARMOR_SPEC.md section 11) and its block updates.
+"""The output-aware objective (docs/algorithm.md, "The output objective") and its block updates.
 
     L_H(A, B, S) = tr((A S B - W) H (A S B - W)^T) / tr(W H W^T),    H = X^T X / N
 

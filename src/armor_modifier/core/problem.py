@@ -1,8 +1,8 @@
 """Input checks, NoWag normalisation, the calibration statistic and the wrapper block size.
 
-Glossary (ARMOR_SPEC.md section 1): ``W [m, n]`` weight (``m`` outputs, ``n`` inputs), ``h [n]``
-mean of ``x_j^2`` over calibration tokens, ``b`` wrapper block size, ``r [m]`` / ``c [n]`` the row
-and column norms of the normalisation, ``Wbar [m, n]`` the normalised weight.
+Glossary (docs/algorithm.md, "Notation"): ``W [m, n]`` weight (``m`` outputs, ``n`` inputs),
+``h [n]`` mean of ``x_j^2`` over calibration tokens, ``b`` wrapper block size, ``r [m]`` /
+``c [n]`` the row and column norms of the normalisation, ``Wbar [m, n]`` the normalised weight.
 """
 
 from __future__ import annotations
@@ -77,8 +77,8 @@ def check_weight(
 def sanitize_h(h: object, n: int) -> tuple[torch.Tensor, int]:
     """Return an fp32 copy of ``h`` with non-finite or non-positive entries replaced.
 
-    Replaced entries get the mean of the valid ones (ARMOR_SPEC.md section 7); if none is valid,
-    every entry becomes 1 (plain, unweighted Frobenius loss).
+    Replaced entries get the mean of the valid ones (docs/algorithm.md, "Calibration
+    statistics"); if none is valid, every entry becomes 1 (plain, unweighted Frobenius loss).
 
     :param h: ``[n]`` per-input-channel mean of ``x^2``
     :param n: the weight's ``in_features``
@@ -101,7 +101,8 @@ def sanitize_h(h: object, n: int) -> tuple[torch.Tensor, int]:
 
 
 def normalize(W: torch.Tensor) -> NormalizedWeight:
-    """NoWag normalisation: columns first, then rows (ARMOR_SPEC.md section 2).
+    """NoWag normalisation: columns first, then rows (docs/algorithm.md, "Normalisation and
+    the proxy objective").
 
     :param W: ``[m, n]`` float32
     """

@@ -2,7 +2,8 @@
 
     L(A, B, W', M) = sum_ij h_j (A S B - Wbar)_ij^2 / sum_ij h_j Wbar_ij^2,   S = W' * M
 
-(ARMOR_SPEC.md sections 3-5). Glossary: ``Wbar [m, n]`` normalised weight, ``h [n]``,
+(docs/algorithm.md, "Normalisation and the proxy objective" and "Block coordinate descent").
+Glossary: ``Wbar [m, n]`` normalised weight, ``h [n]``,
 ``A [p, b, b]``, ``B [q, b, b]``, ``R = A S B - Wbar [m, n]`` the residual. Tile ``(I, K)`` of the
 loss depends only on ``A_I``, ``S_IK`` and ``B_K``; every update below is batched over blocks or
 tiles, and each one cannot raise the loss: block solves are accepted only where they lower it, the

@@ -1,4 +1,4 @@
-"""ARMOR's block coordinate descent (ARMOR_SPEC.md sections 4-6 and 11): ``factorize``.
+"""ARMOR's block coordinate descent (docs/algorithm.md): ``factorize``.
 
 Glossary: ``W [m, n]`` weight, ``h [n]`` mean ``x^2`` per input channel, ``H [n, n]`` the layer
 Hessian ``X^T X / N``, ``b`` wrapper block size, ``A [p, b, b]``, ``B [q, b, b]``, ``core [m, n]``
@@ -109,7 +109,8 @@ def _descend(
     seed: int,
     callback: Callable[[int, float], None] | None,
 ) -> tuple[list[float], Iterate, int, int]:
-    """The BCD loop (ARMOR_SPEC.md section 5): continuous step, discrete step, keep the best.
+    """The BCD loop (docs/algorithm.md, "Block coordinate descent"): continuous step, discrete
+    step, keep the best.
 
     :return: (loss history, best iterate, its index in the history, fallback count)
     """
@@ -176,7 +177,7 @@ def factorize(
     and a discrete 2:4 step, and returns the best iterate seen, so ``final_loss <= initial_loss``:
     with ``objective="proxy"`` and NoWag-P that is the paper's guarantee; with ``"output"`` and
     SparseGPT the result is never worse than SparseGPT on SparseGPT's own objective
-    (ARMOR_SPEC.md 11).
+    (docs/algorithm.md, "The output objective").
 
     :param weight: ``[m, n]`` any float dtype (computed in fp32; never modified)
     :param h: ``[n]`` mean of ``x_j^2`` over calibration tokens; non-finite or non-positive

@@ -81,7 +81,8 @@ def is_ignored(name: str, module: nn.Module, ignore: Sequence[str]) -> bool:
 
 
 def _join(prefix: str, name: str) -> str:
-    # llm-compressor joins with a dot even for the layer itself, giving "lm_head." (fact 6)
+    # llm-compressor joins with a dot even for the layer itself, giving "lm_head."
+    # (docs/stack.md, '"lm_head." naming')
     return f"{prefix}.{name}" if name else prefix
 
 

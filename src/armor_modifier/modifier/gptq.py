@@ -1,7 +1,7 @@
 """``ARMORGPTQModifier``: GPTQ that keeps every pruned zero (2:4 + W4A16 / W8A8 that keeps 2:4).
 
 llm-compressor 0.13 removed the code that kept GPTQ from filling pruned zeros, so its
-``GPTQModifier`` breaks every 2:4 core (ARCHITECTURE.md, "GPTQ and 2:4"). This subclass keeps
+``GPTQModifier`` breaks every 2:4 core (docs/stack.md, "GPTQ and 2:4"). This subclass keeps
 llm-compressor's whole GPTQ machinery (schemes, observers, Hessian hooks, distribution,
 compressed-tensors parameters) and replaces only the per-module solve with
 :func:`armor_modifier.core.gptq.masked_gptq`: GPTQ whose quantizer sends every pruned position
