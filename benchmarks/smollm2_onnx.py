@@ -66,11 +66,12 @@ def _export(armor_dir: Path, out: Path, fold: bool, exporter: str) -> tuple[Path
 
 def _cores_2of4(folder: Path) -> tuple[int, int]:
     """``(cores, cores that are not exactly 2:4)`` read back from ``model.onnx``."""
-    from armor_modifier.onnx import core_initializers, violations_2of4
+    from armor_modifier.core import count_broken_groups
+    from armor_modifier.onnx import core_initializers
 
     info = json.loads((folder / "armor_onnx.json").read_text())
     cores = core_initializers(folder / "model.onnx", list(info["core_initializers"].values()))
-    return len(cores), sum(violations_2of4(core) != 0 for core in cores.values())
+    return len(cores), sum(count_broken_groups(torch.from_numpy(c)) != 0 for c in cores.values())
 
 
 def _forward_speed(run, windows: torch.Tensor) -> float:

@@ -359,7 +359,7 @@ def test_output_damping_is_a_ridge_on_the_objectives_hessian(kind, amount, ridge
         num_iterations=10,
     )
     Hd = H + ridge(H)
-    start = sparsegpt_2of4(W, H)[0]  # SparseGPT itself sees H with its own percdamp only
+    start = sparsegpt_2of4(W, H)[0]  # SparseGPT itself sees H with its own dampening_frac only
     assert f.loss_history[0] == pytest.approx(output_loss(W, Hd, start), rel=1e-5)  # obs. 2e-8
     # observed 2.4e-7 .. 6.9e-7
     assert f.final_loss == pytest.approx(output_loss(W, Hd, f.dense()), rel=1e-4)

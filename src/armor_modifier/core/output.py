@@ -402,13 +402,13 @@ def output_start(
     b: int,
     H: torch.Tensor,
     init: str,
-    percdamp: float,
+    dampening_frac: float,
     output_damping: float,
     output_damping_kind: str,
 ) -> Start:
     """The output error from SparseGPT's (or NoWag-P's) solution, identity wrappers.
 
-    ``H`` must factorise after damping (``percdamp * mean(diag H)``, times 10 at most
+    ``H`` must factorise after damping (``dampening_frac * mean(diag H)``, times 10 at most
     ``MAX_DAMPING_INCREASES`` times, dead columns set to 1 as in SparseGPT). If an increase was
     needed, ``H`` is materially indefinite (or too ill-conditioned for float32) and the objective
     uses ``H + lambda I`` with the ``lambda`` that worked. If every try fails, NoWag-P is returned
@@ -420,14 +420,14 @@ def output_start(
     Hs = check_hessian(H, n)
     try:
         if init == "sparsegpt":
-            sgpt = sparsegpt_prune(W, Hs, percdamp=percdamp)
+            sgpt = sparsegpt_prune(W, Hs, dampening_frac=dampening_frac)
             core, mask = sgpt.weight, sgpt.mask
             damping, increases = sgpt.damping, sgpt.num_damping_increases
         else:
             Hd = Hs.clone()
             dead = Hd.diagonal() == 0
             Hd[dead, dead] = 1.0
-            _, damping, increases = inverse_hessian_factor(Hd, percdamp)
+            _, damping, increases = inverse_hessian_factor(Hd, dampening_frac)
             mask = nowag_mask(W, h)
             core = W * mask
     except HessianNotPositiveDefinite:

@@ -233,7 +233,7 @@ def proxy_start(
     b: int,
     H: torch.Tensor | None,
     init: str,
-    percdamp: float,
+    dampening_frac: float,
     groups_per_tile: int,
 ) -> Start:
     """The paper's proxy from NoWag-P, or from SparseGPT's solution (NoWag-P if ``H`` fails)."""
@@ -247,7 +247,7 @@ def proxy_start(
     start = Start(objective, it, 0.0, fold, init)
     if init == "sparsegpt":
         try:
-            sgpt = sparsegpt_prune(W, check_hessian(H, W.shape[1]), percdamp=percdamp)
+            sgpt = sparsegpt_prune(W, check_hessian(H, W.shape[1]), dampening_frac=dampening_frac)
         except HessianNotPositiveDefinite:
             start.init = "nowag"
             start.num_damping_increases, start.num_h_failures = MAX_DAMPING_INCREASES, 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -16,7 +17,15 @@ from .errors import ARMORTypeError, ARMORValueError
 from .problem import choose_wrapper_block_size, largest_block_within, wrapper_overhead
 from .scoring import DAMPING_KINDS
 
-__all__ = ["DAMPING_KINDS", "FIELD_HELP", "INITS", "MODES", "OBJECTIVES", "SolverSettings"]
+__all__ = [
+    "DAMPING_KINDS",
+    "FIELD_HELP",
+    "INITS",
+    "MODES",
+    "OBJECTIVES",
+    "SolverSettings",
+    "derived_seed",
+]
 
 MODES = ("exact", "adam")
 OBJECTIVES = ("proxy", "output")
@@ -47,6 +56,13 @@ FIELD_HELP: dict[str, str] = {
     "(pulls the result towards W; 0 = exact calibration error)",
     "output_damping_kind": "'identity' (the ridge above) or 'diagonal' (output_damping * diag(H))",
 }
+
+
+def derived_seed(base: int, name: str, bits: int) -> int:
+    """The seed of one module: ``(base + crc32(name)) mod 2**bits`` (the solver uses 63 bits per
+    Linear, decoder-layer reconstruction 31 bits per layer; both kept as first chosen, so
+    results stay the same)."""
+    return (base + zlib.crc32(name.encode())) % 2**bits
 
 
 def _number(name: str, value: object, *, low: float, low_open: bool, rule: str) -> None:

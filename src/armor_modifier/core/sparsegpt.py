@@ -2,7 +2,7 @@
 
 Glossary: ``W [m, n]`` weight, ``H [n, n]`` the layer Hessian ``X^T X / N`` (llm-compressor
 accumulates ``2 X^T X / N``; the scale is irrelevant), ``U [n, n]`` the upper Cholesky factor of
-``(H + lambda I)^-1``, ``lambda = percdamp * mean(diag H)``.
+``(H + lambda I)^-1``, ``lambda = dampening_frac * mean(diag H)``.
 
 The columns are swept left to right in blocks of ``blocksize``. At the first column of every
 4-group the 2 entries with the smallest OBS saliency ``w^2 / U_jj^2`` of each row are pruned; each
@@ -80,24 +80,26 @@ def check_hessian(H: object, n: int, *, symmetrize: bool = True) -> torch.Tensor
 
 def inverse_hessian_factor(
     H: torch.Tensor,
-    percdamp: float = 0.01,
+    dampening_frac: float = 0.01,
     max_increases: int = MAX_DAMPING_INCREASES,
 ) -> tuple[torch.Tensor, float, int]:
     """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` with bounded damping increases.
 
-    ``lambda = percdamp * 10^k * mean(diag H)`` for the first ``k = 0, 1, ..., max_increases``
+    ``lambda = dampening_frac * 10^k * mean(diag H)`` for the first ``k = 0, 1, ..., max_increases``
     at which both Cholesky factorisations succeed and ``U`` is finite.
 
     :param H: ``[n, n]`` float32 (only its lower triangle is read)
     :return: (``U [n, n]``, ``lambda``, ``k``)
     :raises HessianNotPositiveDefinite: when every ``k`` fails
     """
-    if not percdamp > 0:
-        raise ARMORValueError(f"percdamp must be > 0 (SparseGPT uses 0.01), got {percdamp!r}")
+    if not dampening_frac > 0:
+        raise ARMORValueError(
+            f"dampening_frac must be > 0 (SparseGPT uses 0.01), got {dampening_frac!r}"
+        )
     mean_diag = float(H.diagonal().mean())
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for k in range(max_increases + 1):
-        damping = percdamp * DAMPING_GROWTH**k * mean_diag
+        damping = dampening_frac * DAMPING_GROWTH**k * mean_diag
         L, info = torch.linalg.cholesky_ex(H + damping * eye)
         if int(info) != 0:
             continue
@@ -107,7 +109,8 @@ def inverse_hessian_factor(
             return U, damping, k
     raise HessianNotPositiveDefinite(
         f"H + lambda I is not positive definite for lambda up to "
-        f"{percdamp * DAMPING_GROWTH**max_increases:g} * mean(diag H) (mean diag {mean_diag:g}); "
+        f"{dampening_frac * DAMPING_GROWTH**max_increases:g} * mean(diag H) "
+        f"(mean diag {mean_diag:g}); "
         "calibrate on more tokens or check the Hessian accumulation"
     )
 
@@ -117,7 +120,7 @@ def sparsegpt_prune(
     H: torch.Tensor,
     *,
     blocksize: int = 128,
-    percdamp: float = 0.01,
+    dampening_frac: float = 0.01,
     max_damping_increases: int = MAX_DAMPING_INCREASES,
 ) -> SparseGPTResult:
     """SparseGPT 2:4 pruning of one weight.
@@ -128,7 +131,7 @@ def sparsegpt_prune(
     :param weight: ``[m, n]`` any float dtype (never modified)
     :param H: ``[n, n]`` the layer Hessian (never modified)
     :param blocksize: columns per lazy-update block, a multiple of 4
-    :param percdamp: ``lambda`` as a fraction of ``mean(diag H)``
+    :param dampening_frac: ``lambda`` as a fraction of ``mean(diag H)``
     :param max_damping_increases: how often ``lambda`` may be multiplied by 10
     :raises HessianNotPositiveDefinite: see :func:`inverse_hessian_factor`
     """
@@ -143,7 +146,7 @@ def sparsegpt_prune(
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    U, damping, increases = inverse_hessian_factor(H, percdamp, max_damping_increases)
+    U, damping, increases = inverse_hessian_factor(H, dampening_frac, max_damping_increases)
 
     keep = torch.ones(m, n, dtype=torch.bool, device=W.device)
     for i1 in range(0, n, blocksize):
@@ -191,7 +194,7 @@ def sparsegpt_2of4(
     H: torch.Tensor,
     *,
     blocksize: int = 128,
-    percdamp: float = 0.01,
+    dampening_frac: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT 2:4: ``(pruned_weight [m, n] float32, mask [m, n] bool)``.
 
@@ -199,5 +202,5 @@ def sparsegpt_2of4(
 
     :raises HessianNotPositiveDefinite: when ``H`` stays singular after the damping increases
     """
-    result = sparsegpt_prune(weight, H, blocksize=blocksize, percdamp=percdamp)
+    result = sparsegpt_prune(weight, H, blocksize=blocksize, dampening_frac=dampening_frac)
     return result.weight, result.mask

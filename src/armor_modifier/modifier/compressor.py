@@ -11,7 +11,6 @@ rank applies them, so all ranks end with the same model (bit for bit with the si
 
 from __future__ import annotations
 
-import zlib
 from collections.abc import Sequence
 
 import torch
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from armor_modifier.core import ARMORFactors, SolverSettings, factorize
 from armor_modifier.core.errors import ARMORCompressionError, ARMORValueError
+from armor_modifier.core.settings import derived_seed
 from armor_modifier.runtime import attach_wrappers, is_armor_linear
 
 from .collectives import (
@@ -136,9 +136,7 @@ class LinearCompressor:
                 "ARMORModifier disjoint targets"
             )
         stats = self.statistics[module]
-        settings = self.settings.replace(
-            seed=(self.settings.seed + zlib.crc32(name.encode())) % 2**63
-        )
+        settings = self.settings.replace(seed=derived_seed(self.settings.seed, name, 63))
         with torch.no_grad(), align_module_device(module):
             return factorize(module.weight, stats.mean(), settings, H=stats.hessian())
 

@@ -21,7 +21,6 @@ model's* hidden states from layer to layer.
 from __future__ import annotations
 
 import dataclasses
-import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from armor_modifier.core.reconstruct import (
     ReconstructionSettings,
     reconstruct_layer,
 )
+from armor_modifier.core.settings import derived_seed
 from armor_modifier.runtime import (
     ARMOR_A,
     ARMOR_B,
@@ -235,7 +235,7 @@ class Reconstruction:
 
         settings = self.settings
         seeded = dataclasses.replace(
-            settings, seed=(settings.seed + zlib.crc32(name.encode())) % 2**31
+            settings, seed=derived_seed(settings.seed, name, 31)
         )
         rank, _ = rank_and_world()
         bar = tqdm(

@@ -9,7 +9,7 @@ Needs ``onnx``, ``onnxruntime`` and ``onnxscript`` (``pip install 'armor-modifie
 they are imported only when an export or a session runs.
 """
 
-from .check import core_initializers, is_2of4, violations_2of4
+from .check import core_initializers
 from .export import EXPORTERS, ONNX_FILE, export_onnx
 from .inference import OnnxCausalLM, OnnxLogitsModule
 
@@ -20,6 +20,4 @@ __all__ = [
     "OnnxLogitsModule",
     "core_initializers",
     "export_onnx",
-    "is_2of4",
-    "violations_2of4",
 ]

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-__all__ = ["core_initializers", "is_2of4", "violations_2of4"]
+__all__ = ["core_initializers"]
 
 
 def core_initializers(path: str | os.PathLike, names: list[str]) -> dict[str, np.ndarray]:
@@ -23,15 +23,3 @@ def core_initializers(path: str | os.PathLike, names: list[str]) -> dict[str, np
     if missing:
         raise KeyError(f"initializers missing from {path}: {missing[:3]} ({len(missing)} in all)")
     return {name: numpy_helper.to_array(found[name]) for name in names}
-
-
-def violations_2of4(core: np.ndarray) -> int:
-    """How many groups of 4 along the last (input) axis of ``core [m, n]`` do not hold exactly
-    2 nonzeros (0 for an exact 2:4 core)."""
-    groups = core.reshape(core.shape[0], -1, 4)
-    return int(((groups != 0).sum(axis=-1) != 2).sum())
-
-
-def is_2of4(core: np.ndarray) -> bool:
-    """Whether ``core [m, n]`` has exactly 2 nonzeros in every group of 4 along its last axis."""
-    return core.ndim == 2 and core.shape[1] % 4 == 0 and violations_2of4(core) == 0
