@@ -41,7 +41,7 @@ from .iterate import Iterate, Start, identity_fold, reconstruct
 from .linalg import damped_block_solve
 from .problem import normalize
 from .proxy import nowag_mask
-from .scoring import output_loss, output_ridge
+from .scoring import damped, output_loss
 from .sparsegpt import (
     MAX_DAMPING_INCREASES,
     HessianNotPositiveDefinite,
@@ -50,7 +50,7 @@ from .sparsegpt import (
     sparsegpt_prune,
 )
 
-__all__ = ["OUTPUT_B_STEPS", "OutputObjective", "damped", "output_start"]
+__all__ = ["OUTPUT_B_STEPS", "OutputObjective", "output_start"]
 
 #: Preconditioned CG steps on ``B`` per iteration of the output objective.
 OUTPUT_B_STEPS = 1
@@ -447,11 +447,3 @@ def output_start(
     objective = OutputObjective(W, Hs, b, b_steps=OUTPUT_B_STEPS)
     it = objective.initial_iterate(core, mask)
     return Start(objective, it, objective.loss(it), objective.to_original, init, increases)
-
-
-def damped(H: torch.Tensor, amount: float, kind: str, extra_ridge: float) -> torch.Tensor:
-    """``H`` ([n, n]) + the ridge :func:`~.scoring.output_ridge` + ``extra_ridge * I``."""
-    ridge = output_ridge(H, amount, kind) + extra_ridge
-    if not bool(ridge.any()):
-        return H
-    return H + torch.diag(ridge)

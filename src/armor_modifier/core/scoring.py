@@ -12,7 +12,7 @@ from .errors import ARMORValueError
 from .problem import check_weight, normalize, sanitize_h
 from .sparsegpt import check_hessian
 
-__all__ = ["DAMPING_KINDS", "output_loss", "output_ridge", "proxy_loss"]
+__all__ = ["DAMPING_KINDS", "damped", "output_loss", "output_ridge", "proxy_loss"]
 
 #: How the output objective's ridge is shaped (:func:`output_ridge`).
 DAMPING_KINDS = ("identity", "diagonal")
@@ -72,3 +72,11 @@ def output_ridge(H: torch.Tensor, amount: float, kind: str) -> torch.Tensor:
     if kind == "identity":
         return torch.full_like(diag, amount * float(diag.mean()))
     return amount * diag
+
+
+def damped(H: torch.Tensor, amount: float, kind: str, extra_ridge: float) -> torch.Tensor:
+    """``H`` ([n, n]) + the ridge :func:`output_ridge` + ``extra_ridge * I``."""
+    ridge = output_ridge(H, amount, kind) + extra_ridge
+    if not bool(ridge.any()):
+        return H
+    return H + torch.diag(ridge)

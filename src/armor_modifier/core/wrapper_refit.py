@@ -32,7 +32,8 @@ import torch
 from .blockdiag import identity_blocks, left_blockdiag
 from .errors import ARMORValueError
 from .iterate import Iterate
-from .output import OutputObjective, damped
+from .output import OutputObjective
+from .scoring import damped
 
 __all__ = ["REFIT_RIDGE", "WrapperRefit", "refit_wrappers"]
 
