@@ -157,8 +157,8 @@ def _build_references(root: Path, models: dict) -> None:
 
 def _work(request: dict, root: Path, models: dict, stopped) -> None:
     """A worker: save ``request["target"]`` until ``stopped()``, alternating the versions."""
+    from armor_modifier import staging
     from armor_modifier.cli import main
-    from armor_modifier.format import staging
 
     if request["fallback"]:
         staging._exchange = lambda a, b: False
@@ -471,7 +471,7 @@ def _stage_lifetime(target: Path, pid: int, describe, dump) -> float:
 
 def _check_after_kill(target: Path, refs: dict[str, Path], fallback: bool, stats: dict) -> str:
     """Assert the state a kill left, run the next save, assert it cleaned up; return the version."""
-    from armor_modifier.format.staging import copy_extra_files, staged_replace
+    from armor_modifier.staging import copy_extra_files, staged_replace
 
     others = sorted(name for name in os.listdir(target.parent) if name != target.name)
     state = _version(target, refs)
@@ -492,7 +492,7 @@ def _check_after_kill(target: Path, refs: dict[str, Path], fallback: bool, stats
 
 def _new_target(zygote, kind: str, name: str) -> tuple[Path, dict[str, Path]]:
     """``runs/<name>/model``, a copy of the old reference, alone in its folder; and the refs."""
-    from armor_modifier.format.staging import copy_extra_files
+    from armor_modifier.staging import copy_extra_files
 
     refs = {version: zygote.root / "ref" / kind / version for version in SEEDS}
     target = zygote.root / "runs" / name / "model"

@@ -1,7 +1,8 @@
 """The one layering rule of the package, read from the source with ``ast`` (no import runs).
 
 1. Imports flow one way between the parts: core <- runtime <- format <- modifier <- pruning <- cli
-   (``cuda``, ``onnx``, ``evaluation`` and ``integrations`` beside them as :data:`RULES` says),
+   (``staging`` below ``format``; ``cuda``, ``onnx``, ``evaluation`` and ``integrations`` beside
+   them as :data:`RULES` says),
    and the parts below the modifier never import llm-compressor.
 2. No import circle between modules: every import counts, ``TYPE_CHECKING`` blocks and imports
    inside functions included.
@@ -28,6 +29,11 @@ RULES = {
         {"runtime", "cuda", "format", "onnx", "evaluation", "integrations", *ABOVE_MODIFIER},
     ),
     "runtime": ({"torch"}, {"cuda", "format", "onnx", "evaluation", *ABOVE_MODIFIER}),
+    # atomic file work: below everything that writes files, above nothing but the errors
+    "staging": (
+        {"loguru"},
+        {"runtime", "cuda", "format", "onnx", "evaluation", "integrations", *ABOVE_MODIFIER},
+    ),
     "cuda": ({"torch", "compressed_tensors"}, {"format", "onnx", *ABOVE_MODIFIER}),
     "format": (
         {"torch", "safetensors", "transformers", "compressed_tensors", "loguru", "pydantic"},

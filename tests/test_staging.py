@@ -16,10 +16,10 @@ import sys
 
 import pytest
 
+from armor_modifier import staging
 from armor_modifier.core.errors import ARMORCheckpointError
-from armor_modifier.format import staging
 from armor_modifier.format.export import export_dense
-from armor_modifier.format.staging import (
+from armor_modifier.staging import (
     check_writable,
     copy_extra_files,
     resolve_target,

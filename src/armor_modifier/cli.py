@@ -191,7 +191,7 @@ def run_export(args: argparse.Namespace) -> None:
     import torch
 
     from .format.export import export_dense
-    from .format.staging import check_writable
+    from .staging import check_writable
 
     src, dst = Path(args.src), Path(args.dst)
     if not src.is_dir():

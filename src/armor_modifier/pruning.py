@@ -27,7 +27,7 @@ from .core.errors import ARMORValueError
 from .core.options import setting_rows
 from .core.reconstruct import ReconstructionSettings
 from .core.settings import SolverSettings
-from .format.staging import check_writable, staged_replace
+from .staging import check_writable, staged_replace
 
 __all__ = ["LM_HEAD", "QUANT_SCHEMES", "PruneResult", "armor_recipe", "one_line", "prune"]
 

@@ -86,7 +86,7 @@ def _write_default_cache(folder: Path) -> None:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(gguf_model.state_dict())
 
-    from armor_modifier.format.staging import staged_replace
+    from armor_modifier.staging import staged_replace
 
     with staged_replace(folder) as stage:  # atomic; leftovers of a killed run are cleaned
         plain.save_pretrained(stage)

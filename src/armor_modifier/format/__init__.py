@@ -6,7 +6,8 @@ loading an armor-ct checkpoint stays light. Modules:
 - :mod:`.codec` the 2:4 core codec (kept values + bitmask); :mod:`.packed` bit-packed int cores
 - :mod:`.config` the ``quantization_config`` / ``armor`` block; :mod:`.validate` header checks
 - :mod:`.safetensors_io` streaming safetensors reads and rewrites
-- :mod:`.staging` the one stage-and-replace helper used by save, export and the CLI
+- atomic writes come from :mod:`armor_modifier.staging` (save, export, ONNX, the CLI and the
+  harness use it)
 - :mod:`.save` armor-ct writing; :mod:`.hooks` the per-model ``save_pretrained`` hook
 - :mod:`.loader` the transformers quantizer; :mod:`.export` dense export
 """

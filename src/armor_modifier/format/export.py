@@ -19,10 +19,15 @@ from torch import nn
 
 from armor_modifier.core.errors import ARMORCheckpointError
 from armor_modifier.runtime import armor_linears, detach_wrappers, effective_weight
+from armor_modifier.staging import (
+    WEIGHT_FILE_SUFFIXES,
+    copy_extra_files,
+    resolve_target,
+    staged_replace,
+)
 
 from .codec import ARMOR_CT
 from .hooks import remove_save_hook
-from .staging import WEIGHT_FILE_SUFFIXES, copy_extra_files, resolve_target, staged_replace
 
 __all__ = ["export_dense", "densify_model"]
 

@@ -33,12 +33,12 @@ from torch import nn
 
 from armor_modifier.core.sparsity import count_broken_groups
 from armor_modifier.runtime import ARMOR_A, ARMOR_B, armor_linears
+from armor_modifier.staging import interrupts_held, staged_replace
 
 from .codec import BITMASK, ARMORCheckpointError, compress_core
 from .config import ARMORBlock, build_quantization_config
 from .packed import PACKED, compress_packed_core
 from .safetensors_io import INDEX_NAME, read_header, rewrite_safetensors, shard_files
-from .staging import interrupts_held, staged_replace
 
 __all__ = ["ARMOR_RECIPE_ATTR", "INNER_SAVE_ATTR", "convert_to_armor_ct", "save_armor_pretrained"]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from armor_modifier.core.errors import ARMORTypeError, ARMORValueError
-from armor_modifier.format.staging import resolve_target
+from armor_modifier.staging import resolve_target
 
 try:
     from optimum.quantization_base import OptimumQuantizer

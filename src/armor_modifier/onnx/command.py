@@ -7,7 +7,7 @@ import importlib.util
 import time
 
 from armor_modifier.core.errors import ARMORValueError
-from armor_modifier.format.staging import check_writable
+from armor_modifier.staging import check_writable
 
 from .export import EXPORTERS
 

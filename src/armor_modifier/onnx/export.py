@@ -16,7 +16,7 @@ onnxruntime check). Two forms:
 
 Quantized armor-ct cores are dequantized (activation quantization is dropped, as in dense export).
 Before the folder is swapped in, onnxruntime runs the graph on a sample and its logits are compared
-with PyTorch's; the folder is staged and moved (``format/staging.py``), so nothing is half-written.
+with PyTorch's; the folder is staged and moved (:mod:`armor_modifier.staging`): nothing half-written.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from armor_modifier.core.errors import ARMORCheckpointError, ARMORValueError
-from armor_modifier.format.staging import resolve_target, staged_replace
+from armor_modifier.staging import resolve_target, staged_replace
 
 from .modules import CORE, factor_armor_linears, fold_armor_linears
 
