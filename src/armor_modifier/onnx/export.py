@@ -16,7 +16,7 @@ onnxruntime check). Two forms:
 
 Quantized armor-ct cores are dequantized (activation quantization is dropped, as in dense export).
 Before the folder is swapped in, onnxruntime runs the graph on a sample and its logits are compared
-with PyTorch's; the folder is staged and moved (:mod:`armor_modifier.staging`): nothing half-written.
+with PyTorch's; the folder is staged and moved (:mod:`armor_modifier.staging`), no half-write.
 """
 
 from __future__ import annotations
