@@ -3,8 +3,10 @@
 One row per JSON file (the method is the file's stem, the order the command line's): WikiVital and
 PTB perplexity where the file has them, each task's headline accuracy (``acc_norm`` where lm-eval
 defines it, else ``acc``) with its standard error, the mean, and the share of SparseGPT's mean
-accuracy drop from dense that the row recovers. A difference to SparseGPT smaller than one
-combined standard error ``sqrt(se_a^2 + se_b^2)`` is marked with ``~`` (within noise).
+accuracy drop from dense that the row recovers (``-`` when that drop is itself within one
+combined standard error); the same for the mean without BoolQ, whose accuracy on small models
+tracks their bias towards "yes" or "no" more than reading. A difference to SparseGPT smaller than
+one combined standard error ``sqrt(se_a^2 + se_b^2)`` is marked with ``~`` (within noise).
 
 Usage::
 
@@ -33,13 +35,29 @@ def _within(a: dict, b: dict) -> bool:
     return abs(a["value"] - b["value"]) < math.hypot(a["stderr"], b["stderr"])
 
 
+def mean_without(zs: dict, task: str) -> tuple[float, float]:
+    """The mean and its standard error over the tasks other than ``task``."""
+    rest = [s for s in zs["scores"] if s["task"] != task]
+    mean = sum(s["value"] for s in rest) / len(rest)
+    return mean, math.sqrt(sum(s["stderr"] ** 2 for s in rest)) / len(rest)
+
+
+def recovered(mean: float, base: tuple[float, float], top: tuple[float, float]) -> str:
+    """Share of the baseline's drop from dense that ``mean`` recovers; ``-`` when that drop is
+    within one combined standard error (a share of noise means nothing)."""
+    drop = top[0] - base[0]
+    if drop <= math.hypot(base[1], top[1]):
+        return "- (drop within noise)"
+    return f"{100 * (mean - base[0]) / drop:.0f} %"
+
+
 def table(rows: dict[str, dict], baseline: str = "sparsegpt", dense: str = "dense") -> str:
     """The markdown table (accuracies in %)."""
     first = next(iter(rows.values()))["zero_shot"]
     tasks = [(s["task"], s["metric"]) for s in first["scores"]]
     head = ["method", "WikiVital ppl", "PTB ppl"]
     head += [f"{t} ({'norm' if m == 'acc_norm' else 'acc'})" for t, m in tasks]
-    head += ["mean", "drop recovered"]
+    head += ["mean", "drop recovered", "mean w/o BoolQ", "drop recovered w/o BoolQ"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     base = rows.get(baseline, {}).get("zero_shot")
     top = rows.get(dense, {}).get("zero_shot")
@@ -53,12 +71,15 @@ def table(rows: dict[str, dict], baseline: str = "sparsegpt", dense: str = "dens
                 mark = " ~" if _within(score, other) else ""
             cells.append(f"{100 * score['value']:.1f} ± {100 * score['stderr']:.1f}{mark}")
         cells.append(f"**{100 * zs['mean']:.2f}** ± {100 * zs['mean_stderr']:.2f}")
-        recovered = "-"
-        if base is not None and top is not None and name not in (baseline, dense):
-            drop = top["mean"] - base["mean"]
-            if drop > 0:
-                recovered = f"{100 * (zs['mean'] - base['mean']) / drop:.0f} %"
-        cells.append(recovered)
+        other = name in (baseline, dense) or base is None or top is None
+        cells.append("-" if other else recovered(
+            zs["mean"], (base["mean"], base["mean_stderr"]), (top["mean"], top["mean_stderr"])
+        ))  # fmt: skip
+        no_boolq = mean_without(zs, "boolq")
+        cells.append(f"{100 * no_boolq[0]:.2f} ± {100 * no_boolq[1]:.2f}")
+        cells.append("-" if other else recovered(
+            no_boolq[0], mean_without(base, "boolq"), mean_without(top, "boolq")
+        ))  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
