@@ -51,6 +51,46 @@ def recovered(mean: float, base: tuple[float, float], top: tuple[float, float]) 
     return f"{100 * (mean - base[0]) / drop:.0f} %"
 
 
+def paired(a: dict, b: dict, skip: str | None = None) -> tuple[float, float] | None:
+    """Mean over tasks of ``a - b`` and its standard error from the per-example scores of both
+    (the same rows), or ``None`` when a file has none. Per task the standard error is that of the
+    mean paired difference, ``sd(d) / sqrt(n)``; across tasks ``sqrt(sum se_t^2) / k``."""
+    diffs, errors = [], []
+    for sa in a["scores"]:
+        if sa["task"] == skip:
+            continue
+        sb = next(x for x in b["scores"] if x["task"] == sa["task"])
+        if not sa.get("correct") or not sb.get("correct"):
+            return None
+        d = [sa["correct"][row] - sb["correct"][row] for row in sa["correct"]]
+        mean = sum(d) / len(d)
+        var = sum((x - mean) ** 2 for x in d) / max(len(d) - 1, 1)
+        diffs.append(mean)
+        errors.append(math.sqrt(var / len(d)))
+    k = len(diffs)
+    return sum(diffs) / k, math.sqrt(sum(e**2 for e in errors)) / k
+
+
+def paired_table(rows: dict[str, dict], baseline: str = "sparsegpt") -> str:
+    """Markdown: each row minus the baseline, paired on the same examples (points)."""
+    if baseline not in rows:
+        return ""
+    base = rows[baseline]["zero_shot"]
+    lines = [
+        f"| method | mean - {baseline}, 7 tasks (paired) | 6 tasks, no BoolQ (paired) |",
+        "|---|---|---|",
+    ]
+    for name, row in rows.items():
+        if name == baseline:
+            continue
+        cells = [name]
+        for skip in (None, "boolq"):
+            found = paired(row["zero_shot"], base, skip)
+            cells.append("-" if found is None else f"{100 * found[0]:+.2f} ± {100 * found[1]:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def table(rows: dict[str, dict], baseline: str = "sparsegpt", dense: str = "dense") -> str:
     """The markdown table (accuracies in %)."""
     first = next(iter(rows.values()))["zero_shot"]
@@ -116,6 +156,9 @@ def main() -> None:
     args = parser.parse_args()
     rows = load(args.results)
     print(table(rows))
+    extra = paired_table(rows)
+    if extra:
+        print("\n" + extra)
     if args.plot is not None:
         plot(rows, args.plot)
 

@@ -78,6 +78,9 @@ def test_harness_matches_direct_loglikelihoods(tiny, with_data):
             assert score.acc_norm == pytest.approx(expected["acc_norm"], abs=1e-12)
         assert score.metric == ("acc" if score.task in ("winogrande", "boolq") else "acc_norm")
         assert sorted(score.loglikelihoods) == list(range(ROWS))
+        # the per-example scores are the headline metric's, row by row
+        assert sorted(score.correct) == list(range(ROWS))
+        assert sum(score.correct.values()) / ROWS == pytest.approx(score.value, abs=1e-12)
     mean = sum(s.value for s in result.scores) / len(result.scores)
     assert result.mean == pytest.approx(mean)
     # a choice's log-likelihood, checked directly: PIQA row 0's two solutions
@@ -134,6 +137,7 @@ def test_cli_table_and_json(tiny_llama_folder, with_data, tmp_path, capsys):
     assert payload["perplexity"] == {}  # --tasks alone: no perplexity
     scores = {s["task"]: s for s in payload["zero_shot"]["scores"]}
     assert scores["piqa"]["examples"] == 4 and scores["winogrande"]["acc_norm"] is None
+    assert sorted(scores["piqa"]["correct"]) == ["0", "1", "2", "3"]  # JSON keys are strings
     stderr = math.sqrt(sum(s["stderr"] ** 2 for s in scores.values())) / 2
     assert payload["zero_shot"]["mean_stderr"] == pytest.approx(stderr)
 

