@@ -21,12 +21,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .cli_prune import add_prune_arguments, one_line, run_prune
 from .cli_zeroshot import add_zero_shot_arguments, check_zero_shot_arguments, run_zero_shot
 from .core.errors import ARMORError
 from .onnx.command import add_onnx_arguments, run_onnx_export
-from .pruning import DEFAULT_MODEL, QUANT_SCHEMES
+from .pruning import DEFAULT_MODEL, QUANT_SCHEMES, check_output_folder, load_model_and_tokenizer
 
 __all__ = ["main", "build_parser", "add_commands", "run_command"]
 
@@ -120,15 +121,6 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_output_folder(path: Path, overwrite: bool) -> None:
-    if path.exists() and not path.is_dir():
-        raise CLIError(f"output {path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise CLIError(
-            f"output folder {path} exists and is not empty; pass --overwrite to replace it"
-        )
-
-
 def _check_model_path(model: str) -> None:
     """A model that is not a local folder must look like a hub id (``org/name``)."""
     if model == DEFAULT_MODEL or Path(model).expanduser().exists():
@@ -140,16 +132,10 @@ def _check_model_path(model: str) -> None:
         )
 
 
-def _load(model: str):
-    from .evaluation import load_default_model, load_model
-
-    if model == DEFAULT_MODEL:
-        return load_default_model()
+def _load(model: str) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a folder, hub id or ``'smollm2'``, as ``prune`` loads them."""
     _check_model_path(model)
-    from .format.loader import check_not_mislabelled
-
-    check_not_mislabelled(Path(model).expanduser())
-    return load_model(model)
+    return load_model_and_tokenizer(model)
 
 
 def run_eval(args: argparse.Namespace) -> None:
@@ -161,7 +147,7 @@ def run_eval(args: argparse.Namespace) -> None:
         args.dataset = ["wikivital"]
     check_zero_shot_arguments(args)
     texts = {name: load_text(name, args.split) for name in args.dataset or []}
-    model, tokenizer, _ = _load(args.model)
+    model, tokenizer = _load(args.model)
     ppl: dict[str, dict[str, float]] = {}
     if texts:
         print("| text | windows x tokens | perplexity | seconds |\n|---|---|---|---|")
@@ -191,13 +177,10 @@ def run_export(args: argparse.Namespace) -> None:
     import torch
 
     from .format.export import export_dense
-    from .staging import check_writable
-
     src, dst = Path(args.src), Path(args.dst)
     if not src.is_dir():
         raise CLIError(f"source folder {src} does not exist")
-    _check_output_folder(dst, args.overwrite)
-    check_writable(dst)
+    check_output_folder(dst, args.overwrite)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     start = time.perf_counter()
     out = export_dense(src, dst, dtype=dtype)
@@ -220,13 +203,12 @@ def run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         torch.set_num_threads(threads)
     try:
         if args.command == "prune":
-            _check_output_folder(Path(args.output), args.overwrite)
             _check_model_path(args.model)
             run_prune(args)
         elif args.command == "eval":
             run_eval(args)
         elif args.command == "export-onnx":
-            _check_output_folder(Path(args.dst), args.overwrite)
+            check_output_folder(args.dst, args.overwrite)
             run_onnx_export(args)
         else:
             run_export(args)

@@ -4,7 +4,6 @@ the option named in each error, and the call of :func:`armor_modifier.prune`."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from typing import Any
 
 from armor_modifier.core.errors import ARMORValueError
@@ -12,13 +11,12 @@ from armor_modifier.core.errors import ARMORValueError
 from .core import SolverSettings
 from .core.options import setting_rows
 from .core.reconstruct import ReconstructionSettings
-from .pruning import QUANT_SCHEMES, one_line
+from .pruning import QUANT_SCHEMES, SOLVER_FIELDS, one_line
 
 __all__ = ["add_prune_arguments", "one_line", "prune_fields", "run_prune"]
 
 #: Settings the command line does not expose (``--seed`` seeds both data and solver).
 _NOT_OPTIONS = ("seed",)
-_SOLVER = {f.name for f in dataclasses.fields(SolverSettings)}
 
 
 def _option(name: str) -> str:
@@ -116,7 +114,7 @@ def prune_fields(args: argparse.Namespace) -> dict[str, Any]:
                 "write them into the recipe"
             )
         return {}
-    solver = {n: v for n, v in given.items() if n in _SOLVER}
+    solver = {n: v for n, v in given.items() if n in SOLVER_FIELDS}
     try:
         SolverSettings(seed=args.seed, **solver)
         ReconstructionSettings.from_fields(given)

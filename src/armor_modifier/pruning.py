@@ -29,7 +29,17 @@ from .core.reconstruct import ReconstructionSettings
 from .core.settings import SolverSettings
 from .staging import check_writable, staged_replace
 
-__all__ = ["LM_HEAD", "QUANT_SCHEMES", "PruneResult", "armor_recipe", "one_line", "prune"]
+__all__ = [
+    "LM_HEAD",
+    "QUANT_SCHEMES",
+    "SOLVER_FIELDS",
+    "PruneResult",
+    "armor_recipe",
+    "check_output_folder",
+    "load_model_and_tokenizer",
+    "one_line",
+    "prune",
+]
 
 #: ``quantize`` choices -> llm-compressor preset scheme names: round-to-nearest with
 #: ``QuantizationModifier``, or ``*-gptq`` with ARMORGPTQModifier (GPTQ that keeps the 2:4 zeros;
@@ -101,7 +111,7 @@ def armor_recipe(
         chosen.update(reconstruction.to_fields())
     chosen.update(fields)
     chosen["seed"] = seed
-    SolverSettings(**{k: v for k, v in chosen.items() if k in _SOLVER})
+    SolverSettings(**{k: v for k, v in chosen.items() if k in SOLVER_FIELDS})
     ReconstructionSettings.from_fields(chosen)
     recipe: list[Any] = [ARMORModifier(targets=["Linear"], ignore=[LM_HEAD], **chosen)]
     scheme = QUANT_SCHEMES[quantize]
@@ -114,7 +124,8 @@ def armor_recipe(
     return recipe
 
 
-_SOLVER = {f.name for f in dataclass_fields(SolverSettings)}
+#: the names of :class:`SolverSettings`' fields
+SOLVER_FIELDS = frozenset(f.name for f in dataclass_fields(SolverSettings))
 
 
 def gptq_modifier(preset: str) -> Any:
@@ -191,8 +202,8 @@ def check_output_folder(output: str | os.PathLike, overwrite: bool) -> Path:
         raise ARMORValueError(f"output {path} exists and is not a folder")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ARMORValueError(
-            f"output folder {path} exists and is not empty; pass overwrite=True (--overwrite) "
-            "to replace it"
+            f"output folder {path} exists and is not empty; pass --overwrite (overwrite=True in "
+            "Python) to replace it"
         )
     return check_writable(path)
 
