@@ -37,9 +37,10 @@ def _within(a: dict, b: dict) -> bool:
 
 def mean_without(zs: dict, task: str) -> tuple[float, float]:
     """The mean and its standard error over the tasks other than ``task``."""
+    from armor_modifier.evaluation.zeroshot import mean_of_tasks
+
     rest = [s for s in zs["scores"] if s["task"] != task]
-    mean = sum(s["value"] for s in rest) / len(rest)
-    return mean, math.sqrt(sum(s["stderr"] ** 2 for s in rest)) / len(rest)
+    return mean_of_tasks([s["value"] for s in rest], [s["stderr"] for s in rest])
 
 
 def recovered(mean: float, base: tuple[float, float], top: tuple[float, float]) -> str:

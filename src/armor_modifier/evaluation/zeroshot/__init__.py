@@ -13,6 +13,7 @@ from .harness import (
     evaluate_zero_shot,
     example_indices,
     markdown_table,
+    mean_of_tasks,
     write_json_atomically,
 )
 from .tasks import DEFAULT_TASKS, TASKS, ZeroShotTask, parse_task_names, write_task_folder
@@ -27,6 +28,7 @@ __all__ = [
     "evaluate_zero_shot",
     "example_indices",
     "markdown_table",
+    "mean_of_tasks",
     "parse_task_names",
     "write_json_atomically",
     "write_task_folder",

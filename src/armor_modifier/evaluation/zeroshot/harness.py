@@ -75,6 +75,13 @@ class ZeroShotResult:
         return asdict(self)
 
 
+def mean_of_tasks(values: list[float], stderrs: list[float]) -> tuple[float, float]:
+    """The plain mean of per-task accuracies and its standard error ``sqrt(sum se_i^2) / k``
+    (the tasks are independent)."""
+    k = len(values)
+    return sum(values) / k, math.sqrt(sum(se**2 for se in stderrs)) / k
+
+
 def example_indices(n: int, half: Half | None, limit: int | None) -> list[int]:
     """Rows to score out of ``n``: the chosen half (or all), at most ``limit`` from its start."""
     if half is not None and half not in HALVES:
@@ -166,8 +173,7 @@ def evaluate_zero_shot(
         _score(n, results["results"][n], len(samples[n]), logged[n] if per_example else None)
         for n in names
     ]
-    mean = sum(s.value for s in scores) / len(scores)
-    mean_stderr = math.sqrt(sum(s.stderr**2 for s in scores)) / len(scores)
+    mean, mean_stderr = mean_of_tasks([s.value for s in scores], [s.stderr for s in scores])
     return ZeroShotResult(
         scores=scores,
         mean=mean,
