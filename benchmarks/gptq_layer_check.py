@@ -39,8 +39,8 @@ WINDOWS, SEQ_LEN = 16, 512
 
 def hessians(model, tokenizer) -> dict[tuple[str, str], torch.Tensor]:
     """``{(module name, "cal" | "wikivital" | "ptb"): H [n, n] float64, X^T X / tokens}``."""
-    from armor_modifier.evaluation import calibration_samples, load_text
-    from armor_modifier.evaluation.data import tokenize_text
+    from armor_harness import calibration_samples, load_text
+    from armor_modifier.calibration import tokenize_text
 
     modules = {f"model.layers.{i}.{p}": model.get_submodule(f"model.layers.{i}.{p}")
                for i in LAYERS for p in PROJECTIONS}
@@ -128,8 +128,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    from armor_harness import load_default_model
     from armor_modifier.core.sparsegpt import sparsegpt_2of4
-    from armor_modifier.evaluation import load_default_model
 
     model, tokenizer, _ = load_default_model()
     model.eval()

@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
+from armor_harness import calibration_samples, load_default_model, wikivital_split
 from armor_modifier import factorize
 from armor_modifier.core import nowag_p, proxy_loss
-from armor_modifier.evaluation import calibration_samples, load_default_model, wikivital_split
 
 TYPES = (
     "self_attn.q_proj",

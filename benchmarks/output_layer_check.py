@@ -27,8 +27,8 @@ import time
 
 import torch
 
+from armor_harness import calibration_samples, load_default_model, wikivital_split
 from armor_modifier.core import factorize, nowag_p, output_loss, sparsegpt_2of4
-from armor_modifier.evaluation import calibration_samples, load_default_model, wikivital_split
 
 
 def layer_hessians(model, tok, layer: int, modules: list[str], split: str, args) -> dict:

@@ -126,7 +126,7 @@ def checkpoint_bytes(model) -> int:
 
 
 def evaluate(model, tokenizer, texts: dict[str, str], args) -> dict[str, float]:
-    from armor_modifier.evaluation import perplexity
+    from armor_harness import perplexity
 
     return {
         name: perplexity(
@@ -150,7 +150,7 @@ def is_2of4(model) -> bool:
 def run_base(base: str, quants: list[str], calibration, texts, args) -> None:
     from llmcompressor import oneshot
 
-    from armor_modifier.evaluation import load_default_model
+    from armor_harness import load_default_model
 
     kwargs = {
         "dataset": calibration, "num_calibration_samples": len(calibration),
@@ -278,7 +278,7 @@ def main() -> None:
     from armor_modifier.modifier.gptq import DEFAULT_REFIT_PASSES
 
     args.refit_wrappers = args.refit_wrappers or [DEFAULT_REFIT_PASSES]
-    from armor_modifier.evaluation import calibration_samples, load_default_model, load_text
+    from armor_harness import calibration_samples, load_default_model, load_text
 
     _, tokenizer, _ = load_default_model()
     calibration = calibration_samples(

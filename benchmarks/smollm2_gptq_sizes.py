@@ -25,8 +25,8 @@ def main() -> None:
     from llmcompressor import oneshot
 
     import armor_modifier.modifier  # noqa: F401  (registers the modifiers)
+    from armor_harness import load_default_model
     from armor_modifier.core import choose_wrapper_block_size, identity_blocks, top2_of_4_mask
-    from armor_modifier.evaluation import load_default_model
     from armor_modifier.runtime import attach_wrappers
 
     sparse, _, _ = load_default_model()

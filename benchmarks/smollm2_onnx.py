@@ -96,9 +96,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import armor_modifier  # noqa: F401  (registers the armor-ct loader)
-    from armor_modifier.evaluation import load_text, perplexity
-    from armor_modifier.evaluation.data import tokenize_text
-    from armor_modifier.evaluation.perplexity import make_windows
+    from armor_harness import load_text, perplexity
+    from armor_harness.perplexity import make_windows
+    from armor_modifier.calibration import tokenize_text
     from armor_modifier.onnx import OnnxCausalLM, OnnxLogitsModule
 
     factored, factored_s = _export(args.armor_dir, args.out / "factored", False, args.exporter)

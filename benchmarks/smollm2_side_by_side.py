@@ -122,7 +122,7 @@ def recipe_for(method: str, seed: int) -> list:
 
 
 def evaluate(model, tokenizer, texts: dict[str, str], args) -> dict[str, float]:
-    from armor_modifier.evaluation import perplexity
+    from armor_harness import perplexity
 
     return {name: perplexity(model, tokenizer, text, seq_len=args.seq_len,
                              max_windows=args.eval_windows or None, progress=False).ppl
@@ -149,7 +149,7 @@ def save_and_reload(model, tokenizer, texts, args) -> dict:
 def run_method(method: str, calibration, texts, args) -> dict:
     from llmcompressor import oneshot
 
-    from armor_modifier.evaluation import load_default_model
+    from armor_harness import load_default_model
 
     model, tokenizer, _ = load_default_model()
     row: dict = {"method": method + args.tag}
@@ -229,7 +229,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import armor_modifier  # noqa: F401  (registers ARMORModifier and armor-ct)
-    from armor_modifier.evaluation import calibration_samples, load_default_model, load_text
+    from armor_harness import calibration_samples, load_default_model, load_text
 
     _, tokenizer, _ = load_default_model()
     calibration = calibration_samples(tokenizer, load_text("wikivital", "train"),

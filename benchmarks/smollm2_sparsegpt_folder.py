@@ -32,7 +32,7 @@ def main() -> None:
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import SparseGPTModifier
 
-    from armor_modifier.evaluation import calibration_samples, load_default_model, load_text
+    from armor_harness import calibration_samples, load_default_model, load_text
     from armor_modifier.staging import staged_replace
 
     model, tokenizer, _ = load_default_model()

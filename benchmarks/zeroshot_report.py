@@ -37,7 +37,7 @@ def _within(a: dict, b: dict) -> bool:
 
 def mean_without(zs: dict, task: str) -> tuple[float, float]:
     """The mean and its standard error over the tasks other than ``task``."""
-    from armor_modifier.evaluation.zeroshot import mean_of_tasks
+    from armor_harness.zeroshot import mean_of_tasks
 
     rest = [s for s in zs["scores"] if s["task"] != task]
     return mean_of_tasks([s["value"] for s in rest], [s["stderr"] for s in rest])

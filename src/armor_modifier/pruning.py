@@ -23,6 +23,7 @@ from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
+from .calibration import calibration_samples, load_model, load_text, require_harness
 from .core.errors import ARMORValueError
 from .core.options import setting_rows
 from .core.reconstruct import ReconstructionSettings
@@ -217,11 +218,9 @@ def load_model_and_tokenizer(model: Any, tokenizer: Any = None) -> tuple[Any, An
 
             tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
         return model, tokenizer
-    from .evaluation import load_default_model, load_model
-
     name = os.fspath(model)
     if name == DEFAULT_MODEL:
-        loaded = load_default_model()
+        loaded = require_harness(f"the model {DEFAULT_MODEL!r}", "smollm2").load_default_model()
     else:
         from .format.loader import check_not_mislabelled
 
@@ -289,16 +288,12 @@ def prune(
         )  # fmt: skip
     text = dataset if isinstance(dataset, str | os.PathLike) else None
     if text is not None:
-        from .evaluation import load_text
-
         text = load_text(os.fspath(text), "train")
     loaded, tokenizer = load_model_and_tokenizer(model, tokenizer)
     limit = getattr(getattr(loaded, "config", None), "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
         raise ARMORValueError(f"seq_len {seq_len} is above the model's context of {limit} tokens")
     if text is not None:
-        from .evaluation import calibration_samples
-
         dataset = calibration_samples(tokenizer, text, num_samples, seq_len, seed=seed)
     from llmcompressor import oneshot
 

