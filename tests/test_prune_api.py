@@ -50,3 +50,24 @@ def test_prune_refuses_unknown_settings_and_mixed_recipes(tiny_llama_folder: Pat
     with pytest.raises(ValueError, match="quantize must be one of"):
         armor_modifier.prune(tiny_llama_folder, tmp_path / "c", quantize="int3")
     assert sorted(tmp_path.iterdir()) == []
+
+
+def test_the_example_prunes_saves_and_reloads_the_same_model(tiny_folder, text_file, tmp_path):
+    """``examples/prune_and_load.py`` end to end: the reloaded armor-ct model has exactly the
+    in-memory pruned model's perplexity (both printed to two decimals)."""
+    import subprocess
+    import sys
+
+    example = Path(__file__).parents[1] / "examples" / "prune_and_load.py"
+    done = subprocess.run(
+        [sys.executable, str(example), "--model", str(tiny_folder), "--dataset", str(text_file),
+         "--output", str(tmp_path / "out"), "--num-samples", "4", "--seq-len", str(SEQ_LEN),
+         "--num-iterations", "1", "--eval-windows", "2"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    ppl = {line.split()[0]: float(line.split("perplexity")[1].split()[0])
+           for line in done.stdout.splitlines() if "perplexity" in line}  # fmt: skip
+    assert set(ppl) == {"dense", "ARMOR", "reloaded"}, done.stdout
+    assert ppl["reloaded"] == ppl["ARMOR"] != ppl["dense"]
+    assert (tmp_path / "out" / "config.json").is_file()
