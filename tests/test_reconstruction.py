@@ -274,3 +274,42 @@ def test_a_target_outside_every_decoder_layer_is_refused(tmp_path: Path) -> None
     )
     with pytest.raises(ARMORValueError, match="lm_head is in no decoder layer"):
         run_oneshot(folder, [modifier])
+
+
+def test_every_armor_forward_is_the_block_diagonal_product() -> None:
+    """The runtime's forward, wherever it runs: the hooks :func:`attach_wrappers` registers, the
+    hooks and core forward reconstruction swaps in for trainable tensors (``_trainable``), and the
+    exporter's ``FactoredLinear`` all compute ``block_diag(A) core block_diag(B) x + bias``
+    (brute force with ``torch.block_diag``, float64, unequal block sizes)."""
+    from armor_modifier.modifier.reconstruction import _trainable
+    from armor_modifier.onnx.modules import FactoredLinear
+    from armor_modifier.runtime import attach_wrappers
+
+    generator = torch.Generator().manual_seed(0)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    m, n = 8, 12
+    x = randn(3, 5, n)
+
+    def reference(A: torch.Tensor, core: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        dense = torch.block_diag(*A) @ core @ torch.block_diag(*B)
+        return x @ dense.T + linear.bias.detach()
+
+    linear = nn.Linear(n, m, dtype=torch.float64)
+    A, B, core = randn(2, 4, 4), randn(2, 6, 6), randn(m, n)
+    with torch.no_grad():
+        linear.weight.copy_(core)
+    attach_wrappers(linear, A, B)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x), reference(A, core, B))
+        factored = FactoredLinear(core, A, B, linear.bias)
+        torch.testing.assert_close(factored(x), reference(A, core, B))
+
+    moving = [randn(m, n), randn(2, 4, 4), randn(2, 6, 6)]
+    names = [("l", linear, "weight"), ("l", linear, ARMOR_A), ("l", linear, ARMOR_B)]
+    with torch.no_grad(), _trainable({"l": linear}, names, moving):
+        torch.testing.assert_close(linear(x), reference(moving[1], moving[0], moving[2]))
+    with torch.no_grad():  # on exit the module's own factors are back
+        torch.testing.assert_close(linear(x), reference(A, core, B))

@@ -40,9 +40,9 @@ from armor_modifier.core.settings import derived_seed
 from armor_modifier.runtime import (
     ARMOR_A,
     ARMOR_B,
-    apply_input_wrapper,
-    apply_output_wrapper_around_bias,
     detach_wrappers,
+    forward_with_core,
+    hook_wrappers,
     is_armor_linear,
 )
 
@@ -290,9 +290,11 @@ def _trainable(
     """Make ``linears`` compute ``A (W (B x)) + bias`` from the tensors in ``params`` (the
     module's own values for what does not move), so gradients reach them.
 
-    The ARMOR hooks are swapped for hooks and a forward that read ``params`` (llm-compressor's
-    offload cache copies assigned tensors into its own, so the buffers cannot simply be
-    replaced); on exit the modules get their own wrappers back, unchanged.
+    The ARMOR hooks are swapped for the runtime's hooks on the ``A`` and ``B`` above
+    (:func:`~armor_modifier.runtime.hook_wrappers`) and, when the core moves, for a forward on it
+    (:func:`~armor_modifier.runtime.forward_with_core`): llm-compressor's offload cache copies
+    assigned tensors into its own, so the buffers cannot simply be replaced. On exit the modules
+    get their own wrappers back, unchanged.
     """
     values = {(rel, attr): p for (rel, _, attr), p in zip(names, params, strict=True)}
     saved = {}
@@ -304,18 +306,9 @@ def _trainable(
         B = values.get((rel, ARMOR_B), B0)
         W = values.get((rel, "weight"))
         detach_wrappers(module)
-        handles.append(
-            module.register_forward_pre_hook(
-                lambda _m, args, B=B: (apply_input_wrapper(args[0], B), *args[1:])
-            )
-        )
-        handles.append(
-            module.register_forward_hook(
-                lambda m, _args, y, A=A: apply_output_wrapper_around_bias(y, A, m.bias)
-            )
-        )
+        handles += hook_wrappers(module, A, B)
         if W is not None:
-            setattr(module, "forward", _linear_forward(module, W))  # noqa: B010
+            setattr(module, "forward", forward_with_core(module, W))  # noqa: B010
     try:
         yield
     finally:
@@ -327,13 +320,6 @@ def _trainable(
             else:
                 setattr(module, "forward", forward)  # noqa: B010  (an instance attribute)
             apply_factors(module, A0, B0, module.weight.detach())
-
-
-def _linear_forward(module: nn.Linear, W: torch.Tensor):
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, W.to(x.dtype), module.bias)
-
-    return forward
 
 
 def _stop_replay(_module: nn.Module, _args: tuple, _output: torch.Tensor) -> None:

@@ -15,8 +15,7 @@ from torch import nn
 from armor_modifier.runtime import (
     ARMOR_A,
     ARMOR_B,
-    apply_input_wrapper,
-    apply_output_wrapper,
+    armor_forward,
     armor_linears,
     effective_weight,
 )
@@ -46,14 +45,17 @@ class FactoredLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., n] -> [..., m]``."""
+        """``x [..., n] -> [..., m]``: the runtime's :func:`~armor_modifier.runtime.armor_forward`
+        on the rows of ``x``, with :meth:`core_product` as the core."""
         m, n = self.core.shape
-        flat = apply_input_wrapper(x.reshape(-1, n), self.wrapper_B)
-        y = torch.matmul(self.core, flat.transpose(0, 1)).transpose(0, 1)
-        y = apply_output_wrapper(y, self.wrapper_A)
-        if self.bias is not None:
-            y = y + self.bias
+        y = armor_forward(
+            x.reshape(-1, n), self.wrapper_A, self.wrapper_B, self.bias, self.core_product
+        )
         return y.reshape(*x.shape[:-1], m)
+
+    def core_product(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows [N, n] -> [N, m]``: ``(core · rowsᵀ)ᵀ``, the core as the left operand."""
+        return torch.matmul(self.core, rows.transpose(0, 1)).transpose(0, 1)
 
 
 def factor_armor_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> list[str]:
