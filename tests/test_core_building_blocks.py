@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from armor_modifier.core import (
+    SolverSettings,
+    check_wrapper_block_size,
     choose_wrapper_block_size,
     count_broken_groups,
     dense_blockdiag,
@@ -69,10 +71,33 @@ def test_choose_wrapper_block_size(m, n, requested, expected):
     assert b == expected and m % b == 0 and n % b == 0 and b % 4 == 0
 
 
-@pytest.mark.parametrize("bad", [0, -4, 6, 2, 1.5, True])
-def test_choose_wrapper_block_size_rejects_bad_values(bad):
-    with pytest.raises(ValueError, match="multiple of 4"):
-        choose_wrapper_block_size(64, 64, bad)
+def test_choose_wrapper_block_size_against_brute_force():
+    """Every shape up to 96x96 and every request up to 100: the largest multiple of 4 no larger
+    than the request that divides both dimensions."""
+    for m, n, requested in itertools.product(range(4, 97, 4), range(4, 97, 4), range(4, 101, 4)):
+        fitting = [b for b in range(4, requested + 1, 4) if m % b == 0 and n % b == 0]
+        assert choose_wrapper_block_size(m, n, requested) == max(fitting), (m, n, requested)
+
+
+@pytest.mark.parametrize("bad", [0, -4, 6, 2, 1.5, True, "8"])
+def test_a_bad_block_size_is_refused_with_one_message(bad):
+    """``SolverSettings`` and ``choose_wrapper_block_size`` refuse a bad request with
+    ``check_wrapper_block_size``'s message."""
+    with pytest.raises(ValueError, match="positive multiple of 4") as checked:
+        check_wrapper_block_size(bad)
+    for refuse in (
+        lambda: SolverSettings(wrapper_block_size=bad),
+        lambda: choose_wrapper_block_size(64, 64, bad),
+    ):
+        with pytest.raises(ValueError) as other:
+            refuse()
+        assert str(other.value) == str(checked.value)
+
+
+def test_a_good_block_size_passes_and_a_request_or_budget_is_needed():
+    assert check_wrapper_block_size(8) == 8
+    with pytest.raises(ValueError, match="requested wrapper_block_size or a max_overhead"):
+        choose_wrapper_block_size(64, 64, None)
 
 
 def test_wrapper_overhead_formula():
@@ -139,14 +164,12 @@ def test_best_two_of_four_keeps_better_old_values_and_survives_degenerate_groups
 )
 @pytest.mark.parametrize("budget", [0.01, 0.05, 0.1, 0.15, 0.5])
 def test_largest_block_within_budget_against_brute_force(m, n, budget):
-    from armor_modifier.core import SolverSettings, largest_block_within, wrapper_overhead
-
     fitting = [
         b for b in range(4, min(m, n) + 1, 4)
         if m % b == 0 and n % b == 0 and wrapper_overhead(m, n, b) <= budget
     ]  # fmt: skip
     expected = max(fitting) if fitting else 4  # nothing fits: the smallest wrapper
-    assert largest_block_within(m, n, budget) == expected
+    assert choose_wrapper_block_size(m, n, None, max_overhead=budget) == expected
     settings = SolverSettings(max_wrapper_overhead=budget)
     assert settings.block_size_for(m, n) == expected
     # an explicit wrapper_block_size wins over the budget
@@ -156,8 +179,6 @@ def test_largest_block_within_budget_against_brute_force(m, n, budget):
 
 
 def test_smollm2_block_sizes_at_the_default_budget():
-    from armor_modifier.core import SolverSettings
-
     settings = SolverSettings()
     sizes = {
         shape: settings.block_size_for(*shape)

@@ -20,7 +20,7 @@ from .errors import (
 )
 from .gptq import GPTQResult, masked_gptq
 from .output import OutputObjective
-from .problem import choose_wrapper_block_size, largest_block_within, wrapper_overhead
+from .problem import check_wrapper_block_size, choose_wrapper_block_size, wrapper_overhead
 from .proxy import nowag_p
 from .scoring import output_loss, output_ridge, proxy_loss
 from .settings import FIELD_HELP, INITS, MODES, OBJECTIVES, SolverSettings
@@ -47,13 +47,13 @@ __all__ = [
     "SolverSettings",
     "SparseGPTResult",
     "WrapperRefit",
+    "check_wrapper_block_size",
     "choose_wrapper_block_size",
     "count_broken_groups",
     "dense_blockdiag",
     "factorize",
     "identity_blocks",
     "is_2_of_4",
-    "largest_block_within",
     "left_blockdiag",
     "masked_gptq",
     "nowag_p",

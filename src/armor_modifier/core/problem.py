@@ -20,6 +20,7 @@ __all__ = [
     "sanitize_h",
     "normalize",
     "block_within_budget",
+    "check_wrapper_block_size",
     "choose_wrapper_block_size",
     "wrapper_overhead",
 ]
@@ -112,35 +113,51 @@ def normalize(W: torch.Tensor) -> NormalizedWeight:
     return NormalizedWeight(Wbar=W1 / r[:, None], r=r, c=c)
 
 
-def choose_wrapper_block_size(m: int, n: int, requested: int) -> int:
-    """The largest ``b <= requested`` with ``4 | b``, ``b | m`` and ``b | n``.
+def check_wrapper_block_size(b: object) -> int:
+    """``b`` when a weight can be asked for wrapper blocks of that size: an int, ``b >= 4`` and
+    ``4 | b`` (a 2:4 group of four columns must not straddle two wrapper blocks).
 
-    SmolLM2's 576-wide layers do not admit 128; this picks 96 (or 64 for 64, ...) instead of
-    failing. ``4`` always qualifies once ``4 | m`` and ``4 | n``.
+    The one check of a requested block size (:class:`~.settings.SolverSettings` and
+    :func:`choose_wrapper_block_size` call it).
     """
-    if not isinstance(requested, int) or isinstance(requested, bool) or requested < 4:
+    if isinstance(b, bool) or not isinstance(b, int) or b < 4 or b % 4:
+        lower = b - b % 4 if isinstance(b, int) and not isinstance(b, bool) and b > 4 else 0
+        hint = f"try {lower}" if lower else "try 32 or 64"
         raise ARMORValueError(
-            f"wrapper_block_size must be a positive multiple of 4, got {requested!r}; try 128 or 64"
+            "wrapper_block_size must be a positive multiple of 4 (2:4 groups must not straddle "
+            f"wrapper blocks), got {b!r}; {hint}, or leave it unset to follow "
+            "max_wrapper_overhead"
         )
-    if requested % 4:
-        raise ARMORValueError(
-            f"wrapper_block_size must be a multiple of 4 (2:4 groups must not straddle blocks), "
-            f"got {requested}; try {max(4, requested - requested % 4)}"
-        )
+    return b
+
+
+def choose_wrapper_block_size(
+    m: int, n: int, requested: int | None, max_overhead: float | None = None
+) -> int:
+    """The wrapper block size of a ``[m, n]`` weight: the largest ``b <= requested`` with
+    ``4 | b``, ``b | m`` and ``b | n``.
+
+    With ``requested=None`` the request is the largest one whose wrappers stay within
+    ``max_overhead`` of this weight (:func:`block_within_budget` of ``[(m, n)]``), so the result
+    is the largest such ``b`` (``4`` when even that exceeds the budget). SmolLM2's 576-wide layers
+    do not admit 128; this picks 96 (or 64 for 64, ...) instead of failing. ``4`` always
+    qualifies once ``4 | m`` and ``4 | n``.
+
+    The one chooser: :meth:`~.settings.SolverSettings.block_size_for` and
+    :func:`block_within_budget` call it.
+
+    :param requested: a positive multiple of 4 (:func:`check_wrapper_block_size`), or ``None``
+    :param max_overhead: ``(m + n) b / (m n)`` allowed when ``requested`` is ``None``
+    """
+    if requested is None:
+        if max_overhead is None:
+            raise ARMORValueError("give a requested wrapper_block_size or a max_overhead")
+        requested = block_within_budget([(m, n)], max_overhead)
+    check_wrapper_block_size(requested)
     for b in range(min(requested, m, n) // 4 * 4, 3, -4):
         if m % b == 0 and n % b == 0:
             return b
     raise ARMORValueError(f"no wrapper block size divides {m}x{n}; both must be multiples of 4")
-
-
-def largest_block_within(m: int, n: int, max_overhead: float) -> int:
-    """The largest ``b`` with ``4 | b``, ``b | m``, ``b | n`` and ``(m + n) b / (m n) <=
-    max_overhead``; ``4`` when even that exceeds the budget (tiny layers: the smallest wrapper).
-
-    SmolLM2-135M at 0.10: 24 for the 576x576 attention projections, 12 for the 192x576 k/v
-    projections, 32 for the 1536x576 MLP matrices. :func:`block_within_budget` for one weight.
-    """
-    return choose_wrapper_block_size(m, n, block_within_budget([(m, n)], max_overhead))
 
 
 def block_within_budget(shapes: Sequence[tuple[int, int]], max_overhead: float) -> int:

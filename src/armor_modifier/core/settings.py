@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import ARMORTypeError, ARMORValueError
-from .problem import choose_wrapper_block_size, largest_block_within, wrapper_overhead
+from .problem import check_wrapper_block_size, choose_wrapper_block_size, wrapper_overhead
 from .scoring import DAMPING_KINDS
 
 __all__ = [
@@ -119,13 +119,7 @@ class SolverSettings:
                 f"wrappers of 10 %), got {self.max_wrapper_overhead!r}"
             )
         if self.wrapper_block_size is not None:
-            b = self.wrapper_block_size
-            if isinstance(b, bool) or not isinstance(b, int) or b < 4 or b % 4:
-                raise ARMORValueError(
-                    "wrapper_block_size must be a positive multiple of 4 (2:4 groups must not "
-                    f"straddle wrapper blocks), got {b!r}; try 32 or 64, or leave it unset to "
-                    "follow max_wrapper_overhead"
-                )
+            check_wrapper_block_size(self.wrapper_block_size)
         _integer("num_iterations", self.num_iterations, 0)
         _choice("update_mode", self.update_mode, MODES)
         _number("learning_rate", self.learning_rate, low=0.0, low_open=True, rule="> 0")
@@ -161,9 +155,9 @@ class SolverSettings:
     def block_size_for(self, m: int, n: int) -> int:
         """The wrapper block size ``b`` a ``[m, n]`` weight gets under these settings (alone:
         the budget applies to this one weight)."""
-        if self.wrapper_block_size is not None:
-            return choose_wrapper_block_size(m, n, self.wrapper_block_size)
-        return largest_block_within(m, n, self.max_wrapper_overhead)
+        return choose_wrapper_block_size(
+            m, n, self.wrapper_block_size, max_overhead=self.max_wrapper_overhead
+        )
 
     def overhead_for(self, m: int, n: int) -> float:
         """The wrapper overhead ``(m + n) b / (m n)`` a ``[m, n]`` weight gets."""
