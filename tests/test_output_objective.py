@@ -509,6 +509,30 @@ def test_a_hessian_that_never_factorises_returns_nowag_p(init):
     assert (p.num_h_failures, p.init) == (1, "nowag") and p.final_loss <= p.initial_loss
 
 
+def test_one_sparsegpt_to_nowag_fallback_for_both_objectives():
+    """``hessian_start`` is NoWag-P's start when ``H`` never factorises (SparseGPT's when it does);
+    the proxy from SparseGPT then runs exactly the proxy from NoWag-P, and both objectives report
+    the fallback with the same counters."""
+    from armor_modifier.core.proxy import hessian_start
+
+    g = torch.Generator().manual_seed(3)
+    W, h, bad = torch.randn(16, 32, generator=g), torch.rand(32, generator=g) + 0.5, -torch.eye(32)
+    first = hessian_start(W, h, bad, "sparsegpt", 0.01)
+    assert first.fell_back and (first.init, first.num_damping_increases) == ("nowag", 5)
+    assert torch.equal(first.core, nowag_p(W, h)) and torch.equal(first.mask, first.core != 0)
+    settings = {"H": bad, "wrapper_block_size": 8, "num_iterations": 3}
+    fell = factorize(W, h, objective="proxy", init="sparsegpt", **settings)
+    nowag = factorize(W, h, objective="proxy", init="nowag", **settings)
+    assert torch.equal(fell.dense(), nowag.dense()) and fell.loss_history == nowag.loss_history
+    output = factorize(W, h, objective="output", init="sparsegpt", **settings)
+    for f in (fell, output):
+        assert (f.init, f.num_damping_increases, f.num_h_failures) == ("nowag", 5, 1)
+    good = torch.eye(32)
+    first = hessian_start(W, h, good, "sparsegpt", 0.01)
+    assert not first.fell_back and (first.init, first.num_h_failures) == ("sparsegpt", 0)
+    assert torch.equal(first.core, sparsegpt_2of4(W, good)[0])
+
+
 def test_inputs_are_not_modified():
     W, _, H, _ = _problem(dtype=torch.float32)
     W0, H0 = W.clone(), H.clone()

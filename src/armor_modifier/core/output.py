@@ -40,15 +40,9 @@ from .discrete import best_two_of_four
 from .iterate import Iterate, Start, identity_fold, reconstruct
 from .linalg import damped_block_solve
 from .problem import normalize
-from .proxy import nowag_mask
+from .proxy import hessian_start
 from .scoring import damped, output_loss
-from .sparsegpt import (
-    MAX_DAMPING_INCREASES,
-    HessianNotPositiveDefinite,
-    check_hessian,
-    inverse_hessian_factor,
-    sparsegpt_prune,
-)
+from .sparsegpt import check_hessian
 
 __all__ = ["OUTPUT_B_STEPS", "OutputObjective", "output_start"]
 
@@ -408,8 +402,7 @@ def output_start(
 ) -> Start:
     """The output error from SparseGPT's (or NoWag-P's) solution, identity wrappers.
 
-    ``H`` must factorise after damping (``dampening_frac * mean(diag H)``, times 10 at most
-    ``MAX_DAMPING_INCREASES`` times, dead columns set to 1 as in SparseGPT). If an increase was
+    ``H`` must factorise after damping (:func:`~.proxy.hessian_start`). If an increase was
     needed, ``H`` is materially indefinite (or too ill-conditioned for float32) and the objective
     uses ``H + lambda I`` with the ``lambda`` that worked. If every try fails, NoWag-P is returned
     without descent (SparseGPT needs the same factorisation). ``output_damping * mean(diag H)``
@@ -418,32 +411,21 @@ def output_start(
     """
     m, n = W.shape
     Hs = check_hessian(H, n)
-    try:
-        if init == "sparsegpt":
-            sgpt = sparsegpt_prune(W, Hs, dampening_frac=dampening_frac)
-            core, mask = sgpt.weight, sgpt.mask
-            damping, increases = sgpt.damping, sgpt.num_damping_increases
-        else:
-            Hd = Hs.clone()
-            dead = Hd.diagonal() == 0
-            Hd[dead, dead] = 1.0
-            _, damping, increases = inverse_hessian_factor(Hd, dampening_frac)
-            mask = nowag_mask(W, h)
-            core = W * mask
-    except HessianNotPositiveDefinite:
-        mask = nowag_mask(W, h)
+    first = hessian_start(W, h, Hs, init, dampening_frac)
+    if first.fell_back:
         eye_p = identity_blocks(m // b, b, device=W.device)
-        it = Iterate(eye_p, identity_blocks(n // b, b, device=W.device), W * mask, mask)
+        it = Iterate(eye_p, identity_blocks(n // b, b, device=W.device), first.core, first.mask)
         return Start(
             None,
             it,
-            output_loss(W, Hs, W * mask),
+            output_loss(W, Hs, first.core),
             identity_fold,
-            "nowag",
-            MAX_DAMPING_INCREASES,
-            1,
+            first.init,
+            first.num_damping_increases,
+            first.num_h_failures,
         )
-    Hs = damped(Hs, output_damping, output_damping_kind, damping if increases else 0.0)
+    increases = first.num_damping_increases
+    Hs = damped(Hs, output_damping, output_damping_kind, first.damping if increases else 0.0)
     objective = OutputObjective(W, Hs, b, b_steps=OUTPUT_B_STEPS)
-    it = objective.initial_iterate(core, mask)
+    it = objective.initial_iterate(first.core, first.mask)
     return Start(objective, it, objective.loss(it), objective.to_original, init, increases)

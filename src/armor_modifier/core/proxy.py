@@ -12,6 +12,8 @@ core step is an exact line search, the discrete step keeps the old group when it
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .blockdiag import left_blockdiag, right_blockdiag
@@ -24,11 +26,12 @@ from .sparsegpt import (
     MAX_DAMPING_INCREASES,
     HessianNotPositiveDefinite,
     check_hessian,
+    inverse_hessian_factor,
     sparsegpt_prune,
 )
 from .sparsity import top2_of_4_mask
 
-__all__ = ["DiagonalProxy", "nowag_mask", "nowag_p", "proxy_start"]
+__all__ = ["DiagonalProxy", "HessianStart", "hessian_start", "nowag_mask", "nowag_p", "proxy_start"]
 
 
 class DiagonalProxy:
@@ -227,6 +230,64 @@ def nowag_p(weight: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return W * nowag_mask(W, h)
 
 
+@dataclass(frozen=True)
+class HessianStart:
+    """A 2:4 start that needs the Hessian to factorise, or NoWag-P's where it never does.
+
+    :ivar core: ``[m, n]`` core values in the weight's units (SparseGPT's, or ``W * mask``)
+    :ivar mask: bool ``[m, n]`` 2:4 mask
+    :ivar init: the start used: the one asked for, or ``"nowag"`` after the fallback
+    :ivar damping: the ``lambda`` added to ``H`` that factorised (``0.0`` after the fallback)
+    :ivar num_damping_increases: damping increases it took (``MAX_DAMPING_INCREASES`` after the
+        fallback: every try failed)
+    :ivar num_h_failures: ``1`` after the fallback, else ``0``
+    """
+
+    core: torch.Tensor
+    mask: torch.Tensor
+    init: str
+    damping: float
+    num_damping_increases: int
+    num_h_failures: int = 0
+
+    @property
+    def fell_back(self) -> bool:
+        """Whether ``H`` never factorised and this is NoWag-P's start."""
+        return self.num_h_failures > 0
+
+
+def hessian_start(
+    W: torch.Tensor, h: torch.Tensor, H: torch.Tensor, init: str, dampening_frac: float
+) -> HessianStart:
+    """SparseGPT's 2:4 start (``init="sparsegpt"``) or NoWag-P's once ``H`` is known to factorise
+    (``init="nowag"``), falling back to NoWag-P when ``H`` never factorises.
+
+    ``H`` must factorise after damping (``dampening_frac * mean(diag H)``, times 10 at most
+    ``MAX_DAMPING_INCREASES`` times, dead columns set to 1 as in SparseGPT). When every try
+    fails, the start is NoWag-P's, counted as one ``H`` failure after ``MAX_DAMPING_INCREASES``
+    increases: the one SparseGPT -> NoWag-P fallback of both objectives.
+
+    :param W: ``[m, n]`` float32 weight
+    :param h: ``[n]`` positive (NoWag-P's column weights)
+    :param H: ``[n, n]`` symmetric (:func:`~.sparsegpt.check_hessian`'s)
+    """
+    try:
+        if init == "sparsegpt":
+            sgpt = sparsegpt_prune(W, H, dampening_frac=dampening_frac)
+            return HessianStart(
+                sgpt.weight, sgpt.mask, init, sgpt.damping, sgpt.num_damping_increases
+            )
+        Hd = H.clone()
+        dead = Hd.diagonal() == 0
+        Hd[dead, dead] = 1.0
+        _, damping, increases = inverse_hessian_factor(Hd, dampening_frac)
+    except HessianNotPositiveDefinite:
+        mask = nowag_mask(W, h)
+        return HessianStart(W * mask, mask, "nowag", 0.0, MAX_DAMPING_INCREASES, 1)
+    mask = nowag_mask(W, h)
+    return HessianStart(W * mask, mask, init, damping, increases)
+
+
 def proxy_start(
     W: torch.Tensor,
     h: torch.Tensor,
@@ -236,7 +297,8 @@ def proxy_start(
     dampening_frac: float,
     groups_per_tile: int,
 ) -> Start:
-    """The paper's proxy from NoWag-P, or from SparseGPT's solution (NoWag-P if ``H`` fails)."""
+    """The paper's proxy from NoWag-P, or from SparseGPT's solution (NoWag-P if ``H`` fails:
+    :func:`hessian_start`)."""
     nw = normalize(W)
     objective = DiagonalProxy(nw.Wbar, h, b, groups_per_tile=groups_per_tile)
 
@@ -246,14 +308,12 @@ def proxy_start(
     it = objective.initial_iterate()
     start = Start(objective, it, 0.0, fold, init)
     if init == "sparsegpt":
-        try:
-            sgpt = sparsegpt_prune(W, check_hessian(H, W.shape[1]), dampening_frac=dampening_frac)
-        except HessianNotPositiveDefinite:
-            start.init = "nowag"
-            start.num_damping_increases, start.num_h_failures = MAX_DAMPING_INCREASES, 1
-        else:
-            core = sgpt.weight / nw.r[:, None] / nw.c[None, :]
-            start.iterate = Iterate(it.A, it.B, core, sgpt.mask)
-            start.num_damping_increases = sgpt.num_damping_increases
+        first = hessian_start(W, h, check_hessian(H, W.shape[1]), init, dampening_frac)
+        start.init = first.init
+        start.num_damping_increases = first.num_damping_increases
+        start.num_h_failures = first.num_h_failures
+        if not first.fell_back:
+            core = first.core / nw.r[:, None] / nw.c[None, :]
+            start.iterate = Iterate(it.A, it.B, core, first.mask)
     start.loss = objective.loss(start.iterate)
     return start
