@@ -32,6 +32,8 @@ THIS = Path(__file__).resolve()
 sys.path.insert(0, str(THIS.parent))
 
 from tiny_llama import (  # noqa: E402
+    LAYERS,
+    LINEAR_SUFFIXES,
     NUM_SAMPLES,
     SEQ_LEN,
     armor,
@@ -39,6 +41,7 @@ from tiny_llama import (  # noqa: E402
     run_oneshot,
     sample_input,
     target_names,
+    w4a16_groups,
 )
 
 ITERATIONS = 4
@@ -53,6 +56,10 @@ REFINED = {
     "reconstruction_guard_fraction": 0.25,
     "reconstruction_eval_every": 1,
 }
+
+
+#: the run with ``ARMORGPTQModifier`` after ARMOR (sequential calibration)
+GPTQ = "sequential-gptq"
 
 
 def armor_recipe(calibration: str):
@@ -115,6 +122,29 @@ def compress(folder: Path, calibration: str, dataset=None) -> dict:
     }
 
 
+def compress_gptq(folder: Path, dataset) -> dict:
+    """ARMOR, then ``ARMORGPTQModifier`` (W4A16, wrappers refitted) on this process's data: the
+    quantized cores, their scales, the refitted wrappers, logits, and the modules this process
+    recorded quantizing in the last subgraph (the owners its refitted wrappers were broadcast
+    from)."""
+    from armor_modifier.modifier import ARMORGPTQModifier
+
+    gptq = ARMORGPTQModifier(config_groups=w4a16_groups(32), ignore=["re:.*lm_head"])
+    model = run_oneshot(folder, [armor_recipe("sequential"), gptq], dataset=dataset)
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        logits = model(sample_input()).logits
+    names = ("weight", "weight_scale", "armor_A", "armor_B")
+    return {
+        "logits": logits,
+        "tensors": {
+            name: tuple(getattr(modules[name], t).detach().clone() for t in names)
+            for name in target_names()
+        },
+        "quantized": list(gptq._quantized_here),
+    }
+
+
 def worker(folder: Path, out: Path) -> None:
     """One torchrun rank: gloo, then for each calibration mode ``oneshot`` on this rank's half of
     the data, saved as ``{calibration}-rank{R}.pt``.
@@ -134,6 +164,8 @@ def worker(folder: Path, out: Path) -> None:
         for calibration in CALIBRATIONS:
             torch.save(compress(folder, calibration, shard), out / f"{calibration}-rank{rank}.pt")
             reset_session()
+        torch.save(compress_gptq(folder, shard), out / f"{GPTQ}-rank{rank}.pt")
+        reset_session()
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -164,7 +196,9 @@ def two_ranks(tiny_llama_folder, tmp_path_factory) -> dict[str, list[dict]]:
     """``calibration -> [rank 0's snapshot, rank 1's]`` from one torchrun launch."""
     out = tmp_path_factory.mktemp("ranks")
     run_torchrun(tiny_llama_folder, out)
-    return {c: [torch.load(out / f"{c}-rank{r}.pt") for r in range(2)] for c in CALIBRATIONS}
+    return {
+        c: [torch.load(out / f"{c}-rank{r}.pt") for r in range(2)] for c in (*CALIBRATIONS, GPTQ)
+    }
 
 
 def test_statistics_do_not_depend_on_the_split():
@@ -234,6 +268,24 @@ def test_two_ranks_match_one_process(two_ranks, tiny_llama_folder, calibration):
     assert ranks[0]["reconstructions"] == ranks[1]["reconstructions"] == single["reconstructions"]
     if calibration == "sequential-refined":
         assert any(step > 0 for *_, step in single["reconstructions"])  # observed: steps 1 and 2
+
+
+@pytest.mark.integration
+def test_two_ranks_quantize_their_shares_into_one_model(two_ranks):
+    """``ARMORGPTQModifier`` after ARMOR: in each subgraph each rank quantizes its share of the
+    Linears and records them; the wrappers each rank refitted are broadcast from that recorded
+    owner, and both ranks end with the same quantized model, bit for bit. (Not the single
+    process's: llm-compressor sums GPTQ's Hessians in float32, so the two-rank sums round
+    differently.)"""
+    ranks = two_ranks[GPTQ]
+    mine = [set(rank["quantized"]) for rank in ranks]
+    assert mine[0] and mine[1] and not mine[0] & mine[1]
+    last_layer = {f"model.layers.{LAYERS - 1}.{suffix}" for suffix in LINEAR_SUFFIXES}
+    assert mine[0] | mine[1] == last_layer
+    for name in target_names():
+        for a, b in zip(ranks[0]["tensors"][name], ranks[1]["tensors"][name], strict=True):
+            assert torch.equal(a, b), name
+    assert torch.equal(ranks[0]["logits"], ranks[1]["logits"])
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ __all__ = [
     "all_gather_objects",
     "assign_owners",
     "broadcast_tensors",
+    "gather_owners",
     "is_distributed",
     "rank_and_world",
     "all_reduce_sum",
@@ -68,3 +69,13 @@ def all_gather_objects(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def gather_owners(mine: Sequence[str]) -> dict[str, int]:
+    """``{name: rank}`` of the items every rank ran, from each rank's own record ``mine`` (the
+    names of the items it ran; each item on one rank). A collective: every rank calls it."""
+    owners: dict[str, int] = {}
+    for rank, names in enumerate(all_gather_objects(list(mine))):
+        for name in names:
+            owners[name] = rank
+    return owners

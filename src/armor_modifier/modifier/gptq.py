@@ -22,7 +22,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from compressed_tensors.distributed import greedy_bin_packing
 from compressed_tensors.offload.dist_utils import is_distributed
 from compressed_tensors.quantization import QuantizationStrategy, QuantizationType
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
@@ -33,8 +32,7 @@ from llmcompressor.modifiers.gptq.helpers import update_batch_qparams
 from llmcompressor.modifiers.quantization.quantization.mixin import QuantizationMixin
 from llmcompressor.utils.dist import broadcast_qparams_and_cleanup
 from loguru import logger
-from pydantic import field_validator
-from torch import distributed as dist
+from pydantic import PrivateAttr, field_validator
 from torch import nn
 
 from armor_modifier.core import wrapper_refit
@@ -45,6 +43,8 @@ from armor_modifier.core.errors import (
 )
 from armor_modifier.core.gptq import masked_gptq
 from armor_modifier.runtime import ARMOR_A, ARMOR_B, is_armor_linear
+
+from .collectives import gather_owners
 
 __all__ = ["ARMORGPTQModifier", "ColumnGrid"]
 
@@ -100,6 +100,8 @@ class ARMORGPTQModifier(GPTQModifier):
     #: the calibration inputs does not rise); 0 leaves the wrappers as ``ARMORModifier`` made
     #: them. Other Linears have no wrappers and ignore it
     refit_wrappers: int = DEFAULT_REFIT_PASSES
+    #: names of the modules this process quantized in the current ``compress_modules``
+    _quantized_here: list[str] = PrivateAttr(default_factory=list)
 
     @field_validator("refit_wrappers")
     @classmethod
@@ -137,17 +139,22 @@ class ARMORGPTQModifier(GPTQModifier):
 
     def compress_modules(self) -> None:
         """GPTQModifier's (under torchrun each rank quantizes its share and the quantized
-        parameters are broadcast), then the refitted wrappers are broadcast the same way."""
-        if not (is_distributed() and self.refit_wrappers):
-            super().compress_modules()
-            return
-        _, _, owner = greedy_bin_packing(
-            list(self._hessians.keys()),
-            dist.get_world_size(),
-            item_weight_fn=lambda module: self._hessians[module].shape[0],
-        )  # the assignment GPTQModifier.compress_modules makes from the same Hessians
-        armor = [module for module in owner if is_armor_linear(module)]
+        parameters are broadcast), then the refitted wrappers are broadcast the same way, each
+        from the rank that recorded quantizing its module (:meth:`compress_module_list`).
+
+        Gathering those records is a collective, so no rank goes on before every rank has
+        written its modules. On CPU llm-compressor's broadcast skips them (the ranks share the
+        offloaded tensors), and without that wait a rank could propagate through a module
+        another rank was still writing: two-rank runs with ``refit_wrappers=0`` can still differ
+        from run to run (GPTQModifier's own flow).
+        """
+        self._quantized_here = []
         super().compress_modules()
+        if not (is_distributed() and self.refit_wrappers):
+            return
+        modules = {name: module for module, name in self._module_names.items()}
+        owner = {modules[name]: rank for name, rank in gather_owners(self._quantized_here).items()}
+        armor = [module for module in owner if is_armor_linear(module)]
         broadcast_qparams_and_cleanup(armor, owner, [ARMOR_A, ARMOR_B])
 
     def compress_module_list(self, module_list: list[nn.Module]) -> None:
@@ -212,6 +219,7 @@ class ARMORGPTQModifier(GPTQModifier):
                 f"{result.num_damping_increases} damping increases{refit_note}"
             )
             done.append(name)
+            self._quantized_here.append(name)
             self._num_compressed_modules += 1
 
 
