@@ -10,7 +10,7 @@ Given an armor-ct folder, reports (bytes of the safetensors files):
   unless ``--no-export``).
 
 Usage: ``python benchmarks/checkpoint_sizes.py CHECKPOINT [--name SmolLM2-135M] [--no-export]``
-prints a Markdown row for docs/checkpoint.md's size table.
+prints a Markdown row; SmolLM2-135M's rows are in ``docs/results/checkpoint_sizes.json``.
 """
 
 from __future__ import annotations

@@ -16,6 +16,9 @@ PNG of loss vs iteration and vs seconds for both modes.
 Wanda and SparseGPT are llm-compressor's own ``sparsify_weight`` functions on the same inputs.
 
 Usage: ``python benchmarks/layer_benchmark.py [--layer 10] [--samples 8] [--seq-len 512]``
+writes ``--out``.md and .png (default ``benchmarks/results/layer_benchmark``). Published figures
+live in ``docs/results/layer_benchmark.json``, rendered into docs/results.md by
+``benchmarks/results_doc.py``; the plot linked there is docs/layer_benchmark.png.
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ def main() -> None:
     ap.add_argument("--adam-lr", type=float, default=1e-4)
     ap.add_argument("--speed-layer", default="mlp.gate_proj")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", type=Path, default=Path("docs/layer_benchmark"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/layer_benchmark"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -163,7 +166,7 @@ def main() -> None:
                 wrapper_block_size=args.block,
                 num_iterations=k,
                 objective="output",
-                output_damping=0.0,  # as measured in docs/layer_benchmark.md (no ridge)
+                output_damping=0.0,  # as in docs/results.md#layer_benchmark (no ridge)
                 H=H,
                 patience=k + 1,
             )

@@ -9,7 +9,10 @@ guard history.
 Usage::
 
     python benchmarks/reconstruction_report.py --results benchmarks/results/rec.jsonl \
-        --out docs/benchmark_reconstruction --notes docs/benchmark_reconstruction_notes.md
+        --out benchmarks/results/rec
+
+Published figures live in ``docs/results/reconstruction.json``, rendered into docs/results.md by
+``benchmarks/results_doc.py``; the plot linked there is docs/benchmark_reconstruction.png.
 """
 
 from __future__ import annotations

@@ -33,7 +33,10 @@ llm-compressor's compressed checkpoint otherwise) and the seconds of its stage. 
 Usage::
 
     python benchmarks/smollm2_gptq.py --bases armor --results R.jsonl      # one process per base
-    python benchmarks/smollm2_gptq.py --report docs/benchmark_gptq.md --results R.jsonl
+    python benchmarks/smollm2_gptq.py --report R.md --results R.jsonl
+
+Published figures live in ``docs/results/gptq*.json``, rendered into docs/results.md by
+``benchmarks/results_doc.py``.
 """
 
 from __future__ import annotations

@@ -16,8 +16,11 @@ command uses this).
 Usage::
 
     python benchmarks/smollm2_side_by_side.py --methods dense sparsegpt armor-output-b32-it10
-    python benchmarks/smollm2_side_by_side.py --report docs/benchmark_smollm2 \
-        --notes docs/benchmark_smollm2_notes.md
+    python benchmarks/smollm2_side_by_side.py --report benchmarks/results/smollm2
+
+Published figures live in ``docs/results/smollm2_*.json`` (the rows this script writes, under a
+header with the command and protocol), rendered into docs/results.md by
+``benchmarks/results_doc.py``; the plot linked there is docs/benchmark_smollm2.png.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Write llm-compressor's SparseGPT 2:4 of SmolLM2-135M-Instruct (Q4_1) as a plain checkpoint.
 
-The baseline row of the zero-shot table (``docs/benchmark_zeroshot.md``): the same calibration as
+The baseline row of the zero-shot table (``docs/results.md#zeroshot``): the same calibration as
 ``armor prune smollm2`` (``--num-samples`` windows of ``--seq-len`` WikiVital-train tokens, seed 0),
 ``SparseGPTModifier(sparsity=0.5, mask_structure="2:4")`` on every Linear but ``lm_head``, saved
 dense (zeros stored as zeros) so that any tool loads it, then evaluated like the other folders with

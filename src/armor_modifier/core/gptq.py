@@ -28,7 +28,7 @@ objective itself. (GPTQ's code and llm-compressor report half of it.)
 ``group_size`` columns is fitted when the sweep first reaches one of its columns, from the
 group's columns as compensated so far (masked), as the GPTQ paper's code does without
 ``static_groups``. A grid fixed from the weight before GPTQ cannot follow the compensation: the
-compensated weights can leave the fixed range and be clamped (docs/benchmark_gptq.md).
+compensated weights can leave the fixed range and be clamped (docs/results.md#gptq_layer_check).
 
 Columns with ``H_jj == 0`` saw no input; as in GPTQ their ``H_jj`` is set to 1, which decouples
 them in ``U``, so they are rounded to nearest (and masked) and pass no error on. Unlike GPTQ they

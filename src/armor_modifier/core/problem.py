@@ -166,7 +166,7 @@ def block_within_budget(shapes: Sequence[tuple[int, int]], max_overhead: float) 
     ``max_overhead`` of all weights together; ``4`` when even that exceeds it.
 
     SmolLM2-135M's 210 decoder Linears at 0.10: 44, i.e. 36 for q/o and 32 for every other
-    Linear, 9.46 % (docs/benchmark_smollm2.md, "The wrapper-size budget").
+    Linear, 9.46 % (docs/results.md#smollm2_wrapper_budget).
     """
     if not shapes:
         raise ARMORValueError("block_within_budget needs at least one [m, n] shape")

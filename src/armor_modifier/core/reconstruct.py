@@ -61,7 +61,7 @@ class ReconstructionSettings:
 
     The modifier's field for ``x`` is ``reconstruction_x`` (:data:`RECONSTRUCTION_FIELDS`), except
     ``propagate_within_layer``; ``seed`` is the modifier's ``seed``. Measured effects:
-    ``docs/benchmark_reconstruction.md``.
+    ``docs/results.md#reconstruction``.
     """
 
     propagate_within_layer: bool = field(default=False, metadata=_help(

@@ -20,7 +20,7 @@ wrapper ``R B`` is block-diagonal with the same blocks, and the core is untouche
 Why it helps: the wrappers can undo what rounding does to whole rows and columns within a block
 (a group scale that is a little off shows up as a row or column gain), and they see the layer's
 actual output error, which GPTQ's row-by-row compensation does not. Measured effect:
-docs/benchmark_gptq.md.
+docs/results.md (the GPTQ sections).
 """
 
 from __future__ import annotations

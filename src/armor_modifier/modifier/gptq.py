@@ -50,9 +50,9 @@ __all__ = ["ARMORGPTQModifier", "ColumnGrid"]
 
 #: group sizes offered when one does not divide a layer's width
 _GROUP_SIZES = (32, 64, 96, 128, 256)
-#: ``refit_wrappers`` when none is given (how it was chosen: docs/benchmark_gptq.md)
+#: ``refit_wrappers`` when none is given (how it was chosen: docs/results.md#gptq_tuning)
 DEFAULT_REFIT_PASSES = 4
-#: ``dampening_frac`` when none is given, not GPTQModifier's 0.01 (docs/benchmark_gptq.md)
+#: ``dampening_frac`` when none is given, not GPTQModifier's 0.01 (docs/results.md#gptq_tuning)
 DEFAULT_DAMPENING = 0.1
 
 
@@ -69,7 +69,7 @@ class ARMORGPTQModifier(GPTQModifier):
     descending Hessian diagonal during calibration only (the stored layout is unchanged and the
     mask, per entry, is kept); ``"group"`` (a stored column permutation) is refused. On ARMOR
     Linears the full-precision wrappers are then refitted to the quantized core
-    (``refit_wrappers``). Measured effect of each: ``docs/benchmark_gptq.md``.
+    (``refit_wrappers``). Measured effect of each: ``docs/results.md`` (the GPTQ sections).
 
     Sample yaml (after ``import armor_modifier.modifier``)::
 
@@ -93,7 +93,7 @@ class ARMORGPTQModifier(GPTQModifier):
     #: group strategies: ``False`` fits each group's scale (and zero-point) when GPTQ reaches the
     #: group, from its weights as compensated so far; ``True`` fits every group once, from the
     #: weight before GPTQ (llm-compressor's ``GPTQModifier``). Channel and tensor strategies are
-    #: always fitted once. Measured effect of both: docs/benchmark_gptq.md
+    #: always fitted once. Measured effect of both: docs/results.md#gptq_layer_check
     static_groups: bool = False
     #: ARMOR Linears: passes of wrapper refitting after the core is quantized (exact update of
     #: ``A``, one conjugate-gradient step on ``B``, each kept only if the layer's output error on

