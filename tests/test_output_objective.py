@@ -21,6 +21,7 @@ from armor_modifier.core import (
     proxy_loss,
     sparsegpt_2of4,
 )
+from armor_modifier.core.errors import ARMORValueError
 from armor_modifier.core.iterate import Iterate
 from armor_modifier.core.output import OutputObjective
 from armor_modifier.core.sparsity import top2_of_4_mask
@@ -561,3 +562,44 @@ def test_bad_hessians_and_options_raise():
         factorize(W, torch.ones(8), H=torch.eye(8), init="wanda", objective="proxy")
     with pytest.raises(ValueError, match="needs h"):
         factorize(W, None, objective="proxy")
+
+
+def test_bfloat16_products_return_an_exact_loss_and_a_close_result():
+    """matmul_precision='bfloat16': the descent stays monotone, the returned loss is the float32
+    loss of the returned factors (recomputed, not drifted), and after 10 iterations it is within
+    1 % of the float32 run's."""
+    W, X, H, _ = _problem(m=64, n=128, N=400, seed=3, dtype=torch.float32)
+    common = dict(objective="output", H=H, wrapper_block_size=16, num_iterations=10,
+                  output_damping=0.0)  # fmt: skip
+    f32 = factorize(W, None, **common)
+    seen: list[float] = []
+    low = factorize(W, None, **common, matmul_precision="bfloat16",
+                    callback=lambda _k, loss: seen.append(loss))  # fmt: skip
+    hist = low.loss_history
+    # float32 sums; observed strictly decreasing
+    assert all(b <= a * (1 + 1e-5) for a, b in zip(hist, hist[1:], strict=False))
+    # the start has no bfloat16 product, only row sums in float32: observed 9e-9 relative
+    assert hist[0] == pytest.approx(f32.loss_history[0], rel=1e-6)
+    # the returned loss is the float64 reference's: observed 3e-6 relative
+    assert low.final_loss == pytest.approx(_explicit_loss(W, X, low.dense()), rel=1e-4)
+    # observed 0.03 % apart (the 2:4 choices follow last-bit differences)
+    assert low.final_loss == pytest.approx(f32.final_loss, rel=0.01)
+    assert low.final_loss < 0.8 * low.initial_loss and is_2_of_4(low.mask)
+    assert seen and len(seen) <= 10
+
+
+def test_bfloat16_falls_back_to_the_start_when_the_float32_check_fails(monkeypatch):
+    """If the recomputed float32 loss of the best iterate were above the start's, the start is
+    returned (the guarantee holds on float32 losses, not on drifted ones)."""
+    W, X, H, _ = _problem(m=32, n=64, N=300, seed=4, dtype=torch.float32)
+    monkeypatch.setattr(OutputObjective, "exact_loss", lambda self, it: float("inf"))
+    f = factorize(W, None, objective="output", H=H, wrapper_block_size=16, num_iterations=3,
+                  output_damping=0.0, matmul_precision="bfloat16")  # fmt: skip
+    assert f.best_iteration == 0 and f.final_loss == f.initial_loss
+    torch.testing.assert_close(f.dense(), sparsegpt_2of4(W, H)[0], rtol=0, atol=1e-5)
+
+
+def test_matmul_precision_is_checked():
+    W, _, H, _ = _problem(dtype=torch.float32)
+    with pytest.raises(ARMORValueError, match="matmul_precision must be one of"):
+        factorize(W, None, objective="output", H=H, matmul_precision="float16")

@@ -74,6 +74,10 @@ class DiagonalProxy:
     def loss(self, it: Iterate) -> float:
         return self.loss_of_residual(self.residual(it))
 
+    def exact_loss(self, it: Iterate) -> float:
+        """:meth:`loss` (the proxy has no low-precision products)."""
+        return self.loss(it)
+
     def gradient_S(self, R: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """``A^T (R D) B^T`` (``dL/dS`` up to the factor ``2 / denom``), dense ``[m, n]``."""
         return right_blockdiag(left_blockdiag(A.transpose(1, 2), R * self.h), B.transpose(1, 2))

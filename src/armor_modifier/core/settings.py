@@ -21,6 +21,7 @@ __all__ = [
     "DAMPING_KINDS",
     "FIELD_HELP",
     "INITS",
+    "MATMUL_PRECISIONS",
     "MODES",
     "OBJECTIVES",
     "SolverSettings",
@@ -28,6 +29,7 @@ __all__ = [
 ]
 
 MODES = ("exact", "adam")
+MATMUL_PRECISIONS = ("float32", "bfloat16")
 OBJECTIVES = ("proxy", "output")
 INITS = ("nowag", "sparsegpt")
 
@@ -55,6 +57,9 @@ FIELD_HELP: dict[str, str] = {
     "output_damping": "objective='output': ridge output_damping * mean(diag H) added to H "
     "(pulls the result towards W; 0 = exact calibration error)",
     "output_damping_kind": "'identity' (the ridge above) or 'diagonal' (output_damping * diag(H))",
+    "matmul_precision": "objective='output': 'float32', or 'bfloat16' for the n x n products of "
+    "the conjugate-gradient steps with H (several times faster where bfloat16 matrix units exist: "
+    "AMX CPUs, GPUs; slower elsewhere); the returned loss is rechecked in float32",
 }
 
 
@@ -107,6 +112,7 @@ class SolverSettings:
     dampening_frac: float = 0.01
     output_damping: float = 0.1
     output_damping_kind: Literal["identity", "diagonal"] = "identity"
+    matmul_precision: Literal["float32", "bfloat16"] = "float32"
 
     def __post_init__(self) -> None:
         _number(
@@ -130,6 +136,7 @@ class SolverSettings:
         _integer("patience", self.patience, 1)
         _integer("seed", self.seed, 0)
         _choice("objective", self.objective, OBJECTIVES)
+        _choice("matmul_precision", self.matmul_precision, MATMUL_PRECISIONS)
         if self.init is not None:
             _choice("init", self.init, INITS)
         _number(

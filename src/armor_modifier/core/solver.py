@@ -210,10 +210,12 @@ def factorize(
         assert H is not None  # _check_data: the output objective always has H
         start = output_start(
             W, h, b, H, init, settings.dampening_frac, settings.output_damping,
-            settings.output_damping_kind,
+            settings.output_damping_kind, settings.matmul_precision,
         )  # fmt: skip
 
     history, best, best_index, fallbacks = [start.loss], start.iterate, 0, 0
+    low_precision = start.objective is not None and settings.matmul_precision != "float32"
+    initial = start.iterate.clone() if low_precision else start.iterate
     if start.objective is not None:
         history, best, best_index, fallbacks = _descend(
             start.objective,
@@ -230,6 +232,10 @@ def factorize(
             seed=settings.seed,
             callback=callback,
         )
+        if low_precision and best_index > 0:  # the guarantee, on float32 losses
+            history[best_index] = start.objective.exact_loss(best)
+            if not history[best_index] <= history[0]:
+                best, best_index = initial, 0
     A, B, core = start.fold(best)
     return ARMORFactors(
         A=A,
