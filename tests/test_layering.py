@@ -195,3 +195,31 @@ def test_the_rules_catch_a_violation(tmp_path):
     assert find_cycle(import_graph(root)) == [
         "armor_modifier.modifier.a", "armor_modifier.modifier.b", "armor_modifier.modifier.a"
     ]
+
+
+#: the size limits of issue 22: no library module over MAX_LINES, the modifier's base at most
+#: MAX_BASE_LINES (fields and lifecycle; the work lives in the engine modules beside it)
+MAX_LINES, MAX_BASE_LINES = 450, 250
+
+
+def oversized(root: Path) -> list[str]:
+    """``"path: lines"`` for each module of ``root`` over its limit."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        is_base = path.relative_to(root).as_posix() == "modifier/base.py"
+        limit = MAX_BASE_LINES if is_base else MAX_LINES
+        lines = len(path.read_text().splitlines())
+        if lines > limit:
+            found.append(f"{path.relative_to(root)}: {lines} lines (limit {limit})")
+    return found
+
+
+def test_modules_stay_small():
+    assert oversized(SRC) == []
+
+
+def test_the_size_rule_can_fail(tmp_path):
+    (tmp_path / "modifier").mkdir()
+    (tmp_path / "modifier" / "base.py").write_text("x = 1\n" * (MAX_BASE_LINES + 1))
+    (tmp_path / "small.py").write_text("x = 1\n" * MAX_LINES)
+    assert oversized(tmp_path) == [f"modifier/base.py: {MAX_BASE_LINES + 1} lines (limit 250)"]

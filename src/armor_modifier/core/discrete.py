@@ -19,7 +19,7 @@ import torch
 
 from .sparsity import SUPPORTS
 
-__all__ = ["GroupUpdate", "best_two_of_four"]
+__all__ = ["GroupUpdate", "best_two_of_four", "joint_or_best"]
 
 RELATIVE_DAMPING = 1e-6
 
@@ -90,3 +90,38 @@ def best_two_of_four(
     values = torch.where(changed[:, None], new_values, old_values)
     mask = torch.where(changed[:, None], new_mask, old_mask)
     return GroupUpdate(values=values, mask=mask, changed=changed, fallbacks=int((~usable).sum()))
+
+
+def joint_or_best(
+    a3: torch.Tensor,
+    d3: torch.Tensor,
+    deltaH: torch.Tensor,
+    u: torch.Tensor,
+    changed: torch.Tensor,
+    single: torch.Tensor,
+) -> torch.Tensor:
+    """Which tiles' group updates to apply: per row block all of them or only its best one.
+
+    Used by the output objective's discrete step (:meth:`~.output.OutputObjective.discrete_step`).
+
+    The change of ``tr(E H E^T)`` from ``E_I += sum_K a_K delta_K`` (``delta_K`` on the columns
+    of ``K``) is ``2 sum_K u_K . delta_K + sum_{K,L} (a_K . a_L)(delta_K H_KL delta_L)``.
+
+    :param a3: ``[p, q, b]`` the groups' left-factor columns
+    :param d3: ``[p, q, b]`` row change per unit of ``a`` (zero where not ``changed``)
+    :param deltaH: ``[p, q, n]`` ``delta_K^T H_K:``
+    :param u: ``[T, b]``
+    :param changed: bool ``[T]`` tiles whose group improves on its own
+    :param single: ``[T]`` each group's own loss change
+    :return: bool ``[T]``
+    """
+    p, q, b = a3.shape
+    cross = torch.einsum("pkjc,pjc->pkj", deltaH.reshape(p, q, q, b), d3)  # [p, q, q]
+    gram = torch.einsum("pkr,pjr->pkj", a3, a3)
+    joint = 2 * (u.reshape(p, q, b) * d3).sum((1, 2)) + (gram * cross).sum((1, 2))
+    gain = torch.where(changed, single, torch.zeros_like(single)).reshape(p, q)
+    best_gain, best = gain.min(-1)
+    only_best = torch.zeros_like(gain, dtype=torch.bool).scatter_(-1, best[:, None], True)
+    only_best &= (best_gain < 0)[:, None]
+    use_all = joint <= best_gain
+    return torch.where(use_all[:, None], changed.reshape(p, q), only_best).reshape(-1)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .blockdiag import identity_blocks, left_blockdiag, right_blockdiag
-from .discrete import best_two_of_four
+from .discrete import best_two_of_four, joint_or_best
 from .iterate import Iterate, Start, identity_fold, reconstruct
 from .linalg import damped_block_solve
 from .problem import normalize
@@ -362,7 +362,7 @@ class OutputObjective:
         delta = torch.bmm(ds[:, None, :], Bt).squeeze(1) * changed[:, None]  # [T, b] on cols K
         deltaH = torch.einsum("pkb,kbn->pkn", delta.reshape(p, q, b), self.H.reshape(q, b, n))
         a3 = a.reshape(p, q, b)
-        accept = self._accept(a3, delta.reshape(p, q, b), deltaH, u, changed, single)
+        accept = joint_or_best(a3, delta.reshape(p, q, b), deltaH, u, changed, single)
         delta = (delta * accept[:, None]).reshape(p, q, b)
         deltaH = deltaH * accept.reshape(p, q, 1)
         E.add_(torch.einsum("pkr,pkc->prkc", a3, delta).reshape(m, n))
@@ -377,39 +377,6 @@ class OutputObjective:
         touched[rows[accept][:, None], cols[accept]] = True
         self._remember(it, E, EH)
         return upd.fallbacks, touched
-
-    def _accept(
-        self,
-        a3: torch.Tensor,
-        d3: torch.Tensor,
-        deltaH: torch.Tensor,
-        u: torch.Tensor,
-        changed: torch.Tensor,
-        single: torch.Tensor,
-    ) -> torch.Tensor:
-        """Which tiles' group updates to apply: per row block all of them or its best one.
-
-        The change of ``tr(E H E^T)`` from ``E_I += sum_K a_K delta_K`` (``delta_K`` on the columns
-        of ``K``) is ``2 sum_K u_K . delta_K + sum_{K,L} (a_K . a_L)(delta_K H_KL delta_L)``.
-
-        :param a3: ``[p, q, b]`` the groups' left-factor columns
-        :param d3: ``[p, q, b]`` row change per unit of ``a`` (zero where not ``changed``)
-        :param deltaH: ``[p, q, n]`` ``delta_K^T H_K:``
-        :param u: ``[T, b]``
-        :param changed: bool ``[T]`` tiles whose group improves on its own
-        :param single: ``[T]`` each group's own loss change
-        :return: bool ``[T]``
-        """
-        p, q, b = self.p, self.q, self.b
-        cross = torch.einsum("pkjc,pjc->pkj", deltaH.reshape(p, q, q, b), d3)  # [p, q, q]
-        gram = torch.einsum("pkr,pjr->pkj", a3, a3)
-        joint = 2 * (u.reshape(p, q, b) * d3).sum((1, 2)) + (gram * cross).sum((1, 2))
-        gain = torch.where(changed, single, torch.zeros_like(single)).reshape(p, q)
-        best_gain, best = gain.min(-1)
-        only_best = torch.zeros_like(gain, dtype=torch.bool).scatter_(-1, best[:, None], True)
-        only_best &= (best_gain < 0)[:, None]
-        use_all = joint <= best_gain
-        return torch.where(use_all[:, None], changed.reshape(p, q), only_best).reshape(-1)
 
     # --------------------------------------------------------------------------------- adam
     def gradients(self, it: Iterate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:
