@@ -19,12 +19,17 @@ in one process:
 - peak memory: ``torch.cuda.max_memory_allocated`` per shape on CUDA; on CPU the process's
   ``ru_maxrss`` so far (monotone over the shapes).
 
+``--precisions float32 bfloat16`` times the ARMOR side once per ``matmul_precision`` (the solver
+setting, docs/settings.md) against the same SparseGPT run and problem, one row each; ``err /
+fp32`` is the ARMOR error over the float32 row's.
+
 The wrapper block size ``b`` is the project's own choice for one weight under a 10 % budget
 (:meth:`SolverSettings.block_size_for`: the largest multiple of 4 dividing both dimensions with
 ``(m + n) b <= 0.1 m n``; 128 at 4096x4096), or ``--block``.
 
 Usage: ``python benchmarks/layer_scaling.py [--device cpu|cuda] [--shapes 4096x4096 ...]
-[--iterations 10] [--threads 1] [--json out.json]``. On CPU the default is the small shapes only.
+[--iterations 10] [--precisions float32 bfloat16] [--threads 1] [--json out.json]``. On CPU
+the default is the small shapes only.
 """
 
 from __future__ import annotations
@@ -80,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--budget", type=float, default=0.10, help="wrapper overhead budget")
     parser.add_argument("--block", type=int, default=None, help="force one wrapper block size")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--precisions", nargs="+", choices=["float32", "bfloat16"], default=["float32"],
+        help="solver matmul_precision values, each timed against the same SparseGPT run",
+    )  # fmt: skip
     parser.add_argument("--json", default=None, help="write the rows here (after every shape)")
     return parser
 
@@ -145,8 +154,9 @@ def peak_gib(device: Any) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def bench_shape(m: int, n: int, args: argparse.Namespace, device: Any) -> dict[str, Any]:
-    """One row: SparseGPT vs one ARMOR iteration on a ``[m, n]`` problem."""
+def bench_shape(m: int, n: int, args: argparse.Namespace, device: Any) -> list[dict[str, Any]]:
+    """One row per ``--precisions`` value: SparseGPT vs one ARMOR iteration on a ``[m, n]``
+    problem (SparseGPT timed once)."""
     import torch
 
     from armor_modifier.core import SolverSettings, factorize, output_loss, sparsegpt_prune
@@ -157,10 +167,30 @@ def bench_shape(m: int, n: int, args: argparse.Namespace, device: Any) -> dict[s
     W, H = make_problem(m, n, device, args.seed)
     settings = SolverSettings(max_wrapper_overhead=args.budget, wrapper_block_size=args.block)
     b = settings.block_size_for(m, n)
-    settings = settings.replace(wrapper_block_size=b)
+    sgpt, t_sgpt = None, 0.0
+    rows = []
+    for precision in args.precisions:
+        settings = settings.replace(wrapper_block_size=b, matmul_precision=precision)
+        factorize(W, H=H, settings=settings, num_iterations=1)  # untimed: allocator, handles
+        if sgpt is None:
+            sgpt, t_sgpt = timed(lambda: sparsegpt_prune(W, H), device)
+        row = _armor_row(W, H, settings, args, device)
+        row.update(
+            shape=f"{m}x{n}", b=b, overhead=settings.overhead_for(m, n), sparsegpt_s=t_sgpt,
+            ratio=row["one_iteration_s"] / t_sgpt,
+            sparsegpt_error=output_loss(W, H, sgpt.weight), peak_gib=peak_gib(device),
+        )  # fmt: skip
+        rows.append(row)
+    fp32 = next((r for r in rows if r["matmul_precision"] == "float32"), None)
+    for row in rows:
+        row["error_vs_float32"] = row["armor_error"] / fp32["armor_error"] if fp32 else None
+    return rows
 
-    factorize(W, H=H, settings=settings, num_iterations=1)  # untimed: allocator, solver handles
-    sgpt, t_sgpt = timed(lambda: sparsegpt_prune(W, H), device)
+
+def _armor_row(W: Any, H: Any, settings: Any, args: argparse.Namespace, device: Any) -> dict:
+    """The ARMOR columns of one row (the start, one iteration, ``--iterations``)."""
+    from armor_modifier.core import factorize, output_loss
+
     _, t0 = timed(lambda: factorize(W, H=H, settings=settings, num_iterations=0), device)
     _, t1 = timed(lambda: factorize(W, H=H, settings=settings, num_iterations=1), device)
     stamps: list[float] = []
@@ -174,26 +204,19 @@ def bench_shape(m: int, n: int, args: argparse.Namespace, device: Any) -> dict[s
     )  # fmt: skip
     gaps = [later - earlier for earlier, later in zip(stamps, stamps[1:], strict=False)]
     one = statistics.median(gaps) if gaps else t1 - t0
-    row = {
-        "shape": f"{m}x{n}",
-        "b": b,
-        "overhead": settings.overhead_for(m, n),
-        "sparsegpt_s": t_sgpt,
+    return {
+        "matmul_precision": settings.matmul_precision,
         "start_s": t0,
         "one_iteration_s": one,
         "t1_minus_t0_s": t1 - t0,
-        "ratio": one / t_sgpt,
         "iterations": args.iterations,
         "iterations_run": len(factors.loss_history) - 1,
-        "sparsegpt_error": output_loss(W, H, sgpt.weight),
         "armor_error": output_loss(W, H, factors.dense()),
         "objective_start": factors.initial_loss,
         "objective_end": factors.final_loss,
         "num_fallbacks": factors.num_fallbacks,
         "total_n_iterations_s": t_n,
-        "peak_gib": peak_gib(device),
     }
-    return row
 
 
 def warm_up(device: Any) -> None:
@@ -208,16 +231,17 @@ def warm_up(device: Any) -> None:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
-        "| shape | b | SparseGPT s | 1 iter s | ratio | t1 - t0 s | SparseGPT err | "
-        "ARMOR err (N it) | peak GiB |\n|---|---|---|---|---|---|---|---|---|"
+        "| shape | b | precision | SparseGPT s | 1 iter s | ratio | t1 - t0 s | SparseGPT err | "
+        "ARMOR err (N it) | err / fp32 | peak GiB |\n|---|---|---|---|---|---|---|---|---|---|---|"
     )
     lines = [head]
     for r in rows:
+        versus = "-" if r["error_vs_float32"] is None else f"{r['error_vs_float32']:.4f}"
         lines.append(
-            f"| {r['shape']} | {r['b']} | {r['sparsegpt_s']:.3f} | {r['one_iteration_s']:.3f} | "
-            f"{r['ratio']:.3f} | {r['t1_minus_t0_s']:.3f} | "
+            f"| {r['shape']} | {r['b']} | {r['matmul_precision']} | {r['sparsegpt_s']:.3f} | "
+            f"{r['one_iteration_s']:.3f} | {r['ratio']:.3f} | {r['t1_minus_t0_s']:.3f} | "
             f"{r['sparsegpt_error']:.4f} | {r['armor_error']:.4f} ({r['iterations_run']}) | "
-            f"{r['peak_gib']:.2f} |"
+            f"{versus} | {r['peak_gib']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -246,22 +270,22 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(
         f"{name} | torch {torch.__version__} | {args.device} | threads {meta['threads']} | "
-        f"fp32 | {args.iterations} iterations | budget {args.budget:g}",
+        f"{'/'.join(args.precisions)} | {args.iterations} iterations | budget {args.budget:g}",
         flush=True,
     )
     warm_up(device)
     rows: list[dict[str, Any]] = []
     for m, n in shapes:
-        row = bench_shape(m, n, args, device)
-        rows.append(row)
-        print(
-            f"{row['shape']}: b={row['b']} SparseGPT {row['sparsegpt_s']:.3f} s, one iteration "
-            f"{row['one_iteration_s']:.3f} s (x{row['ratio']:.2f}), error "
-            f"{row['sparsegpt_error']:.4f} -> {row['armor_error']:.4f} after "
-            f"{row['iterations_run']}, peak "
-            f"{row['peak_gib']:.2f} GiB",
-            flush=True,
-        )
+        for row in bench_shape(m, n, args, device):
+            rows.append(row)
+            print(
+                f"{row['shape']} {row['matmul_precision']}: b={row['b']} SparseGPT "
+                f"{row['sparsegpt_s']:.3f} s, one iteration {row['one_iteration_s']:.3f} s "
+                f"(x{row['ratio']:.2f}), error {row['sparsegpt_error']:.4f} -> "
+                f"{row['armor_error']:.4f} after {row['iterations_run']}, peak "
+                f"{row['peak_gib']:.2f} GiB",
+                flush=True,
+            )
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"meta": meta, "rows": rows}, f, indent=2)

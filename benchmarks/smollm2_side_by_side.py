@@ -1,5 +1,7 @@
 """Side by side on SmolLM2-135M-Instruct (Q4_1): dense, magnitude, Wanda, SparseGPT, NoWag-P, ARMOR.
 
+``--model qwen2.5-coder-0.5b`` runs the same methods on Qwen2.5-Coder-0.5B-Instruct (Q4_K_M).
+
 One calibration set (WikiVital train windows), the same evaluation windows for every method
 (the first ``--eval-windows`` windows of ``--seq-len`` tokens of WikiVital test and PTB test),
 ``lm_head`` left dense by every method. Wanda and SparseGPT are llm-compressor's own modifiers;
@@ -36,6 +38,8 @@ from datetime import date
 from pathlib import Path
 
 import torch
+
+from armor_modifier.calibration import BENCHMARK_MODELS
 
 LM_HEAD = "re:.*lm_head"
 
@@ -152,9 +156,9 @@ def save_and_reload(model, tokenizer, texts, args) -> dict:
 def run_method(method: str, calibration, texts, args) -> dict:
     from llmcompressor import oneshot
 
-    from armor_harness import load_default_model
+    from armor_harness.models import load_benchmark_model
 
-    model, tokenizer, _ = load_default_model()
+    model, tokenizer, _ = load_benchmark_model(args.model)
     row: dict = {"method": method + args.tag}
     start = time.perf_counter()
     recipe = None
@@ -203,6 +207,8 @@ def run_method(method: str, calibration, texts, args) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    ap.add_argument("--model", choices=BENCHMARK_MODELS, default="smollm2",
+                    help="benchmark model (armor_harness.models; every method loads it afresh)")
     ap.add_argument("--num-samples", type=int, default=16, help="calibration windows")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-windows", type=int, default=64,
@@ -232,9 +238,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import armor_modifier  # noqa: F401  (registers ARMORModifier and armor-ct)
-    from armor_harness import calibration_samples, load_default_model, load_text
+    from armor_harness import calibration_samples, load_text
+    from armor_harness.models import load_benchmark_model
 
-    _, tokenizer, _ = load_default_model()
+    _, tokenizer, _ = load_benchmark_model(args.model)
     calibration = calibration_samples(tokenizer, load_text("wikivital", "train"),
                                       args.num_samples, args.seq_len, seed=args.seed)
     if args.calibration == "mixed":
@@ -251,7 +258,8 @@ def main() -> None:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     for method in args.methods:
         row = run_method(method, calibration, texts, args)
-        row["setup"] = {"num_samples": args.num_samples, "seq_len": args.seq_len,
+        row["setup"] = {"model": args.model, "num_samples": args.num_samples,
+                        "seq_len": args.seq_len,
                         "calibration": args.calibration,
                         "split": args.split, "eval_windows": args.eval_windows,
                         "threads": args.threads, "date": str(date.today()),
