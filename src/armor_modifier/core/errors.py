@@ -11,6 +11,7 @@ __all__ = [
     "ARMORCheckpointError",
     "ARMORCompressionError",
     "ARMORError",
+    "ARMORMemoryError",
     "ARMORRuntimeError",
     "ARMORTypeError",
     "ARMORValueError",
@@ -29,6 +30,11 @@ class ARMORValueError(ARMORError, ValueError):
 
 class ARMORTypeError(ARMORError, TypeError):
     """A value of the wrong type, e.g. a target module that is not an ``nn.Linear``."""
+
+
+class ARMORMemoryError(ARMORError, MemoryError):
+    """The work would not fit in the memory available; raised before it starts (the message says
+    how much is needed, for what, and how much is available)."""
 
 
 class HessianNotPositiveDefinite(ARMORError, ValueError):

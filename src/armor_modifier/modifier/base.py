@@ -33,6 +33,7 @@ from .checks import (
 )
 from .compressor import LinearCompressor
 from .fields import settings_fields
+from .memory import check_memory
 from .reconstruction import LayerReconstruction, Reconstruction, summarize_reconstructions
 from .report import ARMORModuleResult, summarize
 from .stats import collect_dense_statistics
@@ -55,13 +56,13 @@ class ARMORModifier(_SettingsFields):
     one pass of the unpruned model; default by objective) and every setting of ``docs/settings.md``
     (generated from the settings objects; each field's pydantic description says the same).
 
-    Lifecycle: on_initialize resolves and checks the targets and the recipe;
-    on_calibration_start hooks the targets (sequential) or collects dense statistics;
-    on_sequential_epoch_end compresses that decoder layer's targets (with the decoder-layer work
-    when on; under torchrun spread over ranks); on_calibration_end compresses what is left and
-    logs the summary; on_finalize checks that nothing was left and installs the armor-ct
-    ``save_pretrained`` hook. Quantize afterwards with ``QuantizationModifier`` or
-    ``ARMORGPTQModifier`` (llm-compressor's own GPTQ fills the zeros and is refused).
+    Lifecycle: on_initialize resolves and checks the targets and the recipe; on_calibration_start
+    checks that the statistics fit in memory (:mod:`.memory`), then hooks the targets
+    (sequential) or collects dense statistics; on_sequential_epoch_end compresses that decoder
+    layer's targets (with the decoder-layer work when on; under torchrun spread over ranks);
+    on_calibration_end compresses what is left and logs the summary; on_finalize checks that
+    nothing was left and installs the armor-ct ``save_pretrained`` hook. Quantize afterwards with
+    ``QuantizationModifier`` or ``ARMORGPTQModifier`` (GPTQModifier fills the zeros: refused).
     """
 
     requires_calibration_data: bool = True
@@ -173,16 +174,15 @@ class ARMORModifier(_SettingsFields):
         compressor = self._engine()
         targets = {name: module for module, name in self._names.items()}
         check_shared_calibration_pass(self, active_session().lifecycle.recipe.modifiers, targets)
+        check_memory(self._names, compressor.settings, self.effective_calibration)
         if self.effective_calibration == "dense":
             if state.data.calib is None:
                 raise ARMORValueError(
                     "ARMORModifier(calibration='dense') needs calibration data: pass `dataset=` "
                     "to oneshot"
                 )
-            with_gram = compressor.settings.needs_hessian
-            stats = compressor.statistics
-            collect_dense_statistics(self, state.model, state.data.calib, self._names, stats,
-                                     with_gram)  # fmt: skip
+            collect_dense_statistics(self, state.model, state.data.calib, self._names,
+                                     compressor.statistics, compressor.settings.needs_hessian)
             return
         for module in self._names:
             self.register_hook(module, self.calibrate_module, "forward")

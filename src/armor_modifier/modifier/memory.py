@@ -1,0 +1,148 @@
+"""Before calibration: will the statistics ARMOR keeps at once, plus one solve, fit in memory?
+
+The statistics (:mod:`.stats`) are float64: ``8 n`` bytes per Linear of input width ``n``, plus
+``8 n^2`` for ``X^T X`` when the settings need the layer Hessian. With ``calibration="sequential"``
+one decoder layer's targets hold theirs at once (freed when the layer is compressed); with
+``"dense"`` every target's are held until the end. Solving one ``[m, n]`` Linear needs about
+:data:`SOLVE_MN_VALUES` ``m n`` plus :data:`SOLVE_NN_VALUES` ``n^2`` float32 values and
+:data:`SOLVE_FIXED_BYTES` besides. The
+check compares the largest such need with the memory available on the targets' execution device
+and raises :class:`~armor_modifier.core.errors.ARMORMemoryError` before any work when it does not
+fit. Not counted: the model, the pipeline's cached activations and the decoder-layer
+reconstruction's captured inputs.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from compressed_tensors.offload import get_execution_device
+from torch import nn
+
+from armor_modifier.core import SolverSettings
+from armor_modifier.core.errors import ARMORMemoryError
+
+__all__ = ["MemoryNeed", "available_bytes", "check_memory", "memory_needs"]
+
+#: float32 values one solve holds per weight entry and per ``H`` entry: an upper estimate of the
+#: peak resident memory of ``factorize`` (``benchmarks/solve_memory.py`` prints both side by side;
+#: the ratio it gives is in docs/results.md, "Solve memory")
+SOLVE_MN_VALUES, SOLVE_NN_VALUES = 34, 3
+#: bytes one solve holds whatever its shape (the first use of the math libraries' workspaces)
+SOLVE_FIXED_BYTES = 256 * 2**20
+_LAYER = re.compile(r"^(.*?\.\d+)\.")
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class MemoryNeed:
+    """What one unit of work holds at once, in bytes.
+
+    :ivar unit: the decoder layer (``"model.layers.3"``) or ``"every target"`` (dense calibration)
+    :ivar linears: number of target Linears whose statistics the unit holds
+    :ivar statistics: bytes of their statistics
+    :ivar largest: name of the Linear with the costliest solve in the unit
+    :ivar shape: its weight shape ``(m, n)``
+    :ivar solve: bytes of that solve
+    """
+
+    unit: str
+    linears: int
+    statistics: int
+    largest: str
+    shape: tuple[int, int]
+    solve: int
+
+    @property
+    def total(self) -> int:
+        return self.statistics + self.solve
+
+
+def statistics_bytes(n: int, with_gram: bool) -> int:
+    """Bytes of one Linear's :class:`~.stats.InputStatistics` (sums, count, optional gram)."""
+    return 8 * n + 8 + (8 * n * n if with_gram else 0)
+
+
+def solve_bytes(m: int, n: int, with_hessian: bool) -> int:
+    """Estimated bytes one ``[m, n]`` solve holds (see :data:`SOLVE_MN_VALUES`)."""
+    values = SOLVE_MN_VALUES * m * n + (SOLVE_NN_VALUES * n * n if with_hessian else 0)
+    return SOLVE_FIXED_BYTES + 4 * values
+
+
+def memory_needs(
+    shapes: Mapping[str, tuple[int, int]], with_hessian: bool, calibration: str
+) -> list[MemoryNeed]:
+    """One :class:`MemoryNeed` per unit of work, in first-seen order.
+
+    :param shapes: target name -> weight shape ``(m, n)``
+    :param with_hessian: whether ``X^T X`` is collected (``SolverSettings.needs_hessian``)
+    :param calibration: ``"sequential"`` (a unit per decoder layer, the first numbered component
+        of the name; a name without one is its own unit) or ``"dense"`` (one unit)
+    """
+    units: dict[str, list[str]] = {}
+    for name in shapes:
+        match = _LAYER.match(name)
+        unit = "every target" if calibration == "dense" else match.group(1) if match else name
+        units.setdefault(unit, []).append(name)
+    needs = []
+    for unit, names in units.items():
+        largest = max(names, key=lambda name: solve_bytes(*shapes[name], with_hessian))
+        stats = sum(statistics_bytes(shapes[name][1], with_hessian) for name in names)
+        needs.append(MemoryNeed(unit, len(names), stats, largest, shapes[largest],
+                                solve_bytes(*shapes[largest], with_hessian)))  # fmt: skip
+    return needs
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on ``device``: CUDA's free bytes, Linux's ``MemAvailable`` for the CPU, else
+    ``None`` (unknown: no check)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory(
+    names: Mapping[nn.Linear, str],
+    settings: SolverSettings,
+    calibration: str,
+    available: Callable[[torch.device], int | None] | None = None,
+) -> None:
+    """Raise :class:`ARMORMemoryError` before any work if the largest need exceeds what
+    ``available`` (default :func:`available_bytes`) reports for the first target's execution
+    device."""
+    if not names:
+        return
+    device = get_execution_device(next(iter(names)))
+    free = (available or available_bytes)(device)
+    shapes = {name: (module.out_features, module.in_features) for module, name in names.items()}
+    needs = memory_needs(shapes, settings.needs_hessian, calibration)
+    worst = max(needs, key=lambda need: need.total)
+    if free is None or worst.total <= free:
+        return
+    kind = "float64 sums and X^T X" if settings.needs_hessian else "float64 sums"
+    m, n = worst.shape
+    fix = (
+        "use calibration='sequential' (one decoder layer's statistics at a time), free memory or "
+        "use a device with more"
+        if calibration == "dense"
+        else "free memory or use a device with more; objective='proxy' with init='nowag' keeps no "
+        "n x n statistics"
+    )
+    raise ARMORMemoryError(
+        f"ARMOR needs about {worst.total / GIB:.2f} GiB on {device} for {worst.unit}: the "
+        f"calibration statistics of {worst.linears} Linears ({kind}, {worst.statistics / GIB:.2f} "
+        f"GiB) and solving the largest, {worst.largest} {m}x{n} (about {worst.solve / GIB:.2f} "
+        f"GiB), but {free / GIB:.2f} GiB is available; {fix}"
+    )

@@ -1,0 +1,79 @@
+"""The memory check before calibration (``armor_modifier.modifier.memory``): the statistics it
+counts are the bytes :class:`InputStatistics` allocates, the units follow the calibration mode, and
+a need above what is available stops ``oneshot`` before any Linear is touched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from armor_modifier.core.errors import ARMORError, ARMORMemoryError
+from armor_modifier.modifier import memory
+from armor_modifier.modifier.memory import memory_needs, solve_bytes, statistics_bytes
+from armor_modifier.modifier.stats import InputStatistics
+from tiny_llama import armor, load_tiny_llama, run_oneshot, target_names
+
+SHAPES = {
+    "model.layers.0.self_attn.q_proj": (64, 64),
+    "model.layers.0.mlp.down_proj": (64, 176),
+    "model.layers.1.self_attn.q_proj": (64, 64),
+    "model.layers.1.mlp.up_proj": (176, 64),
+    "lm_head": (96, 64),
+}
+
+
+@pytest.mark.parametrize("with_gram", [False, True])
+def test_statistics_bytes_are_what_input_statistics_allocates(with_gram):
+    for n in (4, 64, 176):
+        stats = InputStatistics.empty(n, torch.device("cpu"), with_gram)
+        allocated = sum(t.numel() * t.element_size() for t in stats.tensors())
+        assert statistics_bytes(n, with_gram) == allocated
+
+
+def test_sequential_units_are_decoder_layers_and_dense_is_one():
+    needs = memory_needs(SHAPES, with_hessian=True, calibration="sequential")
+    assert [(need.unit, need.linears) for need in needs] == [
+        ("model.layers.0", 2), ("model.layers.1", 2), ("lm_head", 1)
+    ]
+    layer0 = needs[0]
+    assert layer0.statistics == statistics_bytes(64, True) + statistics_bytes(176, True)
+    assert (layer0.largest, layer0.shape) == ("model.layers.0.mlp.down_proj", (64, 176))
+    assert layer0.solve == solve_bytes(64, 176, True) > solve_bytes(64, 64, True)
+    (dense,) = memory_needs(SHAPES, with_hessian=False, calibration="dense")
+    assert (dense.unit, dense.linears) == ("every target", 5)
+    assert dense.statistics == sum(statistics_bytes(n, False) for _, n in SHAPES.values())
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("calibration", ["sequential", "dense"])
+def test_oneshot_stops_before_any_work_when_the_statistics_do_not_fit(
+    tiny_llama_folder, monkeypatch, calibration
+):
+    seen = []
+
+    def tiny_device(device):
+        seen.append(device)
+        return 1000  # bytes: less than one Linear's statistics
+
+    monkeypatch.setattr(memory, "available_bytes", tiny_device)
+    modifier = armor(num_iterations=1, calibration=calibration, ignore=["re:.*lm_head"])
+    with pytest.raises(ARMORMemoryError, match="GiB is available") as error:
+        run_oneshot(tiny_llama_folder, [modifier])
+    assert isinstance(error.value, ARMORError) and isinstance(error.value, MemoryError)
+    message = str(error.value)
+    if calibration == "sequential":
+        assert "for model.layers." in message and "objective='proxy'" in message
+    else:
+        assert "for every target" in message and "calibration='sequential'" in message
+    assert seen and seen[0].type == "cpu"
+    assert modifier.compressed_modules == [] and modifier.results == {}
+
+
+def test_enough_memory_passes_and_unknown_memory_is_not_checked(tiny_llama_folder):
+    model = load_tiny_llama(tiny_llama_folder)
+    names = {dict(model.named_modules())[name]: name for name in target_names()}
+    settings = armor().solver_settings
+    memory.check_memory(names, settings, "dense", available=lambda _device: 2**40)
+    memory.check_memory(names, settings, "dense", available=lambda _device: None)
+    with pytest.raises(ARMORMemoryError):
+        memory.check_memory(names, settings, "dense", available=lambda _device: 1)
