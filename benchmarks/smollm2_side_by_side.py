@@ -78,6 +78,9 @@ ARMOR_METHODS = {
     **{f"armor-output-b32-it10-rec{steps}-model": _armor(
         32, 10, "output", reconstruction_steps=steps, reconstruction_target="model")
        for steps in (20, 60, 120)},
+    **{f"armor-output-b32-it10-rec{steps}-bf16": _armor(
+        32, 10, "output", reconstruction_steps=steps, reconstruction_precision="bfloat16")
+       for steps in (20, 60, 120)},
     "armor-output-b32-it10-rec120-wrappers": _armor(32, 10, "output", reconstruction_steps=120,
                                                     reconstruction_parameters="wrappers"),
     "armor-output-b32-it10-prop-rec120": _armor(32, 10, "output", propagate_within_layer=True,

@@ -36,6 +36,7 @@ from .errors import ARMORValueError
 
 __all__ = [
     "PARAMETER_SETS",
+    "PRECISIONS",
     "RECONSTRUCTION_FIELDS",
     "TARGETS",
     "ReconstructionResult",
@@ -48,6 +49,7 @@ __all__ = [
 PARAMETER_SETS = ("all", "wrappers", "core")
 #: What the layer's output is fitted to.
 TARGETS = ("layer", "model")
+PRECISIONS = ("float32", "bfloat16")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -84,6 +86,10 @@ class ReconstructionSettings:
     target: Literal["layer", "model"] = field(default="layer", metadata=_help(
         "'layer' (the dense layer on the same, already compressed inputs) or 'model' (the dense "
         "model's hidden state, which also corrects upstream drift)"))
+    precision: Literal["float32", "bfloat16"] = field(default="float32", metadata=_help(
+        "autocast dtype of the fit steps' forward and backward ('bfloat16': faster where "
+        "bfloat16 matrix units exist, AMX CPUs and GPUs); parameters, loss and guard stay "
+        "float32"))
     seed: int = field(default=0, metadata=_help(
         "seed of the order in which fit windows are visited (each layer adds crc32 of its name)"))
 
@@ -107,7 +113,9 @@ class ReconstructionSettings:
         g = self.guard_fraction
         if not isinstance(g, int | float) or not 0 < g < 1:
             raise ARMORValueError(f"reconstruction_guard_fraction must be in (0, 1), got {g!r}")
-        for name, choices in (("parameters", PARAMETER_SETS), ("target", TARGETS)):
+        for name, choices in (
+            ("parameters", PARAMETER_SETS), ("target", TARGETS), ("precision", PRECISIONS)
+        ):
             if getattr(self, name) not in choices:
                 raise ARMORValueError(
                     f"reconstruction_{name} must be one of {list(choices)}, "
@@ -242,7 +250,8 @@ def reconstruct_layer(
         order = _window_order(fit, settings)
         for step in range(1, settings.steps + 1):
             batch = [next(order) for _ in range(min(settings.windows_per_step, len(fit)))]
-            loss = _step(run, targets, batch, scale, optimizer, params, masks)
+            loss = _step(run, targets, batch, scale, optimizer, params, masks,
+                         low_precision=settings.precision == "bfloat16")  # fmt: skip
             steps_run = step
             if not math.isfinite(loss) or not all(bool(torch.isfinite(p).all()) for p in params):
                 rolled_back = True
@@ -285,13 +294,20 @@ def _step(
     optimizer: torch.optim.Optimizer,
     params: Sequence[torch.Tensor],
     masks: Sequence[torch.Tensor | None],
+    low_precision: bool = False,
 ) -> float:
-    """One Adam step on the summed loss of ``batch`` (one backward per window); returns the loss."""
+    """One Adam step on the summed loss of ``batch`` (one backward per window); returns the loss.
+
+    ``low_precision``: ``run`` under bfloat16 autocast (its matrix products, forward and
+    backward), the loss from its output cast back to float32."""
     optimizer.zero_grad(set_to_none=True)
     denominator = sum(scale[i] for i in batch) or 1.0
     total = 0.0
     for i in batch:
-        loss = (run(i) - targets[i]).pow(2).sum() / denominator
+        device = targets[i].device.type
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=low_precision):
+            out = run(i)
+        loss = (out.to(targets[i].dtype) - targets[i]).pow(2).sum() / denominator
         loss.backward()
         total += float(loss.detach())
     if not math.isfinite(total):
