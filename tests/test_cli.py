@@ -295,3 +295,41 @@ def test_prune_with_propagation_and_reconstruction(tiny_folder, text_file, tmp_p
     assert recorded["propagate_within_layer"] is True
     assert recorded["reconstruction_steps"] == 4
     assert recorded["reconstruction_guard_fraction"] == 0.25
+
+
+def _prune_args(tiny_folder, text_file, out, *extra):
+    return ["prune", str(tiny_folder), "--dataset", str(text_file), "--num-samples", "4",
+            "--seq-len", str(SEQ_LEN), "--wrapper-block-size", "16", "--num-iterations", "2",
+            "--output", str(out), *extra]  # fmt: skip
+
+
+def test_prune_resume_loads_the_layers_done_and_writes_the_same_files(
+    tiny_folder, text_file, tmp_path, capsys
+):
+    """A progress folder outside the output stays; a rerun loads every layer from it (layer files
+    not rewritten) and writes byte-identical armor-ct files; inside the output (the default) it
+    does not block the rerun and goes with the old folder once the new one is in place."""
+    import shutil
+
+    progress = tmp_path / "progress"
+    first = tmp_path / "first"
+    assert main(_prune_args(tiny_folder, text_file, first, "--resume", str(progress))) == 0
+    layers = sorted(progress.glob("model.layers.*.safetensors"))
+    assert [p.name for p in layers] == ["model.layers.0.safetensors", "model.layers.1.safetensors"]
+    written = {p: p.stat().st_mtime_ns for p in layers}
+    second = tmp_path / "second"
+    assert main(_prune_args(tiny_folder, text_file, second, "--resume", str(progress))) == 0
+    assert {p: p.stat().st_mtime_ns for p in layers} == written  # loaded, not solved again
+    for file in first.glob("*.safetensors"):
+        assert file.read_bytes() == (second / file.name).read_bytes(), file.name
+
+    third = tmp_path / "third"
+    shutil.copytree(progress, third / "armor-progress")  # as a killed `--resume` run leaves it
+    assert main(_prune_args(tiny_folder, text_file, third, "--resume")) == 0
+    assert not (third / "armor-progress").exists()
+    for file in first.glob("*.safetensors"):
+        assert file.read_bytes() == (third / file.name).read_bytes(), file.name
+    capsys.readouterr()
+    assert main(["prune", str(tiny_folder), "--recipe", "r.yaml", "--resume",
+                 "--output", str(tmp_path / "x")]) == 2  # fmt: skip
+    assert "--resume with --recipe" in _error_line(capsys)

@@ -158,7 +158,7 @@ def test_modifier_fields_are_the_settings_objects_fields():
     from armor_modifier.core.reconstruct import RECONSTRUCTION_FIELDS
 
     modifier = ARMORModifier()
-    own = {"targets", "ignore", "mask_structure", "calibration"}
+    own = {"targets", "ignore", "mask_structure", "calibration", "progress_dir"}
     declared = {f.name for f in dataclasses.fields(SolverSettings)} | set(RECONSTRUCTION_FIELDS)
     assert set(ARMORModifier.model_fields) - set(Modifier.model_fields) == own | declared
     assert modifier.solver_settings == SolverSettings()

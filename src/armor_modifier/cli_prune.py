@@ -4,6 +4,7 @@ the option named in each error, and the call of :func:`armor_modifier.prune`."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 from armor_modifier.core.errors import ARMORValueError
@@ -17,6 +18,8 @@ __all__ = ["add_prune_arguments", "one_line", "prune_fields", "run_prune"]
 
 #: Settings the command line does not expose (``--seed`` seeds both data and solver).
 _NOT_OPTIONS = ("seed",)
+#: ``--resume`` without a folder: this one inside ``--output``
+RESUME_HERE = "armor-progress"
 
 
 def _option(name: str) -> str:
@@ -97,6 +100,13 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
         "mask-preserving GPTQ (ARMORGPTQModifier; the wrappers are then refitted to the "
         "quantized cores)",
     )
+    p.add_argument(
+        "--resume", nargs="?", const=RESUME_HERE, default=None, metavar="DIR",
+        help="write each finished decoder layer to DIR (default: OUTPUT/armor-progress); rerun "
+        "the same command to load the layers done instead of solving them again (a folder of "
+        "another model, recipe or calibration set is refused); removed with the old OUTPUT "
+        "when the run succeeds",
+    )  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (>= 1)")
 
 
@@ -135,6 +145,13 @@ def run_prune(args: argparse.Namespace) -> None:
     from .pruning import prune
 
     fields = prune_fields(args)
+    if args.resume is not None:
+        if args.recipe:
+            raise ARMORValueError(
+                "--resume with --recipe: set progress_dir on the recipe's ARMORModifier instead"
+            )
+        here = args.resume == RESUME_HERE
+        fields["progress_dir"] = str(Path(args.output) / RESUME_HERE if here else args.resume)
     result = prune(
         args.model,
         args.output,

@@ -97,13 +97,13 @@ def armor_recipe(
     :param quantize: one of :data:`QUANT_SCHEMES`.
     :param settings: solver settings (their fields; ``fields`` override single ones).
     :param reconstruction: decoder-layer settings (likewise).
-    :param fields: ``ARMORModifier`` fields (``calibration`` and any setting of
+    :param fields: ``ARMORModifier`` fields (``calibration``, ``progress_dir`` and any setting of
         ``docs/settings.md``).
     :raises ARMORValueError: an unknown field or quantization, or a value its setting refuses.
     """
     from .modifier import ARMORModifier
 
-    known = {row.name for row in setting_rows()} | {"calibration"}
+    known = {row.name for row in setting_rows()} | {"calibration", "progress_dir"}
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ARMORValueError(f"unknown ARMOR settings {unknown}; the settings are {sorted(known)}")
@@ -200,12 +200,17 @@ def one_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def check_output_folder(output: str | os.PathLike, overwrite: bool) -> Path:
-    """An output folder that may be written: absent, empty, or replaced with ``overwrite``."""
+def check_output_folder(
+    output: str | os.PathLike, overwrite: bool, progress_dir: str | os.PathLike | None = None
+) -> Path:
+    """An output folder that may be written: absent, empty (but for ``progress_dir``, which may
+    sit in it), or replaced with ``overwrite``."""
     path = Path(output)
     if path.exists() and not path.is_dir():
         raise ARMORValueError(f"output {path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
+    progress = Path(progress_dir).resolve() if progress_dir is not None else None
+    contents = [p for p in path.iterdir() if p.resolve() != progress] if path.is_dir() else []
+    if contents and not overwrite:
         raise ARMORValueError(
             f"output folder {path} exists and is not empty; pass --overwrite (overwrite=True in "
             "Python) to replace it"
@@ -266,7 +271,9 @@ def prune(
     :param quantize: one of :data:`QUANT_SCHEMES`.
     :param overwrite: replace a non-empty ``output``.
     :param settings: solver settings; ``reconstruction``: decoder-layer settings; ``fields``:
-        single ``ARMORModifier`` fields (``calibration`` and any setting of ``docs/settings.md``).
+        single ``ARMORModifier`` fields (``calibration``, ``progress_dir`` and any setting of
+        ``docs/settings.md``). A ``progress_dir`` inside ``output`` is allowed there and goes
+        with the old folder when the new one is swapped in.
     :return: the model, tokenizer, output folder, ``oneshot`` time and the modifiers.
     :raises ARMORValueError: bad settings, recipe, sizes or output folder, before any work.
     """
@@ -274,7 +281,8 @@ def prune(
         raise ARMORValueError(
             f"num_samples ({num_samples}) and seq_len ({seq_len}) must be positive"
         )
-    target = check_output_folder(output, overwrite) if output is not None else None
+    progress = fields.get("progress_dir")
+    target = check_output_folder(output, overwrite, progress) if output is not None else None
     if recipe is not None:
         given = sorted(fields) + [
             n for n, v in (("settings", settings), ("reconstruction", reconstruction)) if v

@@ -32,8 +32,9 @@ from .checks import (
     checked_targets,
 )
 from .compressor import LinearCompressor
-from .fields import settings_fields
+from .fields import PROGRESS_HELP, recorded_settings, run_info, settings_fields
 from .memory import check_memory
+from .progress import LayerProgress, process_unit
 from .reconstruction import LayerReconstruction, Reconstruction, summarize_reconstructions
 from .report import ARMORModuleResult, summarize
 from .stats import collect_dense_statistics
@@ -71,11 +72,13 @@ class ARMORModifier(_SettingsFields):
     ignore: list[str] = Field(default_factory=list)
     mask_structure: Literal["2:4"] = "2:4"
     calibration: Literal["sequential", "dense"] | None = None
+    progress_dir: str | None = Field(default=None, description=PROGRESS_HELP)
 
     _names: dict[nn.Linear, str] = PrivateAttr(default_factory=dict)
     _budget_block: int | None = PrivateAttr(default=None)
     _compressor: LinearCompressor | None = PrivateAttr(default=None)
     _reconstruction: Reconstruction | None = PrivateAttr(default=None)
+    _progress: LayerProgress | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check_settings(self) -> ARMORModifier:
@@ -135,17 +138,7 @@ class ARMORModifier(_SettingsFields):
 
     def settings(self) -> dict[str, Any]:
         """What an armor-ct checkpoint records in ``armor.recipe`` (JSON-able)."""
-        return {
-            "modifier": type(self).__name__,
-            "targets": self.targets,
-            "ignore": list(self.ignore),
-            "mask_structure": self.mask_structure,
-            "calibration": self.effective_calibration,
-            **self.solver_settings.to_dict(),
-            "wrapper_block_size": self.wrapper_block_size,
-            "budget_block_size": self._budget_block,
-            **self.reconstruction_settings.to_fields(),
-        }
+        return recorded_settings(self)
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -175,6 +168,9 @@ class ARMORModifier(_SettingsFields):
         targets = {name: module for module, name in self._names.items()}
         check_shared_calibration_pass(self, active_session().lifecycle.recipe.modifiers, targets)
         check_memory(self._names, compressor.settings, self.effective_calibration)
+        if self.progress_dir is not None:
+            self._progress = LayerProgress(self.progress_dir, run_info(self, self._names.values()))
+            self._progress.open()
         if self.effective_calibration == "dense":
             if state.data.calib is None:
                 raise ARMORValueError(
@@ -211,7 +207,9 @@ class ARMORModifier(_SettingsFields):
         """Compress this subgraph's targets (the next subgraph then sees the pruned layers)."""
         in_subgraph = {id(module) for module in modules or []}
         pending = [m for m in self._engine().pending() if id(m) in in_subgraph]
-        if self._reconstruction is not None:
+        if self._progress is not None:
+            process_unit(self._progress, pending, self._engine(), self._reconstruction)
+        elif self._reconstruction is not None:
             self._reconstruction.process(pending)
         else:
             self._engine().compress(pending)
@@ -223,6 +221,8 @@ class ARMORModifier(_SettingsFields):
         compressor.compress(compressor.pending())
         compressor.close()
         logger.info(summarize(compressor.results.values()))
+        if self._progress is not None:
+            logger.info(self._progress.summary())
         if self._reconstruction is not None:
             self._reconstruction.release()
             if self.reconstruction_steps > 0:

@@ -140,6 +140,16 @@ class LinearCompressor:
         with torch.no_grad(), align_module_device(module):
             return factorize(module.weight, stats.mean(), settings, H=stats.hessian())
 
+    def restore(
+        self, module: nn.Linear, factors: tuple[torch.Tensor, ...], result: ARMORModuleResult
+    ) -> None:
+        """Apply stored ``(A, B, core)`` to ``module`` and record ``result`` as if solved here."""
+        device = get_execution_device(module)
+        A, B, core = (t.to(device) for t in factors)
+        apply_factors(module, A, B, core)
+        self.statistics.pop(module, None)
+        self._record(result, log=False)
+
     def close(self) -> None:
         """Close the progress bar (idempotent)."""
         if self._progress is not None:

@@ -164,6 +164,18 @@ class Reconstruction:
             if fitting:
                 self._reconstruct(name, layer, capture, targets)
 
+    def skip(self, modules: list[nn.Linear], restore: Callable[[], None]) -> None:
+        """Take ``modules``' layers as done elsewhere (loaded progress): free their captures,
+        push the dense stream (``target="model"``) through them while still dense, then run
+        ``restore``."""
+        owners = {self._owner[module] for module in modules}
+        for name, layer in self.layers.items():
+            if name in owners:
+                capture = self.capture.pop(layer)
+                if capture.outputs and self.settings.steps > 0 and self.settings.target == "model":
+                    self._targets(layer, capture)
+        restore()
+
     def _targets(self, layer: nn.Module, capture: Capture) -> list[torch.Tensor]:
         """``T_i``: the dense layer's outputs, or the dense model's stream pushed through it."""
         if self.settings.target == "layer":

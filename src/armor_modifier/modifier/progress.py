@@ -1,0 +1,298 @@
+"""Progress that outlives the process: each finished decoder layer's ARMOR factors on disk.
+
+With ``ARMORModifier(progress_dir=DIR)`` every decoder layer's result (each target Linear's
+``A``, ``B`` and core after any reconstruction, its :class:`~.report.ARMORModuleResult` and the
+layer's reconstruction record) is written to ``DIR/<layer>.safetensors`` as soon as the layer is
+done: into a hidden temporary file, fsynced, then renamed over the old one, so a kill at any
+instant leaves the previous state usable. A later run with the same folder loads a layer instead
+of solving it when the file's fingerprint matches what this run would solve from:
+
+- ``run.json`` (written once): the package version, the recorded recipe (``modifier.settings()``),
+  the targets and the number of ranks. Any difference refuses the folder before any work, with
+  the keys that differ;
+- per layer: SHA-256 of the targets' dense weights and biases and of their calibration statistics
+  (``h``, ``H`` and the token count as the solver reads them: rounded once to float32 from float64
+  sums, so the order of the calibration batches does not matter; under torchrun every rank's, in
+  rank order), and a
+  SHA-256 checksum of the stored tensors. A mismatch, a truncated or corrupt file: that layer is
+  recomputed (and its file rewritten), with a warning saying which.
+
+The loaded tensors are the ones the uninterrupted run computed, so the model, and every later
+layer's calibration inputs (the sequential pipeline propagates through the loaded layer), are the
+same bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from loguru import logger
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from armor_modifier.core.errors import ARMORValueError
+from armor_modifier.core.reconstruct import ReconstructionResult
+from armor_modifier.runtime import ARMOR_A, ARMOR_B
+
+from .collectives import all_gather_objects, is_distributed, rank_and_world
+from .compressor import LinearCompressor
+from .reconstruction import LayerReconstruction, Reconstruction
+from .report import ARMORModuleResult
+from .stats import InputStatistics
+
+__all__ = ["FORMAT", "LayerProgress", "StoredLayer", "layer_key", "process_unit"]
+
+FORMAT = "1"
+RUN_FILE = "run.json"
+_LAYER = re.compile(r"^(.*?\.\d+)\.")
+StoredLayer = tuple[dict[str, tuple[torch.Tensor, ...]], list[ARMORModuleResult], list]
+
+
+def layer_key(names: Sequence[str]) -> str:
+    """The file stem of a unit of work: its decoder layer (``model.layers.3``), or, for targets
+    outside numbered layers or spanning several, the names joined and hashed."""
+    prefixes = {match.group(1) if (match := _LAYER.match(n)) else "" for n in names}
+    if len(prefixes) == 1 and "" not in prefixes:
+        return str(prefixes.pop())
+    return "targets-" + hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def _digest(tensors: Sequence[torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(_bytes(tensor))
+    return digest.hexdigest()
+
+
+class LayerProgress:
+    """One run's progress folder.
+
+    :param folder: the progress folder (created if missing)
+    :param run_info: what the whole run depends on (JSON-able; written to ``run.json`` once)
+    """
+
+    def __init__(self, folder: str | os.PathLike, run_info: Mapping[str, Any]) -> None:
+        self.folder = Path(folder)
+        self.rank, self.world = rank_and_world()
+        self.run_info = {"format": FORMAT, **run_info, "world_size": self.world}
+        self.loaded: list[str] = []
+        self.solved: list[str] = []
+
+    def open(self) -> None:
+        """Check ``run.json`` against this run (refuse on any difference) or write it."""
+        path = self.folder / RUN_FILE
+        if path.exists():
+            try:
+                stored = json.loads(path.read_text())
+            except (OSError, ValueError) as err:
+                raise ARMORValueError(
+                    f"progress folder {self.folder}: {RUN_FILE} is unreadable ({err}); delete the "
+                    "folder or pass another progress_dir"
+                ) from err
+            mine = json.loads(json.dumps(self.run_info))
+            differ = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
+            if differ:
+                detail = "; ".join(_difference(k, stored.get(k), mine.get(k)) for k in differ)
+                raise ARMORValueError(
+                    f"progress folder {self.folder} belongs to another run ({detail}); pass a new "
+                    "progress_dir or delete that folder to start afresh"
+                )
+            return
+        if self.rank == 0:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            _write_atomically(path, json.dumps(self.run_info, indent=1, sort_keys=True).encode())
+
+    def fingerprint(
+        self, modules: Mapping[nn.Linear, str], statistics: Mapping[nn.Linear, InputStatistics]
+    ) -> dict[str, str]:
+        """``{"weights": sha, "statistics": sha}`` of a unit's dense targets (all ranks alike)."""
+        weights, stats = [], []
+        for module in modules:
+            weights.append(module.weight)
+            if module.bias is not None:
+                weights.append(module.bias)
+            if module in statistics:  # what the solver reads: float32, the same in any order
+                stat = statistics[module]
+                hessian = stat.hessian()
+                stats.extend([stat.mean(), stat.count] + ([] if hessian is None else [hessian]))
+        mine = {"weights": _digest(weights), "statistics": _digest(stats)}
+        if not is_distributed():
+            return mine
+        every = all_gather_objects(mine)
+        joined = hashlib.sha256(json.dumps(every, sort_keys=True).encode()).hexdigest()
+        return {"weights": every[0]["weights"], "statistics": joined}
+
+    def load(self, key: str, fingerprint: Mapping[str, str]) -> StoredLayer | None:
+        """The stored unit when it matches ``fingerprint`` on every rank, else ``None``."""
+        stored, why = self._read(key, fingerprint)
+        if is_distributed():
+            whys = all_gather_objects(why)
+            why = next((w for w in whys if w is not None), None)
+        if why is not None:
+            if why != "missing":
+                logger.warning(f"ARMOR progress {key}: {why}; recomputing this layer")
+            return None
+        return stored
+
+    def save(
+        self,
+        key: str,
+        fingerprint: Mapping[str, str],
+        modules: Mapping[nn.Linear, str],
+        results: Sequence[ARMORModuleResult],
+        reconstructions: Sequence[LayerReconstruction],
+    ) -> None:
+        """Write the unit's factors (rank 0 only; atomic)."""
+        self.solved.append(key)
+        if self.rank != 0:
+            return
+        tensors = {}
+        for module, name in modules.items():
+            tensors[f"{name}.A"] = getattr(module, ARMOR_A).detach().to("cpu").contiguous()
+            tensors[f"{name}.B"] = getattr(module, ARMOR_B).detach().to("cpu").contiguous()
+            tensors[f"{name}.core"] = module.weight.detach().to("cpu").contiguous()
+        metadata = {
+            "format": FORMAT,
+            **fingerprint,
+            "checksum": _digest([tensors[k] for k in sorted(tensors)]),
+            "results": json.dumps([asdict(r) for r in results]),
+            "reconstructions": json.dumps(
+                [{"layer": r.layer, "num_windows": r.num_windows, "result": asdict(r.result)}
+                 for r in reconstructions]
+            ),  # fmt: skip
+        }
+        path = self.folder / f"{key}.safetensors"
+        temporary = self.folder / f".{key}.{os.getpid()}.tmp"
+        try:
+            save_file(tensors, str(temporary), metadata=metadata)
+            _fsync_and_rename(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    def summary(self) -> str:
+        return (
+            f"ARMOR progress ({self.folder}): {len(self.loaded)} layers loaded, "
+            f"{len(self.solved)} solved"
+        )
+
+    def _read(
+        self, key: str, fingerprint: Mapping[str, str]
+    ) -> tuple[StoredLayer | None, str | None]:
+        path = self.folder / f"{key}.safetensors"
+        if not path.exists():
+            return None, "missing"
+        try:
+            with safe_open(str(path), "pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+        except Exception as err:  # safetensors raises its own error types on a damaged file
+            return None, f"the file is unreadable ({type(err).__name__}: {err})"
+        if metadata.get("format") != FORMAT:
+            return None, f"format {metadata.get('format')!r} is not {FORMAT!r}"
+        if metadata.get("checksum") != _digest([tensors[k] for k in sorted(tensors)]):
+            return None, "the stored tensors fail their checksum (corrupted)"
+        for part, what in (("weights", "dense weights (another model?)"),
+                           ("statistics", "calibration statistics (other calibration data?)")):
+            if metadata.get(part) != fingerprint[part]:
+                return None, f"its {what} differ from this run's"  # fmt: skip
+        factors: dict[str, tuple[torch.Tensor, ...]] = {}
+        for name in {k.rsplit(".", 1)[0] for k in tensors}:
+            factors[name] = (tensors[f"{name}.A"], tensors[f"{name}.B"], tensors[f"{name}.core"])
+        results = [_module_result(r) for r in json.loads(metadata["results"])]
+        layers = [
+            LayerReconstruction(r["layer"], _reconstruction_result(r["result"]), r["num_windows"])
+            for r in json.loads(metadata["reconstructions"])
+        ]
+        return (factors, results, layers), None
+
+
+def _module_result(fields: dict) -> ARMORModuleResult:
+    return ARMORModuleResult(**{**fields, "shape": tuple(fields["shape"])})
+
+
+def _reconstruction_result(fields: dict) -> ReconstructionResult:
+    history = tuple(tuple(step) for step in fields["history"])
+    return ReconstructionResult(**{**fields, "history": history})
+
+
+def _difference(key: str, stored: Any, mine: Any) -> str:
+    if isinstance(stored, dict) and isinstance(mine, dict):
+        keys = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
+        return ", ".join(f"{key}.{k}: {stored.get(k)!r} there, {mine.get(k)!r} here" for k in keys)
+    return f"{key}: {stored!r} there, {mine!r} here"
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(data)
+        _fsync_and_rename(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _fsync_and_rename(temporary: Path, path: Path) -> None:
+    fd = os.open(temporary, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def process_unit(
+    progress: LayerProgress,
+    modules: list[nn.Linear],
+    compressor: LinearCompressor,
+    reconstruction: Reconstruction | None,
+) -> None:
+    """Compress one unit (a subgraph's pending targets), or load it when its progress matches;
+    a unit solved here is then written to the progress folder."""
+    if not modules:
+        return
+    names = {module: compressor.names[module] for module in modules}
+    key = layer_key(list(names.values()))
+    fingerprint = progress.fingerprint(names, compressor.statistics)
+    stored = progress.load(key, fingerprint)
+    if stored is not None and set(stored[0]) == set(names.values()):
+        factors, results, layers = stored
+        by_name = {result.name: result for result in results}
+
+        def restore() -> None:
+            for module, name in names.items():
+                compressor.restore(module, factors[name], by_name[name])
+
+        if reconstruction is None:
+            restore()
+        else:
+            reconstruction.skip(modules, restore)
+            reconstruction.reconstructions.extend(layers)
+        progress.loaded.append(key)
+        return
+    done_before = len(reconstruction.reconstructions) if reconstruction else 0
+    if reconstruction is None:
+        compressor.compress(modules)
+    else:
+        reconstruction.process(modules)
+    layers = reconstruction.reconstructions[done_before:] if reconstruction else []
+    progress.save(key, fingerprint, names, [compressor.results[n] for n in names.values()], layers)

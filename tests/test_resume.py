@@ -1,0 +1,250 @@
+"""Resume from a progress folder (``ARMORModifier(progress_dir=...)``, ``modifier/progress.py``).
+
+A child process runs ``oneshot`` on the tiny Llama with a progress folder and, once layer 0's
+file is written, waits; this process kills it from outside (SIGKILL, or SIGINT as a Ctrl-C would).
+A second run with the same folder must load layer 0, solve layer 1, and give the uninterrupted
+run's model bit for bit (every core, wrapper and logit). Bad progress is recomputed (a damaged
+or mismatching layer file) or refused before any work (another run's folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from armor_modifier.core.errors import ARMORValueError
+from armor_modifier.modifier.progress import RUN_FILE
+
+THIS = Path(__file__).resolve()
+sys.path.insert(0, str(THIS.parent))
+
+from tiny_llama import (  # noqa: E402
+    armor,
+    calibration_dataset,
+    load_tiny_llama,
+    run_oneshot,
+    sample_input,
+    w4a16_groups,
+)
+
+LAYER0 = "model.layers.0.safetensors"
+VARIANTS = {
+    "armor": {},
+    "reconstruction": {
+        "propagate_within_layer": True,
+        "reconstruction_steps": 6,
+        "reconstruction_learning_rate": 1e-3,
+        "reconstruction_guard_fraction": 0.25,
+        "reconstruction_eval_every": 2,
+    },
+    "reconstruction-model-target": {
+        "reconstruction_steps": 6,
+        "reconstruction_learning_rate": 1e-3,
+        "reconstruction_guard_fraction": 0.25,
+        "reconstruction_eval_every": 2,
+        "reconstruction_target": "model",
+    },
+}
+
+#: the child: oneshot with a progress folder, stalled after each layer file is written
+CHILD = """
+import sys, time
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+from armor_modifier.modifier import progress
+from test_resume import _dataset, modifiers
+from tiny_llama import run_oneshot
+save = progress.LayerProgress.save
+def stalled(self, *args, **kwargs):
+    save(self, *args, **kwargs)
+    time.sleep(120)
+progress.LayerProgress.save = stalled
+run_oneshot({folder!r}, modifiers({variant!r}, {progress_dir!r}, {gptq!r}),
+            dataset=_dataset({variant!r}))
+"""
+
+
+def modifiers(variant: str, progress_dir: str | None, gptq: bool = False) -> list:
+    """The recipe of every run here: ARMOR (+ the variant's fields), optionally + W4A16 GPTQ."""
+    fields = {"wrapper_block_size": 16, "num_iterations": 2, "objective": "output"}
+    recipe = [armor(ignore=["re:.*lm_head"], progress_dir=progress_dir, **fields,
+                    **VARIANTS[variant])]  # fmt: skip
+    if gptq:
+        from armor_modifier.modifier import ARMORGPTQModifier
+
+        recipe.append(ARMORGPTQModifier(ignore=["re:.*lm_head"], config_groups=w4a16_groups(16)))
+    return recipe
+
+
+def _dataset(variant: str):
+    return calibration_dataset(16 if variant != "armor" else 8)
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name, buffer in model.named_buffers():
+        state[name] = buffer.detach().clone()
+    with torch.no_grad():
+        state["logits"] = model(sample_input()).logits
+    return state
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert sorted(a) == sorted(b)
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert different == []
+
+
+def _run(folder: Path, variant: str, progress_dir: Path | None, gptq: bool = False):
+    recipe = modifiers(variant, None if progress_dir is None else str(progress_dir), gptq)
+    model = run_oneshot(folder, recipe, dataset=_dataset(variant))
+    return model, recipe[0]
+
+
+def _interrupt(folder: Path, variant: str, progress_dir: Path, how: signal.Signals,
+               gptq: bool = False) -> None:  # fmt: skip
+    """Run the child until layer 0's progress is on disk, then send it ``how``."""
+    code = CHILD.format(tests=str(THIS.parent), folder=str(folder), variant=variant,
+                        progress_dir=str(progress_dir), gptq=gptq)  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    child = subprocess.Popen([sys.executable, "-c", code], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while not (progress_dir / LAYER0).exists():
+            if child.poll() is not None:
+                tail = child.stderr.read().decode()[-2000:]
+                raise AssertionError(f"the child ended early: {tail}")
+            assert time.monotonic() < deadline, "layer 0's progress never appeared"
+            time.sleep(0.1)
+        child.send_signal(how)
+        child.wait(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert not (progress_dir / "model.layers.1.safetensors").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "variant, how",
+    [("armor", signal.SIGKILL), ("armor", signal.SIGINT),
+     ("reconstruction", signal.SIGKILL), ("reconstruction-model-target", signal.SIGKILL)],
+)  # fmt: skip
+def test_a_killed_run_resumes_to_the_uninterrupted_model_bit_for_bit(
+    tiny_llama_folder, tmp_path, variant, how
+):
+    reference, _ = _run(tiny_llama_folder, variant, None)
+    progress_dir = tmp_path / "progress"
+    _interrupt(tiny_llama_folder, variant, progress_dir, how)
+    resumed, modifier = _run(tiny_llama_folder, variant, progress_dir)
+    _assert_same(_state(reference), _state(resumed))
+    progress = modifier._progress
+    assert (progress.loaded, progress.solved) == (["model.layers.0"], ["model.layers.1"])
+    assert [r.layer for r in modifier.reconstructions] == (
+        [] if variant == "armor" else ["model.layers.0", "model.layers.1"]
+    )
+    assert sorted(p.name for p in progress_dir.iterdir()) == sorted(
+        [RUN_FILE, LAYER0, "model.layers.1.safetensors"]
+    )  # no temporary file left behind
+
+
+@pytest.mark.integration
+def test_resume_with_gptq_after_armor_is_bit_for_bit(tiny_llama_folder, tmp_path):
+    reference, _ = _run(tiny_llama_folder, "armor", None, gptq=True)
+    progress_dir = tmp_path / "progress"
+    _interrupt(tiny_llama_folder, "armor", progress_dir, signal.SIGKILL, gptq=True)
+    resumed, modifier = _run(tiny_llama_folder, "armor", progress_dir, gptq=True)
+    _assert_same(_state(reference), _state(resumed))
+    assert modifier._progress.loaded == ["model.layers.0"]
+
+
+@pytest.mark.integration
+def test_a_finished_run_reloads_every_layer(tiny_llama_folder, tmp_path):
+    progress_dir = tmp_path / "progress"
+    first, _ = _run(tiny_llama_folder, "armor", progress_dir)
+    again, modifier = _run(tiny_llama_folder, "armor", progress_dir)
+    _assert_same(_state(first), _state(again))
+    assert modifier._progress.loaded == ["model.layers.0", "model.layers.1"]
+    assert modifier._progress.solved == []
+    assert sorted(modifier.results) == sorted(first_names(first))
+
+
+def first_names(model) -> list[str]:
+    from armor_modifier.runtime import is_armor_linear
+
+    return [name for name, module in model.named_modules() if is_armor_linear(module)]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("damage", ["truncated", "flipped byte", "another model", "other data"])
+def test_a_bad_layer_file_is_recomputed_with_a_warning(tiny_llama_folder, tmp_path, damage):
+    from loguru import logger
+
+    progress_dir = tmp_path / "progress"
+    reference, _ = _run(tiny_llama_folder, "armor", progress_dir)
+    path = progress_dir / LAYER0
+    data = bytearray(path.read_bytes())
+    dataset = _dataset("armor")
+    folder = tiny_llama_folder
+    if damage == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+    elif damage == "flipped byte":
+        data[-5] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "another model":
+        model = load_tiny_llama(tiny_llama_folder)
+        with torch.no_grad():
+            model.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
+        folder = tmp_path / "other-model"
+        model.save_pretrained(folder)
+        from tiny_llama import build_tokenizer
+
+        build_tokenizer().save_pretrained(folder)
+    else:
+        dataset = calibration_dataset(8, seed=7)
+    warnings: list[str] = []
+    handle = logger.add(lambda m: warnings.append(str(m)), level="WARNING")
+    try:
+        recipe = modifiers("armor", str(progress_dir))
+        model = run_oneshot(folder, recipe, dataset=dataset)
+    finally:
+        logger.remove(handle)
+    progress = recipe[0]._progress
+    expected = {"truncated": "unreadable", "flipped byte": "checksum",
+                "another model": "dense weights", "other data": "calibration statistics"}
+    assert any(expected[damage] in w and "model.layers.0" in w for w in warnings), warnings
+    assert "model.layers.0" in progress.solved
+    if damage in ("truncated", "flipped byte"):  # same inputs: the recomputed model is the same
+        assert progress.loaded == ["model.layers.1"]
+        _assert_same(_state(reference), _state(model))
+    else:  # layer 0 changed, so layer 1's inputs did too: both recomputed, matching a fresh run
+        assert progress.loaded == []
+        fresh = run_oneshot(folder, modifiers("armor", None), dataset=dataset)
+        _assert_same(_state(fresh), _state(model))
+
+
+@pytest.mark.integration
+def test_another_runs_folder_is_refused_before_any_work(tiny_llama_folder, tmp_path):
+    progress_dir = tmp_path / "progress"
+    _run(tiny_llama_folder, "armor", progress_dir)
+    recipe = modifiers("armor", str(progress_dir))
+    recipe[0] = armor(ignore=["re:.*lm_head"], progress_dir=str(progress_dir),
+                      wrapper_block_size=16, num_iterations=3, objective="output")  # fmt: skip
+    with pytest.raises(ARMORValueError, match=r"recipe\.num_iterations: 2 there, 3 here"):
+        run_oneshot(tiny_llama_folder, recipe, dataset=_dataset("armor"))
+    assert recipe[0].compressed_modules == []
+    (progress_dir / RUN_FILE).write_text(json.dumps({"format": "1"}))
+    with pytest.raises(ARMORValueError, match="belongs to another run"):
+        run_oneshot(tiny_llama_folder, modifiers("armor", str(progress_dir)),
+                    dataset=_dataset("armor"))  # fmt: skip
