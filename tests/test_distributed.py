@@ -62,13 +62,14 @@ REFINED = {
 GPTQ = "sequential-gptq"
 
 
-def armor_recipe(calibration: str):
+def armor_recipe(calibration: str, progress_dir: Path | None = None):
     refined = calibration == "sequential-refined"
     return armor(
         ignore=["re:.*lm_head"],
         num_iterations=ITERATIONS,
         wrapper_block_size=BLOCK,
         calibration="sequential" if refined else calibration,
+        progress_dir=None if progress_dir is None else str(progress_dir),
         **(REFINED if refined else {}),
     )
 
@@ -94,10 +95,11 @@ def recording_solver_inputs() -> Iterator[dict[str, tuple[torch.Tensor, torch.Te
         LinearCompressor.solve = solve  # type: ignore[method-assign]
 
 
-def compress(folder: Path, calibration: str, dataset=None) -> dict:
+def compress(folder: Path, calibration: str, dataset=None, progress_dir=None) -> dict:
     """``oneshot`` the tiny Llama in ``folder``; its cores, wrappers, logits on
-    :func:`sample_input`, per-module results and the solver inputs this process saw (CPU)."""
-    modifier = armor_recipe(calibration)
+    :func:`sample_input`, per-module results, the solver inputs this process saw (CPU) and, with
+    ``progress_dir``, the layers loaded and solved."""
+    modifier = armor_recipe(calibration, progress_dir)
     with recording_solver_inputs() as inputs:
         model = run_oneshot(folder, [modifier], dataset=dataset)
     modules = dict(model.named_modules())
@@ -119,6 +121,9 @@ def compress(folder: Path, calibration: str, dataset=None) -> dict:
             for name, r in modifier.results.items()
         },
         "inputs": inputs,
+        "progress": None if progress_dir is None else (
+            modifier._progress.loaded, modifier._progress.solved
+        ),
     }
 
 
@@ -166,6 +171,10 @@ def worker(folder: Path, out: Path) -> None:
             reset_session()
         torch.save(compress_gptq(folder, shard), out / f"{GPTQ}-rank{rank}.pt")
         reset_session()
+        for run in ("first", "again"):  # one progress folder shared by the ranks, written twice
+            snapshot = compress(folder, "sequential-refined", shard, out / "progress")
+            torch.save(snapshot, out / f"progress-{run}-rank{rank}.pt")
+            reset_session()
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -196,9 +205,10 @@ def two_ranks(tiny_llama_folder, tmp_path_factory) -> dict[str, list[dict]]:
     """``calibration -> [rank 0's snapshot, rank 1's]`` from one torchrun launch."""
     out = tmp_path_factory.mktemp("ranks")
     run_torchrun(tiny_llama_folder, out)
-    return {
-        c: [torch.load(out / f"{c}-rank{r}.pt") for r in range(2)] for c in (*CALIBRATIONS, GPTQ)
-    }
+    runs = (*CALIBRATIONS, GPTQ, "progress-first", "progress-again")
+    snapshots = {c: [torch.load(out / f"{c}-rank{r}.pt") for r in range(2)] for c in runs}
+    snapshots["progress-files"] = sorted(p.name for p in (out / "progress").iterdir())
+    return snapshots
 
 
 def test_statistics_do_not_depend_on_the_split():
@@ -294,3 +304,24 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     worker(args.folder, args.out)
+
+
+@pytest.mark.integration
+def test_two_ranks_write_progress_once_and_resume_from_it(two_ranks):
+    """Rank 0 writes the shared progress folder, both ranks load every layer from it on the next
+    run, and every model is the one without a progress folder, bit for bit."""
+    plain = two_ranks["sequential-refined"]
+    first, again = two_ranks["progress-first"], two_ranks["progress-again"]
+    layers = ["model.layers.0", "model.layers.1"]
+    for rank in range(2):
+        assert first[rank]["progress"] == ([], layers)
+        assert again[rank]["progress"] == (layers, [])
+        for run in (first, again):
+            assert torch.equal(run[rank]["logits"], plain[rank]["logits"])
+            for name in target_names():
+                for a, b in zip(run[rank]["tensors"][name], plain[rank]["tensors"][name],
+                                strict=True):  # fmt: skip
+                    assert torch.equal(a, b), name
+    assert two_ranks["progress-files"] == [
+        "model.layers.0.safetensors", "model.layers.1.safetensors", "run.json"
+    ]

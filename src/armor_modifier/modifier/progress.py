@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -92,6 +93,8 @@ class LayerProgress:
         self.run_info = {"format": FORMAT, **run_info, "world_size": self.world}
         self.loaded: list[str] = []
         self.solved: list[str] = []
+        #: wall time spent fingerprinting, reading and writing progress (the feature's own cost)
+        self.seconds = 0.0
 
     def open(self) -> None:
         """Check ``run.json`` against this run (refuse on any difference) or write it."""
@@ -187,7 +190,7 @@ class LayerProgress:
     def summary(self) -> str:
         return (
             f"ARMOR progress ({self.folder}): {len(self.loaded)} layers loaded, "
-            f"{len(self.solved)} solved"
+            f"{len(self.solved)} solved, {self.seconds:.1f} s fingerprinting, reading and writing"
         )
 
     def _read(
@@ -272,8 +275,10 @@ def process_unit(
         return
     names = {module: compressor.names[module] for module in modules}
     key = layer_key(list(names.values()))
+    start = time.perf_counter()
     fingerprint = progress.fingerprint(names, compressor.statistics)
     stored = progress.load(key, fingerprint)
+    progress.seconds += time.perf_counter() - start
     if stored is not None and set(stored[0]) == set(names.values()):
         factors, results, layers = stored
         by_name = {result.name: result for result in results}
@@ -295,4 +300,6 @@ def process_unit(
     else:
         reconstruction.process(modules)
     layers = reconstruction.reconstructions[done_before:] if reconstruction else []
+    start = time.perf_counter()
     progress.save(key, fingerprint, names, [compressor.results[n] for n in names.values()], layers)
+    progress.seconds += time.perf_counter() - start
