@@ -248,3 +248,21 @@ def test_another_runs_folder_is_refused_before_any_work(tiny_llama_folder, tmp_p
     with pytest.raises(ARMORValueError, match="belongs to another run"):
         run_oneshot(tiny_llama_folder, modifiers("armor", str(progress_dir)),
                     dataset=_dataset("armor"))  # fmt: skip
+
+
+@pytest.mark.slow
+def test_the_armor_command_on_smollm2_resumes_bit_for_bit(tmp_path):
+    """The real ``armor prune smollm2 --resume``: killed after layer 3, resumed, the armor-ct
+    files byte for byte those of an uninterrupted run (benchmarks/resume_cost.py, 2 iterations)."""
+    pytest.importorskip("armor_harness")
+    out = tmp_path / "cost.json"
+    script = THIS.parents[1] / "benchmarks" / "resume_cost.py"
+    subprocess.run(
+        [sys.executable, str(script), "--model", "smollm2", "--kill-after", "3",
+         "--args", "--wrapper-block-size 32 --num-iterations 2", "--json", str(out)],
+        check=True, timeout=3600,
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["killed"]["killed"] and result["first"]["returncode"] == 0
+    assert (result["resumed"]["loaded"], result["resumed"]["solved"]) == (4, 26)
+    assert result["identical_armor_ct"]

@@ -190,7 +190,7 @@ class LayerProgress:
     def summary(self) -> str:
         return (
             f"ARMOR progress ({self.folder}): {len(self.loaded)} layers loaded, "
-            f"{len(self.solved)} solved, {self.seconds:.1f} s fingerprinting, reading and writing"
+            f"{len(self.solved)} solved, {self.seconds:.2f} s fingerprinting, reading and writing"
         )
 
     def _read(
