@@ -65,6 +65,7 @@ def test_guard_split_refuses_too_few_windows_naming_the_minimum() -> None:
         ("guard_fraction", 1.0),
         ("eval_every", 0),
         ("precision", "float16"),
+        ("patience", -1),
     ],
 )
 def test_settings_refuse_bad_values(field: str, value: object) -> None:
@@ -134,6 +135,28 @@ def test_refine_keeps_the_start_when_the_fit_windows_mislead() -> None:
     assert not result.accepted and result.final_error == result.initial_error
     assert torch.equal(S, start)
     assert max(e for _, e in result.history) > result.initial_error  # it did move, and lost
+
+
+@pytest.mark.parametrize("patience", [1, 3])
+def test_patience_stops_after_that_many_evaluations_without_a_new_best(patience: int) -> None:
+    """Misleading fit windows: no evaluation beats the start, so the fit stops after
+    ``patience`` evaluations, keeping the start; a good fit with patience still improves."""
+    X, T, S, M = _problem(seed=1)
+    fit, _ = guard_split(WINDOWS, 0.25)
+    g = torch.Generator().manual_seed(5)
+    for i in fit:
+        T[i] = X[i] + 3 * torch.randn(TOKENS, D, generator=g)
+    settings = ReconstructionSettings(steps=60, learning_rate=5e-2, guard_fraction=0.25,
+                                      eval_every=5, patience=patience)  # fmt: skip
+    result = reconstruct_layer(lambda i: X[i] + X[i] @ S.T, X, T, [S], [M], settings)
+    assert result.steps_run == 5 * patience and len(result.history) == 1 + patience
+    assert not result.accepted
+
+    X, T, S, M = _problem()
+    settings = ReconstructionSettings(steps=200, learning_rate=1e-2, guard_fraction=0.25,
+                                      eval_every=10, patience=patience)  # fmt: skip
+    result = reconstruct_layer(lambda i: X[i] + X[i] @ S.T, X, T, [S], [M], settings)
+    assert result.accepted and result.final_error < 0.7 * result.initial_error  # as without
 
 
 def test_refine_rolls_back_on_a_non_finite_loss() -> None:

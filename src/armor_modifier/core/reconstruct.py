@@ -83,6 +83,9 @@ class ReconstructionSettings:
         "share of the calibration windows held out; the best held-out iterate is kept only "
         "when it beats the unrefined layer"))
     eval_every: int = field(default=20, metadata=_help("steps between held-out evaluations"))
+    patience: int = field(default=0, metadata=_help(
+        "held-out evaluations in a row without a new best after which the fit stops early (0: "
+        "never)"))
     target: Literal["layer", "model"] = field(default="layer", metadata=_help(
         "'layer' (the dense layer on the same, already compressed inputs) or 'model' (the dense "
         "model's hidden state, which also corrects upstream drift)"))
@@ -98,9 +101,9 @@ class ReconstructionSettings:
             raise ARMORValueError(
                 f"propagate_within_layer must be True or False, got {self.propagate_within_layer!r}"
             )
-        for name in ("steps", "windows_per_step", "eval_every", "seed"):
+        for name in ("steps", "windows_per_step", "eval_every", "patience", "seed"):
             value = getattr(self, name)
-            low = 0 if name in ("steps", "seed") else 1
+            low = 0 if name in ("steps", "patience", "seed") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ARMORValueError(
                     f"reconstruction_{name} must be an integer >= {low}, got {value!r}"
@@ -164,7 +167,8 @@ class ReconstructionResult:
     :ivar initial_error: guard-set ``R`` of the starting parameters
     :ivar final_error: guard-set ``R`` of the parameters returned (``<= initial_error``)
     :ivar best_step: the step whose iterate was kept (0: the start)
-    :ivar steps_run: steps taken (fewer than asked when the loss became non-finite)
+    :ivar steps_run: steps taken (fewer than asked when the loss became non-finite or the fit
+        stopped early on ``patience``)
     :ivar accepted: the refined iterate replaced the start
     :ivar rolled_back: the loss became non-finite and the run was stopped
     :ivar history: ``(step, guard R)`` at every guard evaluation, step 0 first
@@ -267,6 +271,10 @@ def reconstruct_layer(
                 if error < best_error:
                     best_error, best_step = error, step
                     best = [p.detach().clone() for p in params]
+                elif settings.patience and len(history) - 1 - _index(history, best_step) >= (
+                    settings.patience
+                ):
+                    break
         for p in params:
             p.requires_grad_(False)
     if rolled_back:
@@ -321,6 +329,11 @@ def _step(
             if mask is not None:
                 p.mul_(mask)
     return total
+
+
+def _index(history: list[tuple[int, float]], step: int) -> int:
+    """Position of ``step``'s evaluation in ``history`` (0: the start)."""
+    return next(i for i, (s, _) in enumerate(history) if s == step)
 
 
 def _window_order(fit: list[int], settings: ReconstructionSettings):
