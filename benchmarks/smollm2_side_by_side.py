@@ -42,6 +42,8 @@ import torch
 from armor_modifier.calibration import BENCHMARK_MODELS
 
 LM_HEAD = "re:.*lm_head"
+#: plot titles of the benchmark models
+TITLES = {"smollm2": "SmolLM2-135M-Instruct", "qwen2.5-coder-0.5b": "Qwen2.5-Coder-0.5B-Instruct"}
 
 
 def _armor(block: int, iterations: int, objective: str = "proxy", **extra) -> dict:
@@ -352,7 +354,8 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("compression wall time, s (2-core CPU)")
     ax.set_ylabel("WikiVital-test perplexity")
-    ax.set_title("SmolLM2-135M-Instruct, 2:4")
+    model = rows[0].get("setup", {}).get("model", "smollm2") if rows else "smollm2"
+    ax.set_title(f"{TITLES.get(model, model)}, 2:4")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
