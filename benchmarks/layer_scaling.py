@@ -90,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="solver matmul_precision values, each timed against the same SparseGPT run",
     )  # fmt: skip
     parser.add_argument("--json", default=None, help="write the rows here (after every shape)")
+    parser.add_argument(
+        "--profile", action="store_true",
+        help="instead: profile factorize's start and one iteration per shape and precision "
+        "(torch.profiler, the 15 ops with the most self time)",
+    )  # fmt: skip
     return parser
 
 
@@ -219,6 +224,33 @@ def _armor_row(W: Any, H: Any, settings: Any, args: argparse.Namespace, device: 
     }
 
 
+def profile_shape(m: int, n: int, args: argparse.Namespace, device: Any) -> None:
+    """Print where ``factorize(num_iterations=1)`` spends its time, per precision: the ops'
+    self time against the start alone (``num_iterations=0``), so the iteration's ops stand out."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from armor_modifier.core import SolverSettings, factorize
+
+    W, H = make_problem(m, n, device, args.seed)
+    settings = SolverSettings(max_wrapper_overhead=args.budget, wrapper_block_size=args.block)
+    b = settings.block_size_for(m, n)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for precision in args.precisions:
+        run = settings.replace(wrapper_block_size=b, matmul_precision=precision)
+        totals = {}
+        for iterations in (0, 1):
+            with profile(activities=activities) as prof:
+                factorize(W, H=H, settings=run, num_iterations=iterations)
+                sync(device)
+            totals[iterations] = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+        extra = {k: v - totals[0].get(k, 0.0) for k, v in totals[1].items()}
+        top = sorted(extra.items(), key=lambda kv: -kv[1])[:15]
+        print(f"\n{m}x{n} b={b} {precision}: one iteration's self time by op, "
+              f"{sum(extra.values()):.2f} s in all")  # fmt: skip
+        for key, seconds in top:
+            print(f"  {seconds:8.3f} s  {key}")
+
+
 def warm_up(device: Any) -> None:
     """First-call costs (CUDA context, cuSOLVER/cuBLAS handles) kept out of the timings."""
     from armor_modifier.core import factorize, sparsegpt_prune
@@ -274,6 +306,10 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     warm_up(device)
+    if args.profile:
+        for m, n in shapes:
+            profile_shape(m, n, args, device)
+        return
     rows: list[dict[str, Any]] = []
     for m, n in shapes:
         for row in bench_shape(m, n, args, device):
