@@ -250,6 +250,22 @@ def test_another_runs_folder_is_refused_before_any_work(tiny_llama_folder, tmp_p
                     dataset=_dataset("armor"))  # fmt: skip
 
 
+@pytest.mark.integration
+def test_layer_files_of_another_run_are_not_loaded_without_run_json(tiny_llama_folder, tmp_path):
+    """run.json removed: the other recipe's layer files still say whose they are, and are
+    recomputed (the result is a fresh run's of the new recipe)."""
+    progress_dir = tmp_path / "progress"
+    _run(tiny_llama_folder, "armor", progress_dir)
+    (progress_dir / RUN_FILE).unlink()
+    fields = {"wrapper_block_size": 16, "num_iterations": 3, "objective": "output"}
+    other = [armor(ignore=["re:.*lm_head"], progress_dir=str(progress_dir), **fields)]
+    model = run_oneshot(tiny_llama_folder, other, dataset=_dataset("armor"))
+    assert other[0]._progress.loaded == [] and len(other[0]._progress.solved) == 2
+    fresh = run_oneshot(tiny_llama_folder, [armor(ignore=["re:.*lm_head"], **fields)],
+                        dataset=_dataset("armor"))  # fmt: skip
+    _assert_same(_state(fresh), _state(model))
+
+
 @pytest.mark.slow
 def test_the_armor_command_on_smollm2_resumes_bit_for_bit(tmp_path):
     """The real ``armor prune smollm2 --resume``: killed after layer 3, resumed, the armor-ct

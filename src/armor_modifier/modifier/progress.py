@@ -9,7 +9,8 @@ of solving it when the file's fingerprint matches what this run would solve from
 
 - ``run.json`` (written once): the package version, the recorded recipe (``modifier.settings()``),
   the targets and the number of ranks. Any difference refuses the folder before any work, with
-  the keys that differ;
+  the keys that differ. Every layer file also carries a digest of the same, so a file of another
+  run is not loaded even when ``run.json`` was deleted;
 - per layer: SHA-256 of the targets' dense weights and biases and of their calibration statistics
   (``h``, ``H`` and the token count as the solver reads them: rounded once to float32 from float64
   sums, so the order of the calibration batches does not matter; under torchrun every rank's, in
@@ -91,6 +92,11 @@ class LayerProgress:
         self.folder = Path(folder)
         self.rank, self.world = rank_and_world()
         self.run_info = {"format": FORMAT, **run_info, "world_size": self.world}
+        #: every layer file carries this, so a file of another run is never loaded even when
+        #: run.json was removed or replaced
+        self.run_digest = hashlib.sha256(
+            json.dumps(self.run_info, sort_keys=True).encode()
+        ).hexdigest()
         self.loaded: list[str] = []
         self.solved: list[str] = []
         #: wall time spent fingerprinting, reading and writing progress (the feature's own cost)
@@ -171,6 +177,7 @@ class LayerProgress:
             tensors[f"{name}.core"] = module.weight.detach().to("cpu").contiguous()
         metadata = {
             "format": FORMAT,
+            "run": self.run_digest,
             **fingerprint,
             "checksum": _digest([tensors[k] for k in sorted(tensors)]),
             "results": json.dumps([asdict(r) for r in results]),
@@ -209,6 +216,8 @@ class LayerProgress:
             return None, f"format {metadata.get('format')!r} is not {FORMAT!r}"
         if metadata.get("checksum") != _digest([tensors[k] for k in sorted(tensors)]):
             return None, "the stored tensors fail their checksum (corrupted)"
+        if metadata.get("run") != self.run_digest:
+            return None, "it was written by another run (recipe, version, targets or ranks differ)"
         for part, what in (("weights", "dense weights (another model?)"),
                            ("statistics", "calibration statistics (other calibration data?)")):
             if metadata.get(part) != fingerprint[part]:
