@@ -1,4 +1,4 @@
-"""``staging.py``: the stage-and-replace helper every writer of a model folder goes through.
+"""``armor_modifier.staging``: the stage-and-replace helper every model-folder writer goes through.
 
 Each behaviour on a few small files in ``tmp_path``: fresh and replaced targets, failures inside
 the block, leftovers of dead processes (made by hand with a pid that is not running), modes under
@@ -460,3 +460,20 @@ def test_re_save_keeps_links_that_lead_outside_the_folder(tmp_path):
     out.mkdir()
     assert copy_extra_files(target, out) == ["gone.md", "notes.md"]
     assert not os.path.lexists(out / "notes.md")
+
+
+def test_replace_file_is_whole_or_nothing(tmp_path):
+    path = tmp_path / "run.json"
+    staging.replace_file(path, lambda temporary: temporary.write_text("old"))
+    assert path.read_text() == "old"
+
+    def half_then_fail(temporary):
+        temporary.write_text("ne")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        staging.replace_file(path, half_then_fail)
+    assert path.read_text() == "old"
+    staging.replace_file(path, lambda temporary: temporary.write_text("new"))
+    assert path.read_text() == "new"
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]  # no temporary left

@@ -44,6 +44,7 @@ from torch import nn
 from armor_modifier.core.errors import ARMORValueError
 from armor_modifier.core.reconstruct import ReconstructionResult
 from armor_modifier.runtime import ARMOR_A, ARMOR_B
+from armor_modifier.staging import replace_file
 
 from .collectives import all_gather_objects, is_distributed, rank_and_world
 from .compressor import LinearCompressor
@@ -124,7 +125,8 @@ class LayerProgress:
             return
         if self.rank == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
-            _write_atomically(path, json.dumps(self.run_info, indent=1, sort_keys=True).encode())
+            text = json.dumps(self.run_info, indent=1, sort_keys=True)
+            replace_file(path, lambda temporary: temporary.write_text(text))
 
     def fingerprint(
         self, modules: Mapping[nn.Linear, str], statistics: Mapping[nn.Linear, InputStatistics]
@@ -186,13 +188,10 @@ class LayerProgress:
                  for r in reconstructions]
             ),  # fmt: skip
         }
-        path = self.folder / f"{key}.safetensors"
-        temporary = self.folder / f".{key}.{os.getpid()}.tmp"
-        try:
-            save_file(tensors, str(temporary), metadata=metadata)
-            _fsync_and_rename(temporary, path)
-        finally:
-            temporary.unlink(missing_ok=True)
+        replace_file(
+            self.folder / f"{key}.safetensors",
+            lambda temporary: save_file(tensors, str(temporary), metadata=metadata),
+        )
 
     def summary(self) -> str:
         return (
@@ -247,29 +246,6 @@ def _difference(key: str, stored: Any, mine: Any) -> str:
         keys = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
         return ", ".join(f"{key}.{k}: {stored.get(k)!r} there, {mine.get(k)!r} here" for k in keys)
     return f"{key}: {stored!r} there, {mine!r} here"
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        temporary.write_bytes(data)
-        _fsync_and_rename(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def _fsync_and_rename(temporary: Path, path: Path) -> None:
-    fd = os.open(temporary, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def process_unit(

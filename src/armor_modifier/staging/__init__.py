@@ -21,6 +21,8 @@ complete new one, also when the process is killed (SIGKILL) or interrupted (Ctrl
 
 A target that is a symbolic link to a folder is written through: what the link points to is
 replaced and the link stays. A dangling link, or a target that is a file, is refused.
+
+Single files (a resume run's layer files) are replaced whole with :func:`.files.replace_file`.
 """
 
 from __future__ import annotations
@@ -44,11 +46,14 @@ from loguru import logger
 
 from armor_modifier.core.errors import ARMORCheckpointError
 
+from .files import fsync_dir, fsync_file, replace_file
+
 __all__ = [
     "WEIGHT_FILE_SUFFIXES",
     "check_writable",
     "copy_extra_files",
     "interrupts_held",
+    "replace_file",
     "resolve_target",
     "staged_replace",
 ]
@@ -142,7 +147,7 @@ def _recover(target: Path) -> None:
     if olds and not target.exists():
         newest = max(olds, key=lambda p: p.stat().st_mtime)
         os.rename(newest, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         logger.warning(f"restored {target} from {newest.name}, left by an interrupted save")
         olds.remove(newest)
     for leftover in olds + _leftovers(target, _STAGE):
@@ -172,24 +177,9 @@ def _fsync_tree(root: Path) -> None:
     for folder, _dirs, files in os.walk(root):
         for name in files:
             path = os.path.join(folder, name)
-            if not stat.S_ISREG(os.lstat(path).st_mode):
-                continue  # links, and pipes whose open would block
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(folder))
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some file systems refuse fsync on folders; the rename still orders correctly
-    finally:
-        os.close(fd)
+            if stat.S_ISREG(os.lstat(path).st_mode):  # not links, nor pipes whose open blocks
+                fsync_file(path)
+        fsync_dir(Path(folder))
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -409,7 +399,7 @@ def staged_replace(target: str | os.PathLike, *, keep_extra_files: bool = False)
         _fsync_tree(stage)
         with interrupts_held():
             old = _swap_in(stage, path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
     finally:
         with interrupts_held():  # a second Ctrl-C must not leave half a folder behind
             _ACTIVE.discard(stage.name)
