@@ -25,7 +25,7 @@ from torch import nn
 from armor_modifier.core import SolverSettings
 from armor_modifier.core.errors import ARMORMemoryError
 
-__all__ = ["MemoryNeed", "available_bytes", "check_memory", "memory_needs"]
+__all__ = ["MemoryNeed", "available_bytes", "check_memory", "decoder_layer_name", "memory_needs"]
 
 #: float32 values one solve holds per weight entry and per ``H`` entry: an upper estimate of the
 #: peak resident memory of ``factorize`` (``benchmarks/solve_memory.py`` prints both side by side;
@@ -61,6 +61,13 @@ class MemoryNeed:
         return self.statistics + self.solve
 
 
+def decoder_layer_name(name: str) -> str | None:
+    """The decoder layer a module name lies in, by its first numbered component
+    (``model.layers.3.mlp.up_proj`` -> ``model.layers.3``), or ``None`` (``lm_head``)."""
+    match = _LAYER.match(name)
+    return match.group(1) if match else None
+
+
 def statistics_bytes(n: int, with_gram: bool) -> int:
     """Bytes of one Linear's :class:`~.stats.InputStatistics` (sums, count, optional gram)."""
     return 8 * n + 8 + (8 * n * n if with_gram else 0)
@@ -84,8 +91,7 @@ def memory_needs(
     """
     units: dict[str, list[str]] = {}
     for name in shapes:
-        match = _LAYER.match(name)
-        unit = "every target" if calibration == "dense" else match.group(1) if match else name
+        unit = "every target" if calibration == "dense" else decoder_layer_name(name) or name
         units.setdefault(unit, []).append(name)
     needs = []
     for unit, names in units.items():

@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
@@ -48,6 +47,7 @@ from armor_modifier.staging import replace_file
 
 from .collectives import all_gather_objects, is_distributed, rank_and_world
 from .compressor import LinearCompressor
+from .memory import decoder_layer_name
 from .reconstruction import LayerReconstruction, Reconstruction
 from .report import ARMORModuleResult
 from .stats import InputStatistics
@@ -56,16 +56,15 @@ __all__ = ["FORMAT", "LayerProgress", "StoredLayer", "layer_key", "process_unit"
 
 FORMAT = "1"
 RUN_FILE = "run.json"
-_LAYER = re.compile(r"^(.*?\.\d+)\.")
 StoredLayer = tuple[dict[str, tuple[torch.Tensor, ...]], list[ARMORModuleResult], list]
 
 
 def layer_key(names: Sequence[str]) -> str:
     """The file stem of a unit of work: its decoder layer (``model.layers.3``), or, for targets
     outside numbered layers or spanning several, the names joined and hashed."""
-    prefixes = {match.group(1) if (match := _LAYER.match(n)) else "" for n in names}
-    if len(prefixes) == 1 and "" not in prefixes:
-        return str(prefixes.pop())
+    layers = {decoder_layer_name(name) for name in names}
+    if len(layers) == 1 and None not in layers:
+        return str(layers.pop())
     return "targets-" + hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
