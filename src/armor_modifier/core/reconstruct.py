@@ -245,7 +245,7 @@ def reconstruct_layer(
     initial = [p.detach().clone() for p in params]
     best = initial
     best_error = initial_error = guard_error()
-    best_step, steps_run, rolled_back = 0, 0, False
+    best_step, steps_run, rolled_back, stale = 0, 0, False, 0
     history = [(0, initial_error)]
     if settings.steps > 0 and math.isfinite(initial_error):
         for p in params:
@@ -268,12 +268,11 @@ def reconstruct_layer(
                 if not math.isfinite(error):
                     rolled_back = True
                     break
+                stale = 0 if error < best_error else stale + 1  # evaluations since the best
                 if error < best_error:
                     best_error, best_step = error, step
                     best = [p.detach().clone() for p in params]
-                elif settings.patience and len(history) - 1 - _index(history, best_step) >= (
-                    settings.patience
-                ):
+                elif settings.patience and stale >= settings.patience:
                     break
         for p in params:
             p.requires_grad_(False)
@@ -329,11 +328,6 @@ def _step(
             if mask is not None:
                 p.mul_(mask)
     return total
-
-
-def _index(history: list[tuple[int, float]], step: int) -> int:
-    """Position of ``step``'s evaluation in ``history`` (0: the start)."""
-    return next(i for i, (s, _) in enumerate(history) if s == step)
 
 
 def _window_order(fit: list[int], settings: ReconstructionSettings):
