@@ -281,10 +281,10 @@ def test_a_target_outside_every_decoder_layer_is_refused(tmp_path: Path) -> None
 
 def test_every_armor_forward_is_the_block_diagonal_product() -> None:
     """The runtime's forward, wherever it runs: the hooks :func:`attach_wrappers` registers, the
-    hooks and core forward reconstruction swaps in for trainable tensors (``_trainable``), and the
-    exporter's ``FactoredLinear`` all compute ``block_diag(A) core block_diag(B) x + bias``
-    (brute force with ``torch.block_diag``, float64, unequal block sizes)."""
-    from armor_modifier.modifier.reconstruction import _trainable
+    hooks and core forward reconstruction swaps in for trainable tensors
+    (``trainable_factors``), and the exporter's ``FactoredLinear`` all compute
+    ``block_diag(A) core block_diag(B) x + bias`` (brute force with ``torch.block_diag``, float64, unequal block sizes)."""
+    from armor_modifier.modifier.reconstruction import trainable_factors
     from armor_modifier.onnx.modules import FactoredLinear
     from armor_modifier.runtime import attach_wrappers
 
@@ -312,7 +312,7 @@ def test_every_armor_forward_is_the_block_diagonal_product() -> None:
 
     moving = [randn(m, n), randn(2, 4, 4), randn(2, 6, 6)]
     names = [("l", linear, "weight"), ("l", linear, ARMOR_A), ("l", linear, ARMOR_B)]
-    with torch.no_grad(), _trainable({"l": linear}, names, moving):
+    with torch.no_grad(), trainable_factors({"l": linear}, names, moving):
         torch.testing.assert_close(linear(x), reference(moving[1], moving[0], moving[2]))
     with torch.no_grad():  # on exit the module's own factors are back
         torch.testing.assert_close(linear(x), reference(A, core, B))

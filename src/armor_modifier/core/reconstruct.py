@@ -41,6 +41,7 @@ __all__ = [
     "TARGETS",
     "ReconstructionResult",
     "ReconstructionSettings",
+    "fit_guarded",
     "guard_split",
     "reconstruct_layer",
 ]
@@ -230,18 +231,59 @@ def reconstruct_layer(
     :param progress: called as ``progress(step, loss)`` after every step
     :return: the guard errors before and after, the step kept and whether it was accepted
     """
-    start = time.perf_counter()
     fit, guard = guard_split(len(inputs), settings.guard_fraction)
     scale = [
         float((t.double() - x.double()).pow(2).sum()) for x, t in zip(inputs, targets, strict=True)
     ]
     guard_scale = sum(scale[i] for i in guard) or 1.0
+    low_precision = settings.precision == "bfloat16"
 
     def guard_error() -> float:
         with torch.no_grad():
             total = sum(float((run(i).double() - targets[i].double()).pow(2).sum()) for i in guard)
         return total / guard_scale
 
+    def batch_backward(batch: list[int]) -> float:
+        """The batch's summed loss, its gradient accumulated (one backward per window)."""
+        denominator = sum(scale[i] for i in batch) or 1.0
+        total = 0.0
+        for i in batch:
+            device = targets[i].device.type
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=low_precision):
+                out = run(i)
+            loss = (out.to(targets[i].dtype) - targets[i]).pow(2).sum() / denominator
+            loss.backward()
+            total += float(loss.detach())
+        return total
+
+    return fit_guarded(batch_backward, guard_error, fit, params, masks, settings, progress)
+
+
+def fit_guarded(
+    batch_backward: Callable[[list[int]], float],
+    guard_error: Callable[[], float],
+    fit: list[int],
+    params: Sequence[torch.Tensor],
+    masks: Sequence[torch.Tensor | None],
+    settings: ReconstructionSettings,
+    progress: Callable[[int, float], None] | None = None,
+) -> ReconstructionResult:
+    """The guarded Adam fit behind :func:`reconstruct_layer` and model-level distillation.
+
+    Refines ``params`` in place and keeps the iterate with the lowest ``guard_error()`` (the
+    start unless one is strictly lower); masked entries stay zero; a non-finite loss, step or
+    guard error restores the start.
+
+    :param batch_backward: ``batch -> loss``: the loss of the fit windows ``batch`` (indices
+        drawn from ``fit``), its gradient accumulated into ``params`` (``backward`` called)
+    :param guard_error: the held-out error of the current ``params`` (no gradient)
+    :param fit: the window indices the fit draws from (a seeded permutation per pass)
+    :param params: leaf float tensors that both callables read; updated in place
+    :param masks: per parameter, a 0/1 tensor of its shape (frozen zeros) or ``None``
+    :param settings: steps, learning rate, windows per step, evaluation period, patience, seed
+    :param progress: called as ``progress(step, loss)`` after every step
+    """
+    start = time.perf_counter()
     initial = [p.detach().clone() for p in params]
     best = initial
     best_error = initial_error = guard_error()
@@ -254,8 +296,7 @@ def reconstruct_layer(
         order = _window_order(fit, settings)
         for step in range(1, settings.steps + 1):
             batch = [next(order) for _ in range(min(settings.windows_per_step, len(fit)))]
-            loss = _step(run, targets, batch, scale, optimizer, params, masks,
-                         low_precision=settings.precision == "bfloat16")  # fmt: skip
+            loss = _step(batch_backward, batch, optimizer, params, masks)
             steps_run = step
             if not math.isfinite(loss) or not all(bool(torch.isfinite(p).all()) for p in params):
                 rolled_back = True
@@ -294,29 +335,15 @@ def reconstruct_layer(
 
 
 def _step(
-    run: Callable[[int], torch.Tensor],
-    targets: Sequence[torch.Tensor],
+    batch_backward: Callable[[list[int]], float],
     batch: list[int],
-    scale: list[float],
     optimizer: torch.optim.Optimizer,
     params: Sequence[torch.Tensor],
     masks: Sequence[torch.Tensor | None],
-    low_precision: bool = False,
 ) -> float:
-    """One Adam step on the summed loss of ``batch`` (one backward per window); returns the loss.
-
-    ``low_precision``: ``run`` under bfloat16 autocast (its matrix products, forward and
-    backward), the loss from its output cast back to float32."""
+    """One Adam step on ``batch``'s loss (masked gradients and values); returns the loss."""
     optimizer.zero_grad(set_to_none=True)
-    denominator = sum(scale[i] for i in batch) or 1.0
-    total = 0.0
-    for i in batch:
-        device = targets[i].device.type
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=low_precision):
-            out = run(i)
-        loss = (out.to(targets[i].dtype) - targets[i]).pow(2).sum() / denominator
-        loss.backward()
-        total += float(loss.detach())
+    total = batch_backward(batch)
     if not math.isfinite(total):
         return total
     for p, mask in zip(params, masks, strict=True):

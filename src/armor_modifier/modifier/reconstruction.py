@@ -226,21 +226,7 @@ class Reconstruction:
             for rel, module in layer.named_modules()
             if isinstance(module, nn.Linear) and is_armor_linear(module)
         }
-        moving = self.settings.parameters
-        params: list[torch.Tensor] = []
-        masks: list[torch.Tensor | None] = []
-        names: list[tuple[str, nn.Linear, str]] = []
-        for rel, module in linears.items():
-            if moving in ("all", "core"):
-                weight = module.weight.detach().float().clone()
-                params.append(weight)
-                masks.append((weight != 0).float())
-                names.append((rel, module, "weight"))
-            if moving in ("all", "wrappers"):
-                for buffer in (ARMOR_A, ARMOR_B):
-                    params.append(getattr(module, buffer).detach().float().clone())
-                    masks.append(None)
-                    names.append((rel, module, buffer))
+        params, masks, names = factor_parameters(linears, self.settings.parameters)
 
         def run(i: int) -> torch.Tensor:
             return self.capture.forward(layer, i, capture)
@@ -258,7 +244,7 @@ class Reconstruction:
         )
         inputs = capture.inputs()
         try:
-            with torch.enable_grad(), _trainable(linears, names, params):
+            with torch.enable_grad(), trainable_factors(linears, names, params):
                 result = reconstruct_layer(
                     run,
                     inputs,
@@ -278,13 +264,43 @@ class Reconstruction:
             result = all_gather_objects(result)[0]
         done = LayerReconstruction(name, result, len(capture.outputs))
         if result.accepted:
-            _write_back(linears, names, params)
+            write_back_factors(linears, names, params)
         self.reconstructions.append(done)
         if rank == 0:
             logger.info(done.log_line())
 
 
-def _write_back(linears: dict[str, nn.Linear], names: list, params: list[torch.Tensor]) -> None:
+def factor_parameters(
+    linears: dict[str, nn.Linear], moving: str
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[tuple[str, nn.Linear, str]]]:
+    """Float32 copies of what moves in ``linears`` (``moving``: 'all', 'wrappers' or 'core').
+
+    :return: ``(params, masks, names)``: per tensor a core (its 0/1 mask, so it stays 2:4) or
+        a wrapper ``A [p, b, b]`` / ``B [q, b, b]`` (mask ``None``), named ``(key, module,
+        'weight' | 'armor_A' | 'armor_B')``
+    """
+    params: list[torch.Tensor] = []
+    masks: list[torch.Tensor | None] = []
+    names: list[tuple[str, nn.Linear, str]] = []
+    for rel, module in linears.items():
+        if moving in ("all", "core"):
+            weight = module.weight.detach().float().clone()
+            params.append(weight)
+            masks.append((weight != 0).float())
+            names.append((rel, module, "weight"))
+        if moving in ("all", "wrappers"):
+            for buffer in (ARMOR_A, ARMOR_B):
+                params.append(getattr(module, buffer).detach().float().clone())
+                masks.append(None)
+                names.append((rel, module, buffer))
+    return params, masks, names
+
+
+def write_back_factors(
+    linears: dict[str, nn.Linear], names: list, params: list[torch.Tensor]
+) -> None:
+    """Give every module of ``linears`` the values in ``params`` (named as by
+    :func:`factor_parameters`), its own for the rest."""
     values = {(rel, attr): p for (rel, _, attr), p in zip(names, params, strict=True)}
     for rel, module in linears.items():
         A = values.get((rel, ARMOR_A), getattr(module, ARMOR_A))
@@ -294,7 +310,7 @@ def _write_back(linears: dict[str, nn.Linear], names: list, params: list[torch.T
 
 
 @contextmanager
-def _trainable(
+def trainable_factors(
     linears: dict[str, nn.Linear],
     names: list[tuple[str, nn.Linear, str]],
     params: list[torch.Tensor],
