@@ -283,7 +283,8 @@ def test_every_armor_forward_is_the_block_diagonal_product() -> None:
     """The runtime's forward, wherever it runs: the hooks :func:`attach_wrappers` registers, the
     hooks and core forward reconstruction swaps in for trainable tensors
     (``trainable_factors``), and the exporter's ``FactoredLinear`` all compute
-    ``block_diag(A) core block_diag(B) x + bias`` (brute force with ``torch.block_diag``, float64, unequal block sizes)."""
+    ``block_diag(A) core block_diag(B) x + bias`` (brute force with ``torch.block_diag``,
+    float64, unequal block sizes)."""
     from armor_modifier.modifier.reconstruction import trainable_factors
     from armor_modifier.onnx.modules import FactoredLinear
     from armor_modifier.runtime import attach_wrappers
