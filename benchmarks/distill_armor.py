@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--armor", required=True, help="the armor-ct folder to refine")
     parser.add_argument("--output", required=True, help="folder for the refined armor-ct")
     parser.add_argument("--dense", default="smollm2", help="the dense model (folder or 'smollm2')")
-    parser.add_argument("--dataset", default="wikivital", help="calibration text (train split)")
+    parser.add_argument("--dataset", default="wikivital", help="calibration text(s), as armor prune's --dataset")
     parser.add_argument("--num-samples", type=int, default=64, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     parser.add_argument("--seed", type=int, default=0, help="window sampling and order seed")
@@ -45,7 +45,12 @@ def main() -> None:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
-    from armor_modifier.calibration import calibration_samples, load_model, load_text
+    from armor_modifier.calibration import (
+        calibration_samples,
+        load_model,
+        load_text,
+        split_sources,
+    )
     from armor_modifier.core.reconstruct import ReconstructionSettings
     from armor_modifier.modifier.distillation import distill_model, teacher_states
 
@@ -56,8 +61,8 @@ def main() -> None:
         precision=args.precision, seed=args.seed,
     )  # fmt: skip
     dense = load_model(args.dense)
-    text = load_text(args.dataset, "train")
-    rows = calibration_samples(dense.tokenizer, text, args.num_samples, args.seq_len,
+    texts = [load_text(part, "train") for part in split_sources(args.dataset)]
+    rows = calibration_samples(dense.tokenizer, texts, args.num_samples, args.seq_len,
                                seed=args.seed)["input_ids"]  # fmt: skip
     windows = [torch.tensor(row, dtype=torch.long).unsqueeze(0) for row in rows]
     start = time.perf_counter()

@@ -229,6 +229,27 @@ def test_calibration_samples_shape_seed_and_content() -> None:
     assert other["input_ids"] != rows
 
 
+def test_a_mixed_calibration_set_shares_the_windows_equally(tmp_path) -> None:
+    from armor_modifier.calibration import split_sources
+
+    letters = "".join(chr(ord("a") + i % 26) for i in range(300))
+    digits = "".join(str(i % 10) for i in range(300))
+    mixed = calibration_samples(CharTokenizer(), [letters, digits], 5, 16, seed=3)["input_ids"]
+    # 3 + 2 windows, each text's drawn as for that text alone with its count
+    alone = [calibration_samples(CharTokenizer(), t, n, 16, seed=3)["input_ids"]
+             for t, n in ((letters, 3), (digits, 2))]  # fmt: skip
+    assert list(mixed) == list(alone[0]) + list(alone[1])
+    assert split_sources("wikivital+ptb") == ["wikivital", "ptb"]
+    assert split_sources("ptb") == ["ptb"]
+    odd = tmp_path / "a+b.txt"
+    odd.write_text(letters)
+    assert split_sources(str(odd)) == [str(odd)]
+    with pytest.raises(ValueError, match="'wikivital\\+' has an empty part"):
+        split_sources("wikivital+")
+    with pytest.raises(ValueError, match=r"num_samples \(1\) must be at least the number"):
+        calibration_samples(CharTokenizer(), [letters, digits], 1, 16)
+
+
 def test_calibration_samples_text_too_short() -> None:
     with pytest.raises(ValueError, match=r"seq_len=16 tokens but the text has 5"):
         calibration_samples(CharTokenizer(), "short", num_samples=1, seq_len=16)

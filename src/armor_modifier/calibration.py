@@ -4,12 +4,14 @@
 - :func:`load_text`: a local UTF-8 text file or ``"hf:<name>[:<config>]"`` (the Hugging Face
   hub); the benchmark texts ``"wikivital"`` and ``"ptb"`` come from the separate benchmark
   harness (``harness/`` in the repository), used here only where it is installed.
-- :func:`calibration_samples`: random token windows of a text, as ``oneshot``'s dataset.
+- :func:`calibration_samples`: random token windows of a text (or of several, in equal shares:
+  :func:`split_sources` reads ``"wikivital+ptb"``), as ``oneshot``'s dataset.
 """
 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -180,8 +182,26 @@ def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
     return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
 
 
+def split_sources(dataset: str) -> list[str]:
+    """The text sources of a calibration ``dataset`` name: ``"wikivital+ptb"`` -> both (equal
+    shares of the windows, :func:`calibration_samples`); an existing file's path is one source
+    even when its name holds a ``+``.
+
+    :raises ARMORValueError: an empty part (``"wikivital+"``)
+    """
+    if "+" not in dataset or Path(dataset).expanduser().is_file():
+        return [dataset]
+    parts = dataset.split("+")
+    if not all(parts):
+        raise ARMORValueError(
+            f"calibration source {dataset!r} has an empty part; join sources with one '+', "
+            'e.g. "wikivital+ptb"'
+        )
+    return parts
+
+
 def calibration_samples(
-    tokenizer: Any, text: str, num_samples: int, seq_len: int, seed: int = 0
+    tokenizer: Any, text: str | Sequence[str], num_samples: int, seq_len: int, seed: int = 0
 ) -> Dataset:
     """Random token windows of a text, as a tokenized dataset for ``oneshot(dataset=...)``.
 
@@ -190,18 +210,42 @@ def calibration_samples(
     offset (``torch.Generator`` seeded with ``seed``; windows may overlap). llm-compressor uses a
     dataset with an ``input_ids`` column as is, without re-tokenizing.
 
+    Several texts (a mixed calibration set) share the windows equally, the first texts taking
+    the remainder; each text's windows are drawn as for that text alone with its count, and
+    they follow one another in the order of the texts.
+
     :param tokenizer: a Hugging Face tokenizer.
-    :param text: the calibration text, e.g. ``load_text("wikivital", "train")``.
-    :param num_samples: number of windows.
+    :param text: the calibration text, e.g. ``load_text("wikivital", "train")``, or several.
+    :param num_samples: number of windows (at least one per text).
     :param seq_len: tokens per window.
     :param seed: seed of the window offsets.
     :return: a ``datasets.Dataset`` with ``num_samples`` rows of ``input_ids`` and
         ``attention_mask`` (all ones), each a list of ``seq_len`` ints.
     """
+    texts = [text] if isinstance(text, str) else list(text)
     if num_samples < 1 or seq_len < 1:
         raise ARMORValueError(
             f"num_samples ({num_samples}) and seq_len ({seq_len}) must both be at least 1."
         )
+    if not texts or num_samples < len(texts):
+        raise ARMORValueError(
+            f"num_samples ({num_samples}) must be at least the number of calibration texts "
+            f"({len(texts)}): each text gets an equal share of the windows"
+        )
+    shares = [num_samples // len(texts) + (k < num_samples % len(texts)) for k in range(len(texts))]
+    windows = torch.cat([
+        _windows(tokenizer, t, count, seq_len, seed) for t, count in zip(texts, shares, strict=True)
+    ])
+
+    from datasets import Dataset
+
+    return Dataset.from_dict(
+        {"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()}
+    )
+
+
+def _windows(tokenizer: Any, text: str, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``[num_samples, seq_len]`` token windows at seeded random offsets of one text."""
     ids = tokenize_text(tokenizer, text)
     if ids.numel() < seq_len:
         raise ARMORValueError(
@@ -210,10 +254,4 @@ def calibration_samples(
         )
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seq_len + 1, (num_samples,), generator=generator)
-    windows = torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
-
-    from datasets import Dataset
-
-    return Dataset.from_dict(
-        {"input_ids": windows.tolist(), "attention_mask": torch.ones_like(windows).tolist()}
-    )
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])

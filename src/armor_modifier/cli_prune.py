@@ -65,7 +65,8 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
         "--dataset",
         default="wikivital",
         help="'wikivital' (default), 'ptb', a local text file, or "
-        "'hf:NAME[:CONFIG]'; the train split is used",
+        "'hf:NAME[:CONFIG]', or several joined by '+' sharing the windows equally "
+        "('wikivital+ptb'); the train split is used",
     )
     data.add_argument(
         "--num-samples", type=int, default=16, help="calibration windows (default 16)"

@@ -29,6 +29,7 @@ from .calibration import (
     load_model,
     load_text,
     require_harness,
+    split_sources,
 )
 from .core.errors import ARMORValueError
 from .core.options import setting_rows
@@ -261,7 +262,8 @@ def prune(
     :param output: the armor-ct folder to write (staged, swapped in at the end); ``None``: none.
     :param tokenizer: the model's tokenizer (default: loaded with the model).
     :param dataset: the calibration text (``'wikivital'``, ``'ptb'``, a text file,
-        ``'hf:NAME[:CONFIG]'``; its train split, cut into random windows) or a tokenized
+        ``'hf:NAME[:CONFIG]'``, or several joined by ``+`` sharing the windows equally; the train
+        split, cut into random windows) or a tokenized
         ``datasets.Dataset`` with ``input_ids`` used as it is.
     :param num_samples: calibration windows (of a text).
     :param seq_len: tokens per calibration window.
@@ -298,19 +300,24 @@ def prune(
             seed=seed, quantize=quantize, settings=settings, reconstruction=reconstruction,
             **fields,
         )  # fmt: skip
-    text = dataset if isinstance(dataset, str | os.PathLike) else None
-    if text is not None:
-        text = load_text(os.fspath(text), "train")
+    texts = None
+    if isinstance(dataset, str | os.PathLike):
+        texts = [load_text(part, "train") for part in split_sources(os.fspath(dataset))]
+        if num_samples < len(texts):
+            raise ARMORValueError(
+                f"num_samples ({num_samples}) is below the {len(texts)} calibration texts of "
+                f"{os.fspath(dataset)!r}; each needs at least one window"
+            )
     loaded, tokenizer = load_model_and_tokenizer(model, tokenizer)
     limit = getattr(getattr(loaded, "config", None), "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
         raise ARMORValueError(f"seq_len {seq_len} is above the model's context of {limit} tokens")
-    if text is not None:
-        dataset = calibration_samples(tokenizer, text, num_samples, seq_len, seed=seed)
+    if texts is not None:
+        dataset = calibration_samples(tokenizer, texts, num_samples, seq_len, seed=seed)
     from llmcompressor import oneshot
 
     start = time.perf_counter()
-    count = num_samples if text is not None else len(dataset)
+    count = num_samples if texts is not None else len(dataset)
     oneshot(model=loaded, processor=tokenizer, dataset=dataset, recipe=modifiers,
             num_calibration_samples=count, max_seq_length=seq_len)  # fmt: skip
     seconds = time.perf_counter() - start
