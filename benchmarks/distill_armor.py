@@ -26,7 +26,8 @@ def main() -> None:
     parser.add_argument("--armor", required=True, help="the armor-ct folder to refine")
     parser.add_argument("--output", required=True, help="folder for the refined armor-ct")
     parser.add_argument("--dense", default="smollm2", help="the dense model (folder or 'smollm2')")
-    parser.add_argument("--dataset", default="wikivital", help="calibration text(s), as armor prune's --dataset")
+    parser.add_argument("--dataset", default="wikivital",
+                        help="calibration text(s), as armor prune's --dataset")
     parser.add_argument("--num-samples", type=int, default=64, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     parser.add_argument("--seed", type=int, default=0, help="window sampling and order seed")
