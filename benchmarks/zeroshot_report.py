@@ -7,6 +7,9 @@ accuracy drop from dense that the row recovers (``-`` when that drop is itself w
 combined standard error); the same for the mean without BoolQ, whose accuracy on small models
 tracks their bias towards "yes" or "no" more than reading. A difference to SparseGPT smaller than
 one combined standard error ``sqrt(se_a^2 + se_b^2)`` is marked with ``~`` (within noise).
+With per-example scores in the files, two more tables: each row against SparseGPT on the same
+examples (paired), and how closely each row's answers follow the dense model's
+(:func:`fidelity`: same choice, choice KL).
 
 Usage::
 
@@ -70,6 +73,50 @@ def paired(a: dict, b: dict, skip: str | None = None) -> tuple[float, float] | N
         errors.append(math.sqrt(var / len(d)))
     k = len(diffs)
     return sum(diffs) / k, math.sqrt(sum(e**2 for e in errors)) / k
+
+
+def fidelity(row: dict, dense: dict) -> tuple[float, float] | None:
+    """How closely a model's answers follow the dense model's on the same examples, from the
+    per-example choice log-likelihoods of both (``None`` when a file has none): the share of
+    examples whose highest-likelihood choice is dense's, and the mean over examples of
+    ``KL(softmax(dense's choice log-likelihoods) || softmax(the row's))`` in nats, each averaged
+    over the tasks. Neither needs the gold answer, so both are less noisy than accuracy."""
+    agree, kls = [], []
+    for sa in row["scores"]:
+        sb = next(x for x in dense["scores"] if x["task"] == sa["task"])
+        if not sa.get("loglikelihoods") or not sb.get("loglikelihoods"):
+            return None
+        same, kl = [], []
+        for key, q in sa["loglikelihoods"].items():
+            p = sb["loglikelihoods"][key]
+            same.append(float(max(range(len(q)), key=q.__getitem__)
+                              == max(range(len(p)), key=p.__getitem__)))  # fmt: skip
+            log_p, log_q = _log_softmax(p), _log_softmax(q)
+            kl.append(sum(math.exp(a) * (a - b) for a, b in zip(log_p, log_q, strict=True)))
+        agree.append(sum(same) / len(same))
+        kls.append(sum(kl) / len(kl))
+    return sum(agree) / len(agree), sum(kls) / len(kls)
+
+
+def _log_softmax(values: list[float]) -> list[float]:
+    top = max(values)
+    total = top + math.log(sum(math.exp(v - top) for v in values))
+    return [v - total for v in values]
+
+
+def fidelity_table(rows: dict[str, dict], dense: str = "dense") -> str:
+    """Markdown: agreement with dense's choice and the choice KL to dense, per row."""
+    if dense not in rows:
+        return ""
+    lines = ["| method | same choice as dense | choice KL to dense (nats) |", "|---|---|---|"]
+    for name, row in rows.items():
+        if name == dense:
+            continue
+        found = fidelity(row["zero_shot"], rows[dense]["zero_shot"])
+        if found is None:
+            return ""
+        lines.append(f"| {name} | {100 * found[0]:.1f} % | {found[1]:.4f} |")
+    return "\n".join(lines)
 
 
 def paired_table(rows: dict[str, dict], baseline: str = "sparsegpt") -> str:
@@ -157,9 +204,9 @@ def main() -> None:
     args = parser.parse_args()
     rows = load(args.results)
     print(table(rows))
-    extra = paired_table(rows)
-    if extra:
-        print("\n" + extra)
+    for extra in (paired_table(rows), fidelity_table(rows)):
+        if extra:
+            print("\n" + extra)
     if args.plot is not None:
         plot(rows, args.plot)
 
