@@ -46,14 +46,10 @@ def main() -> None:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM
 
-    from armor_modifier.calibration import (
-        calibration_samples,
-        load_model,
-        load_text,
-        split_sources,
-    )
+    from armor_modifier.calibration import calibration_samples, load_text, split_sources
     from armor_modifier.core.reconstruct import ReconstructionSettings
     from armor_modifier.modifier.distillation import distill_model, teacher_states
+    from armor_modifier.pruning import load_model_and_tokenizer
 
     settings = ReconstructionSettings(
         steps=args.steps, learning_rate=args.learning_rate,
@@ -61,13 +57,13 @@ def main() -> None:
         guard_fraction=args.guard_fraction, eval_every=args.eval_every,
         precision=args.precision, seed=args.seed,
     )  # fmt: skip
-    dense = load_model(args.dense)
+    dense, tokenizer = load_model_and_tokenizer(args.dense)
     texts = [load_text(part, "train") for part in split_sources(args.dataset)]
-    rows = calibration_samples(dense.tokenizer, texts, args.num_samples, args.seq_len,
+    rows = calibration_samples(tokenizer, texts, args.num_samples, args.seq_len,
                                seed=args.seed)["input_ids"]  # fmt: skip
     windows = [torch.tensor(row, dtype=torch.long).unsqueeze(0) for row in rows]
     start = time.perf_counter()
-    states = teacher_states(dense.model, windows)
+    states = teacher_states(dense, windows)
     teacher_seconds = time.perf_counter() - start
     del dense
     model = AutoModelForCausalLM.from_pretrained(args.armor, dtype=torch.float32)
