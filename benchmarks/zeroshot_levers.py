@@ -3,10 +3,11 @@
 Each row is one evaluation file (``NAME=FILE``, the order of the command line) with what made it
 and what that cost (``--what NAME=TEXT``, ``--seconds NAME=S``). A row gets the perplexities the
 file holds, each task's headline accuracy and standard error, the seven-task mean, the share of
-SparseGPT's mean drop from dense it recovers, the mean paired difference to SparseGPT on the same
-examples, and how closely it follows the dense model's answers (``zeroshot_report.fidelity``:
-same choice, choice KL). The header (title, protocol, command) comes from ``--header``, a JSON
-file, so that the command written down is the one that ran.
+SparseGPT's mean drop from dense it recovers (``-`` when that drop is within noise), the mean
+paired difference to SparseGPT on the same examples, and how closely it follows the dense model's
+answers (``zeroshot_report.fidelity``: same choice, choice KL). The header (title, protocol,
+command) comes from ``--header``, a JSON file, so that the command written down is the one that
+ran.
 
 Usage::
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from zeroshot_report import fidelity, paired  # noqa: E402
+from zeroshot_report import fidelity, paired, recovered  # noqa: E402
 
 
 def _pairs(items: list[str], what: str) -> dict[str, str]:
@@ -62,8 +63,8 @@ def rows_of(files: dict[str, Path], what: dict[str, str], seconds: dict[str, str
         if name in seconds:
             row["seconds"] = float(seconds[name])
         if dense is not None and base is not None and name not in ("dense", "sparsegpt"):
-            drop = dense["mean"] - base["mean"]
-            row["drop_recovered"] = round((zs["mean"] - base["mean"]) / drop, 3)
+            row["drop_recovered"] = recovered(zs["mean"], (base["mean"], base["mean_stderr"]),
+                                              (dense["mean"], dense["mean_stderr"]))  # fmt: skip
         if base is not None and name != "sparsegpt":
             found = paired(zs, base)
             if found is not None:

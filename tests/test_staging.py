@@ -441,17 +441,17 @@ def test_export_dense_refuses_a_destination_inside_its_source(tmp_path, where):
 
 
 def test_re_save_keeps_links_that_lead_outside_the_folder(tmp_path):
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    (shared / "notes.md").write_text("mine")
+    sibling = tmp_path / "sibling"
+    sibling.mkdir()
+    (sibling / "notes.md").write_text("mine")
     target = tmp_path / "model"
     with staged_replace(target) as stage:
         (stage / "model.safetensors").write_text("v1")
-    (target / "notes.md").symlink_to("../shared/notes.md")
+    (target / "notes.md").symlink_to("../sibling/notes.md")
     (target / "gone.md").symlink_to("../nowhere.md")
     with staged_replace(target, keep_extra_files=True) as stage:
         (stage / "model.safetensors").write_text("v2")
-    assert os.readlink(target / "notes.md") == "../shared/notes.md"
+    assert os.readlink(target / "notes.md") == "../sibling/notes.md"
     assert (target / "notes.md").read_text() == "mine"
     assert os.readlink(target / "gone.md") == "../nowhere.md"
     assert (target / "model.safetensors").read_text() == "v2"

@@ -200,6 +200,18 @@ def split_sources(dataset: str) -> list[str]:
     return parts
 
 
+def check_shares(num_samples: int, num_texts: int) -> None:
+    """Refuse fewer windows than calibration texts (each text needs at least one).
+
+    :raises ARMORValueError: naming both counts
+    """
+    if num_texts < 1 or num_samples < num_texts:
+        raise ARMORValueError(
+            f"num_samples ({num_samples}) must be at least the number of calibration texts "
+            f"({num_texts}): each text gets an equal share of the windows"
+        )
+
+
 def calibration_samples(
     tokenizer: Any, text: str | Sequence[str], num_samples: int, seq_len: int, seed: int = 0
 ) -> Dataset:
@@ -227,11 +239,7 @@ def calibration_samples(
         raise ARMORValueError(
             f"num_samples ({num_samples}) and seq_len ({seq_len}) must both be at least 1."
         )
-    if not texts or num_samples < len(texts):
-        raise ARMORValueError(
-            f"num_samples ({num_samples}) must be at least the number of calibration texts "
-            f"({len(texts)}): each text gets an equal share of the windows"
-        )
+    check_shares(num_samples, len(texts))
     shares = [num_samples // len(texts) + (k < num_samples % len(texts)) for k in range(len(texts))]
     windows = torch.cat([
         _windows(tokenizer, t, count, seq_len, seed) for t, count in zip(texts, shares, strict=True)

@@ -26,6 +26,7 @@ from typing import Any
 from .calibration import (
     BENCHMARK_MODELS,
     calibration_samples,
+    check_shares,
     load_model,
     load_text,
     require_harness,
@@ -302,12 +303,9 @@ def prune(
         )  # fmt: skip
     texts = None
     if isinstance(dataset, str | os.PathLike):
-        texts = [load_text(part, "train") for part in split_sources(os.fspath(dataset))]
-        if num_samples < len(texts):
-            raise ARMORValueError(
-                f"num_samples ({num_samples}) is below the {len(texts)} calibration texts of "
-                f"{os.fspath(dataset)!r}; each needs at least one window"
-            )
+        sources = split_sources(os.fspath(dataset))
+        check_shares(num_samples, len(sources))
+        texts = [load_text(part, "train") for part in sources]
     loaded, tokenizer = load_model_and_tokenizer(model, tokenizer)
     limit = getattr(getattr(loaded, "config", None), "max_position_embeddings", None)
     if limit is not None and seq_len > limit:

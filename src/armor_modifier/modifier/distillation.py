@@ -105,10 +105,10 @@ def distill_model(
     :raises ARMORValueError: no ARMOR Linear, a pruned head, or windows and states that differ
     """
     head = _head(model)
-    linears = {k: m for k, m in armor_linears(model).items() if m is not head}
+    linears = armor_linears(model)
     if not linears:
         raise ARMORValueError("the model has no ARMOR Linear to distill; prune it first")
-    if len(linears) != len(armor_linears(model)):
+    if head in linears.values():
         raise ARMORValueError("the output head carries ARMOR wrappers; distillation needs it dense")
     if len(windows) != len(states):
         raise ARMORValueError(

@@ -40,6 +40,7 @@ from armor_modifier.core.settings import derived_seed
 from armor_modifier.runtime import (
     ARMOR_A,
     ARMOR_B,
+    armor_linears,
     detach_wrappers,
     forward_with_core,
     hook_wrappers,
@@ -221,11 +222,7 @@ class Reconstruction:
         """
         if is_distributed():
             capture, targets = _gathered(capture, targets)
-        linears = {
-            rel: module
-            for rel, module in layer.named_modules()
-            if isinstance(module, nn.Linear) and is_armor_linear(module)
-        }
+        linears = armor_linears(layer)
         params, masks, names = factor_parameters(linears, self.settings.parameters)
 
         def run(i: int) -> torch.Tensor:
