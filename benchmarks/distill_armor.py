@@ -47,12 +47,12 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from armor_modifier.calibration import calibration_samples, load_text, split_sources
-    from armor_modifier.core.reconstruct import ReconstructionSettings
+    from armor_modifier.core.distill_settings import DistillationSettings
     from armor_modifier.modifier.distillation import distill_model, teacher_states
     from armor_modifier.pruning import load_model_and_tokenizer
 
-    settings = ReconstructionSettings(
-        steps=args.steps, learning_rate=args.learning_rate,
+    settings = DistillationSettings(
+        steps=args.steps, num_samples=args.num_samples, learning_rate=args.learning_rate,
         windows_per_step=args.windows_per_step, parameters=args.parameters,
         guard_fraction=args.guard_fraction, eval_every=args.eval_every,
         precision=args.precision, seed=args.seed,

@@ -130,6 +130,19 @@ def test_prune_eval_and_export_end_to_end(tiny_folder, text_file, tmp_path, caps
     assert _perplexity_row(capsys.readouterr().out) != pruned_ppl  # pruning changed the model
 
 
+def test_prune_with_distillation_prints_the_held_out_kl(tiny_folder, text_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["prune", str(tiny_folder), "--dataset", str(text_file), "--num-samples", "4",
+                 "--seq-len", str(SEQ_LEN), "--wrapper-block-size", "16", "--num-iterations", "1",
+                 "--distill-steps", "4", "--distill-num-samples", "8", "--distill-eval-every",
+                 "2", "--distill-learning-rate", "1e-3", "--output", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("distilled in"))
+    before, after = (float(v) for v in re.findall(r"(\d+\.\d+) (?:->|nats)", line))
+    assert after <= before, line
+    assert (out / "config.json").is_file()
+
+
 def _perplexity_row(out: str) -> float:
     """The perplexity printed in ``armor eval``'s one table row of 2 windows."""
     rows = [line for line in out.splitlines() if re.match(rf"\| .+ \| 2 x {SEQ_LEN} \| ", line)]
@@ -154,6 +167,8 @@ def _perplexity_row(out: str) -> float:
         ("--reconstruction-steps", "-1", "reconstruction_steps must be an integer >= 0, got -1"),
         ("--reconstruction-guard-fraction", "1.5", "guard_fraction must be in (0, 1), got 1.5"),
         ("--reconstruction-learning-rate", "0", "learning_rate must be a finite number > 0"),
+        ("--distill-steps", "-2", "distill_steps must be an integer >= 0, got -2"),
+        ("--distill-learning-rate", "inf", "distill_learning_rate must be a finite number > 0"),
     ],
 )
 def test_prune_bad_solver_option_names_field_value_and_rule(

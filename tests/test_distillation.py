@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import armor_modifier
+from armor_modifier.core.distill_settings import DistillationSettings
 from armor_modifier.core.errors import ARMORValueError
-from armor_modifier.core.reconstruct import ReconstructionSettings, guard_split
+from armor_modifier.core.reconstruct import guard_split
 from armor_modifier.core.sparsity import count_broken_groups
 from armor_modifier.runtime import armor_linears
 from tiny_llama import SEQ_LEN, calibration_dataset, load_tiny_llama, sample_input
@@ -54,8 +55,9 @@ def test_distillation_lowers_the_guard_kl_keeps_2to4_and_saves(pruned, tiny_llam
     windows = _windows()
     states = teacher_states(dense, windows)
     model = AutoModelForCausalLM.from_pretrained(pruned).eval()
-    settings = ReconstructionSettings(steps=12, learning_rate=1e-3, windows_per_step=2,
-                                      guard_fraction=0.25, eval_every=4)  # fmt: skip
+    settings = DistillationSettings(steps=12, learning_rate=1e-3, windows_per_step=2,
+                                    guard_fraction=0.25, eval_every=4,
+                                    precision="float32")  # fmt: skip
     _, guard = guard_split(len(windows), settings.guard_fraction)
     before = sum(_kl(model, dense, windows[i]) for i in guard) / 2
     result = distill_model(model, windows, states, settings)
@@ -85,7 +87,7 @@ def test_a_rising_kl_keeps_the_start_and_bad_input_is_refused(pruned, tiny_llama
     with torch.no_grad():
         start = model(sample_input()).logits
     # a learning rate this large only makes things worse: the start is kept, bit for bit
-    wild = ReconstructionSettings(steps=4, learning_rate=10.0, guard_fraction=0.25, eval_every=2)
+    wild = DistillationSettings(steps=4, learning_rate=10.0, guard_fraction=0.25, eval_every=2)
     result = distill_model(model, windows, states, wild)
     assert not result.accepted
     with torch.no_grad():
@@ -94,3 +96,64 @@ def test_a_rising_kl_keeps_the_start_and_bad_input_is_refused(pruned, tiny_llama
         distill_model(model, windows, states[:7], wild)
     with pytest.raises(ARMORValueError, match="no ARMOR Linear"):
         distill_model(dense, windows, states, wild)
+
+
+def _tiny_prune(tiny_llama_folder: Path, folder: Path | None, dataset=None, **kwargs):
+    from transformers import AutoTokenizer
+
+    return armor_modifier.prune(
+        load_tiny_llama(tiny_llama_folder), folder,
+        tokenizer=AutoTokenizer.from_pretrained(tiny_llama_folder),
+        dataset=dataset if dataset is not None else calibration_dataset(), seq_len=SEQ_LEN,
+        wrapper_block_size=16, num_iterations=1,
+        **kwargs,
+    )  # fmt: skip
+
+
+def test_prune_distills_after_oneshot_and_saves_what_it_kept(tiny_llama_folder, tmp_path):
+    """``prune(distillation=...)``: the dense model's distributions are recorded before
+    ``oneshot`` prunes it in place; the pruned model is then fitted, the guard KL it reports is
+    the brute-force KL of the returned model, every core stays 2:4 and the saved folder reloads
+    with the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    settings = DistillationSettings(steps=8, num_samples=8, learning_rate=1e-3, guard_fraction=0.25,
+                                    eval_every=4, precision="float32")  # fmt: skip
+    plain = _tiny_prune(tiny_llama_folder, None).model
+    result = _tiny_prune(tiny_llama_folder, tmp_path / "kl", distillation=settings)
+    done = result.distillation
+    assert done is not None and done.steps_run == 8 and result.distill_seconds > 0
+    dense = load_tiny_llama(tiny_llama_folder)
+    rows = calibration_dataset()["input_ids"][:8]
+    windows = [torch.tensor(row).unsqueeze(0) for row in rows]
+    _, guard = guard_split(8, 0.25)
+    # the start is the plain prune (same calibration), the end the returned model; float32
+    # logits against the float64 brute force (observed relative differences near 1e-8)
+    before = sum(_kl(plain, dense, windows[i]) for i in guard) / len(guard)
+    after = sum(_kl(result.model, dense, windows[i]) for i in guard) / len(guard)
+    assert done.initial_error == pytest.approx(before, rel=1e-4)
+    assert done.final_error == pytest.approx(after, rel=1e-4)
+    assert done.accepted and after < before
+    for name, linear in armor_linears(result.model).items():
+        assert count_broken_groups(linear.weight.detach()) == 0, name
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "kl").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(sample_input()).logits, result.model(sample_input()).logits)
+
+
+def test_distillation_settings_and_combinations_are_refused_before_any_work(
+    tiny_llama_folder, tmp_path
+):
+    with pytest.raises(ARMORValueError, match="distill_num_samples 4 leaves no fit or no held"):
+        DistillationSettings(steps=1, num_samples=4)
+    with pytest.raises(ARMORValueError, match="distill_precision must be one of"):
+        DistillationSettings(precision="float16")
+    on = DistillationSettings(steps=1)
+    with pytest.raises(ARMORValueError, match="drop quantize or the distillation steps"):
+        armor_modifier.prune(tiny_llama_folder, tmp_path / "a", quantize="w4a16", distillation=on)
+    with pytest.raises(ARMORValueError, match="drop recipe or the distillation steps"):
+        armor_modifier.prune(tiny_llama_folder, tmp_path / "b", recipe=[], distillation=on)
+    with pytest.raises(ARMORValueError, match="needs at least 8 windows .* the dataset has 4"):
+        _tiny_prune(tiny_llama_folder, tmp_path / "c", dataset=calibration_dataset(4),
+                    distillation=DistillationSettings(steps=1, num_samples=16))  # fmt: skip
+    assert sorted(tmp_path.iterdir()) == []

@@ -19,6 +19,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from .core import SolverSettings, factorize
+from .core.distill_settings import DistillationSettings
 from .core.errors import ARMORError
 from .core.reconstruct import ReconstructionSettings
 from .format import export_dense, save_armor_pretrained
@@ -55,6 +56,7 @@ __all__ = [
     "ARMORGPTQModifier",
     "ARMORModifier",
     "PruneResult",
+    "DistillationSettings",
     "ReconstructionSettings",
     "SolverSettings",
     "export_dense",

@@ -10,6 +10,7 @@ from typing import Any
 from armor_modifier.core.errors import ARMORValueError
 
 from .core import SolverSettings
+from .core.distill_settings import DISTILLATION_OPTIONS, DistillationSettings
 from .core.options import setting_rows
 from .core.reconstruct import ReconstructionSettings
 from .pruning import QUANT_SCHEMES, SOLVER_FIELDS, one_line
@@ -101,6 +102,9 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
         "mask-preserving GPTQ (ARMORGPTQModifier; the wrappers are then refitted to the "
         "quantized cores)",
     )
+    add_distillation_arguments(
+        p.add_argument_group("model-level distillation (not with --recipe or --quantize)")
+    )
     p.add_argument(
         "--resume", nargs="?", const=RESUME_HERE, default=None, metavar="DIR",
         help="write each finished decoder layer to DIR (default: OUTPUT/armor-progress); rerun "
@@ -109,6 +113,36 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
         "when the run succeeds",
     )  # fmt: skip
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (>= 1)")
+
+
+def add_distillation_arguments(group: argparse._ArgumentGroup) -> None:
+    """``--distill-steps`` and the rest: one option per :class:`DistillationSettings` field."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(DistillationSettings)
+    by_name = {f.name: f for f in dataclasses.fields(DistillationSettings)}
+    for option, name in DISTILLATION_OPTIONS.items():
+        f, kind = by_name[name], hints[name]
+        help_text = f"{f.metadata['help']} (default {f.default!r})"
+        if typing.get_origin(kind) is typing.Literal:
+            group.add_argument(_option(option), choices=typing.get_args(kind), default=None,
+                               help=help_text)  # fmt: skip
+        else:
+            group.add_argument(_option(option), type=kind, default=None, help=help_text)
+
+
+def distillation_settings(args: argparse.Namespace) -> DistillationSettings | None:
+    """The ``--distill-*`` options as settings (``None`` when none is given); an error names
+    the option."""
+    given = {name: getattr(args, option) for option, name in DISTILLATION_OPTIONS.items()
+             if getattr(args, option, None) is not None}  # fmt: skip
+    if not given:
+        return None
+    try:
+        return DistillationSettings(seed=args.seed, **given)
+    except ValueError as err:
+        raise ARMORValueError(f"{err} (the option is {_option_name(str(err))})") from err
 
 
 def prune_fields(args: argparse.Namespace) -> dict[str, Any]:
@@ -146,6 +180,7 @@ def run_prune(args: argparse.Namespace) -> None:
     from .pruning import prune
 
     fields = prune_fields(args)
+    distillation = distillation_settings(args)
     if args.resume is not None:
         if args.recipe:
             raise ARMORValueError(
@@ -163,6 +198,13 @@ def run_prune(args: argparse.Namespace) -> None:
         recipe=args.recipe,
         quantize=args.quantize,
         overwrite=args.overwrite,
+        distillation=distillation,
         **fields,
     )
     print(f"pruned {args.model} in {result.seconds:.1f} s; wrote {result.output}")
+    done = result.distillation
+    if done is not None:
+        kept = (f"step {done.best_step} of {done.steps_run} kept" if done.accepted
+                else "no step beat the pruned model, which is kept")  # fmt: skip
+        print(f"distilled in {result.distill_seconds:.1f} s: held-out KL to the dense model "
+              f"{done.initial_error:.4f} -> {done.final_error:.4f} nats per token ({kept})")

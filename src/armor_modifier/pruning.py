@@ -32,9 +32,10 @@ from .calibration import (
     require_harness,
     split_sources,
 )
+from .core.distill_settings import DistillationSettings
 from .core.errors import ARMORValueError
 from .core.options import setting_rows
-from .core.reconstruct import ReconstructionSettings
+from .core.reconstruct import ReconstructionResult, ReconstructionSettings
 from .core.settings import SolverSettings
 from .staging import check_writable, staged_replace
 
@@ -76,6 +77,9 @@ class PruneResult:
     :param output: the armor-ct folder written, or ``None``.
     :param seconds: wall time of ``oneshot`` (calibration and compression).
     :param modifiers: the recipe's modifiers (their ``results``, ``reconstructions``).
+    :param distillation: the model-level distillation's result (guard KL before and after, the
+        step kept), or ``None`` when it did not run.
+    :param distill_seconds: its wall time: the dense model's pass over the windows plus the fit.
     """
 
     model: Any
@@ -83,6 +87,8 @@ class PruneResult:
     output: Path | None
     seconds: float
     modifiers: list[Any]
+    distillation: ReconstructionResult | None = None
+    distill_seconds: float = 0.0
 
 
 def armor_recipe(
@@ -254,6 +260,7 @@ def prune(
     overwrite: bool = False,
     settings: SolverSettings | None = None,
     reconstruction: ReconstructionSettings | None = None,
+    distillation: DistillationSettings | None = None,
     **fields: Any,
 ) -> PruneResult:
     """Prune ``model`` with ARMOR 2:4 through ``oneshot`` and (with ``output``) save armor-ct.
@@ -277,12 +284,21 @@ def prune(
         single ``ARMORModifier`` fields (``calibration``, ``progress_dir`` and any setting of
         ``docs/settings.md``). A ``progress_dir`` inside ``output`` is allowed there and goes
         with the old folder when the new one is swapped in.
-    :return: the model, tokenizer, output folder, ``oneshot`` time and the modifiers.
+    :param distillation: model-level distillation after ``oneshot`` (off unless its ``steps``
+        are positive; not with ``recipe`` or ``quantize``).
+    :return: the model, tokenizer, output folder, ``oneshot`` time, the modifiers and the
+        distillation's result.
     :raises ARMORValueError: bad settings, recipe, sizes or output folder, before any work.
     """
     if num_samples < 1 or seq_len < 1:
         raise ARMORValueError(
             f"num_samples ({num_samples}) and seq_len ({seq_len}) must be positive"
+        )
+    distilling = distillation is not None and distillation.steps > 0
+    if distilling and (recipe is not None or quantize != "none"):
+        raise ARMORValueError(
+            "distillation fits unquantized ARMOR models built from the flags; drop "
+            f"{'recipe' if recipe is not None else 'quantize'} or the distillation steps"
         )
     progress = fields.get("progress_dir")
     target = check_output_folder(output, overwrite, progress) if output is not None else None
@@ -305,6 +321,9 @@ def prune(
     if isinstance(dataset, str | os.PathLike):
         sources = split_sources(os.fspath(dataset))
         check_shares(num_samples, len(sources))
+        if distilling:
+            assert distillation is not None
+            check_shares(distillation.num_samples, len(sources))
         texts = [load_text(part, "train") for part in sources]
     loaded, tokenizer = load_model_and_tokenizer(model, tokenizer)
     limit = getattr(getattr(loaded, "config", None), "max_position_embeddings", None)
@@ -314,11 +333,16 @@ def prune(
         dataset = calibration_samples(tokenizer, texts, num_samples, seq_len, seed=seed)
     from llmcompressor import oneshot
 
+    teacher = None
+    if distilling:
+        assert distillation is not None
+        teacher = _Teacher(loaded, tokenizer, texts, dataset, distillation, seq_len, seed)
     start = time.perf_counter()
     count = num_samples if texts is not None else len(dataset)
     oneshot(model=loaded, processor=tokenizer, dataset=dataset, recipe=modifiers,
             num_calibration_samples=count, max_seq_length=seq_len)  # fmt: skip
     seconds = time.perf_counter() - start
+    distilled = teacher.distill(loaded) if teacher is not None else None
     if target is not None:
         with staged_replace(target) as stage:
             loaded.save_pretrained(stage)
@@ -327,7 +351,49 @@ def prune(
     from llmcompressor.core import active_session
 
     used = list(active_session().lifecycle.recipe.modifiers) if recipe is not None else modifiers
-    return PruneResult(loaded, tokenizer, target, seconds, used)
+    return PruneResult(loaded, tokenizer, target, seconds, used, distilled,
+                       teacher.seconds if teacher is not None else 0.0)  # fmt: skip
+
+
+class _Teacher:
+    """The dense model's output-head inputs on the distillation windows, recorded before
+    ``oneshot`` prunes the model in place; :meth:`distill` fits the pruned model to them."""
+
+    def __init__(self, model: Any, tokenizer: Any, texts: Any, dataset: Any,
+                 settings: DistillationSettings, seq_len: int, seed: int) -> None:  # fmt: skip
+        import torch
+
+        from .modifier.distillation import teacher_states
+
+        if texts is not None:
+            rows = calibration_samples(tokenizer, texts, settings.num_samples, seq_len,
+                                       seed=seed)["input_ids"]  # fmt: skip
+        else:
+            rows = list(dataset["input_ids"])[: settings.num_samples]
+        if len(rows) < settings.min_windows():
+            raise ARMORValueError(
+                f"distillation needs at least {settings.min_windows()} windows at guard fraction "
+                f"{settings.guard_fraction}; the dataset has {len(rows)}"
+            )
+        device = next(model.parameters()).device
+        self.windows = [torch.tensor(row, dtype=torch.long, device=device).unsqueeze(0)
+                        for row in rows]  # fmt: skip
+        self.settings = settings
+        start = time.perf_counter()
+        self.states = teacher_states(model, self.windows)
+        self.seconds = time.perf_counter() - start
+
+    def distill(self, model: Any) -> ReconstructionResult:
+        from tqdm import tqdm
+
+        from .modifier.distillation import distill_model
+
+        with tqdm(total=self.settings.steps, desc="ARMOR distillation") as bar:
+            result = distill_model(model, self.windows, self.states, self.settings,
+                                   progress=lambda step, loss: bar.update(1))  # fmt: skip
+        self.seconds += result.seconds
+        self.states = []
+        return result
 
 
 def _require_armor_ct(folder: Path) -> None:

@@ -28,7 +28,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -40,6 +40,7 @@ __all__ = [
     "RECONSTRUCTION_FIELDS",
     "TARGETS",
     "ReconstructionResult",
+    "FitSettings",
     "ReconstructionSettings",
     "fit_guarded",
     "guard_split",
@@ -259,13 +260,30 @@ def reconstruct_layer(
     return fit_guarded(batch_backward, guard_error, fit, params, masks, settings, progress)
 
 
+class FitSettings(Protocol):
+    """What :func:`fit_guarded` reads (``ReconstructionSettings``, ``DistillationSettings``)."""
+
+    @property
+    def steps(self) -> int: ...
+    @property
+    def learning_rate(self) -> float: ...
+    @property
+    def windows_per_step(self) -> int: ...
+    @property
+    def eval_every(self) -> int: ...
+    @property
+    def patience(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
+
+
 def fit_guarded(
     batch_backward: Callable[[list[int]], float],
     guard_error: Callable[[], float],
     fit: list[int],
     params: Sequence[torch.Tensor],
     masks: Sequence[torch.Tensor | None],
-    settings: ReconstructionSettings,
+    settings: FitSettings,
     progress: Callable[[int, float], None] | None = None,
 ) -> ReconstructionResult:
     """The guarded Adam fit behind :func:`reconstruct_layer` and model-level distillation.
@@ -357,7 +375,7 @@ def _step(
     return total
 
 
-def _window_order(fit: list[int], settings: ReconstructionSettings):
+def _window_order(fit: list[int], settings: FitSettings):
     """Endless stream of fit windows: a fresh seeded permutation per pass."""
     generator = torch.Generator().manual_seed(settings.seed)
     while True:

@@ -24,13 +24,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from armor_modifier.core.distill_settings import DistillationSettings
 from armor_modifier.core.errors import ARMORValueError
-from armor_modifier.core.reconstruct import (
-    ReconstructionResult,
-    ReconstructionSettings,
-    fit_guarded,
-    guard_split,
-)
+from armor_modifier.core.reconstruct import ReconstructionResult, fit_guarded, guard_split
 from armor_modifier.runtime import armor_linears
 
 from .reconstruction import factor_parameters, trainable_factors, write_back_factors
@@ -88,14 +84,12 @@ def distill_model(
     model: nn.Module,
     windows: Sequence[torch.Tensor],
     states: Sequence[torch.Tensor],
-    settings: ReconstructionSettings,
+    settings: DistillationSettings,
     progress: Callable[[int, float], None] | None = None,
 ) -> ReconstructionResult:
     """Fit ``model``'s ARMOR parameters to the dense distributions; write the kept iterate back.
 
-    Uses ``settings.steps``, ``learning_rate``, ``windows_per_step``, ``parameters``,
-    ``guard_fraction``, ``eval_every``, ``patience``, ``precision`` (autocast of the fit's
-    forward and backward; the KL, the teacher and the guard in float32) and ``seed``.
+    Uses every field of ``settings`` but ``num_samples`` (the caller chose the windows).
 
     :param model: the pruned causal LM with ARMOR Linears (e.g. loaded from armor-ct)
     :param windows: token ids ``[1, T]`` per window

@@ -1,0 +1,99 @@
+"""The knobs of model-level distillation (docs/algorithm.md, "Model-level distillation").
+
+Distillation runs after ``oneshot`` on the whole pruned model, so its settings are not
+``ARMORModifier`` fields: ``armor_modifier.prune(distillation=...)`` and the ``armor prune
+--distill-*`` options take them. Each field's ``help`` metadata is its one-line description (the
+CLI's ``--help`` and ``docs/settings.md``); measured effects: ``docs/results.md#zeroshot_levers``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .errors import ARMORValueError
+from .reconstruct import PARAMETER_SETS, PRECISIONS
+
+__all__ = ["DISTILLATION_OPTIONS", "DistillationSettings", "distillation_table"]
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class DistillationSettings:
+    """Every knob of the model-level fit to the dense model's next-token distributions, checked
+    on creation. The defaults are the run of ``docs/results.md#zeroshot_levers`` (row
+    ``armor-kl``) but for ``steps``, which is 0 (off)."""
+
+    steps: int = field(default=0, metadata=_help(
+        "Adam steps fitting every ARMOR Linear's wrappers and kept core values at once to the "
+        "dense model's next-token distributions, after pruning (0: off)"))
+    num_samples: int = field(default=64, metadata=_help(
+        "calibration windows of the fit (drawn like the pruning's, same seed and text; the "
+        "dense model runs once over them before pruning)"))
+    learning_rate: float = field(default=1e-5, metadata=_help("Adam learning rate"))
+    windows_per_step: int = field(default=2, metadata=_help("windows per Adam step"))
+    parameters: Literal["all", "wrappers", "core"] = field(default="all", metadata=_help(
+        "what moves: 'all' (A, B and the kept core values), 'wrappers' or 'core'; masks never "
+        "move, so every core stays exactly 2:4"))
+    guard_fraction: float = field(default=0.125, metadata=_help(
+        "share of the windows held out; the best held-out iterate is kept only when it beats "
+        "the pruned model"))
+    eval_every: int = field(default=14, metadata=_help("steps between held-out evaluations"))
+    patience: int = field(default=0, metadata=_help(
+        "held-out evaluations in a row without a new best after which the fit stops (0: never)"))
+    precision: Literal["float32", "bfloat16"] = field(default="bfloat16", metadata=_help(
+        "autocast dtype of the fit's forward and backward; the KL, the dense distributions and "
+        "the held-out check stay float32"))
+    seed: int = field(default=0, metadata=_help("seed of the order the fit windows are visited"))
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "num_samples", "windows_per_step", "eval_every", "patience", "seed"):
+            value = getattr(self, name)
+            low = 0 if name in ("steps", "patience", "seed") else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ARMORValueError(f"distill_{name} must be an integer >= {low}, got {value!r}")
+        lr = self.learning_rate
+        if not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
+            raise ARMORValueError(f"distill_learning_rate must be a finite number > 0, got {lr!r}")
+        g = self.guard_fraction
+        if not isinstance(g, int | float) or not 0 < g < 1:
+            raise ARMORValueError(f"distill_guard_fraction must be in (0, 1), got {g!r}")
+        for name, choices in (("parameters", PARAMETER_SETS), ("precision", PRECISIONS)):
+            if getattr(self, name) not in choices:
+                raise ARMORValueError(
+                    f"distill_{name} must be one of {list(choices)}, got {getattr(self, name)!r}"
+                )
+        if self.steps > 0 and self.num_samples < self.min_windows():
+            raise ARMORValueError(
+                f"distill_num_samples {self.num_samples} leaves no fit or no held-out window at "
+                f"guard fraction {g}; use at least {self.min_windows()}"
+            )
+
+    def min_windows(self) -> int:
+        """The fewest windows that leave at least one guard and one fit window."""
+        return max(2, math.ceil(1 / self.guard_fraction - 1e-9))
+
+
+#: ``armor prune`` option (without ``--``, underscores) -> :class:`DistillationSettings` field
+#: (``seed`` comes from ``--seed``)
+DISTILLATION_OPTIONS: dict[str, str] = {
+    f"distill_{f.name}": f.name
+    for f in dataclasses.fields(DistillationSettings)
+    if f.name != "seed"
+}
+
+
+def distillation_table() -> str:
+    """Markdown: one row per distillation option (option, default, what it does)."""
+    lines = ["| option | default | what it does |", "|---|---|---|"]
+    by_name = {f.name: f for f in dataclasses.fields(DistillationSettings)}
+    for option, name in DISTILLATION_OPTIONS.items():
+        f = by_name[name]
+        flag = "--" + option.replace("_", "-")
+        lines.append(f"| `{flag}` | `{f.default!r}` | {f.metadata['help']} |")
+    return "\n".join(lines)
