@@ -39,6 +39,7 @@ __all__ = [
     "PRECISIONS",
     "RECONSTRUCTION_FIELDS",
     "TARGETS",
+    "UNITS",
     "ReconstructionResult",
     "FitSettings",
     "ReconstructionSettings",
@@ -51,6 +52,8 @@ __all__ = [
 PARAMETER_SETS = ("all", "wrappers", "core")
 #: What the layer's output is fitted to.
 TARGETS = ("layer", "model")
+#: What is fitted as one unit: the whole decoder layer, or each of its blocks in turn.
+UNITS = ("layer", "block")
 PRECISIONS = ("float32", "bfloat16")
 
 
@@ -91,6 +94,10 @@ class ReconstructionSettings:
     target: Literal["layer", "model"] = field(default="layer", metadata=_help(
         "'layer' (the dense layer on the same, already compressed inputs) or 'model' (the dense "
         "model's hidden state, which also corrects upstream drift)"))
+    unit: Literal["layer", "block"] = field(default="layer", metadata=_help(
+        "'layer' (all the layer's ARMOR Linears fitted at once to its output) or 'block' (each "
+        "child block holding targets, e.g. attention then MLP, fitted alone in call order: "
+        "every block but the last to the dense block's output, the last to the layer's)"))
     precision: Literal["float32", "bfloat16"] = field(default="float32", metadata=_help(
         "autocast dtype of the fit steps' forward and backward ('bfloat16': faster where "
         "bfloat16 matrix units exist, AMX CPUs and GPUs); parameters, loss and guard stay "
@@ -119,7 +126,8 @@ class ReconstructionSettings:
         if not isinstance(g, int | float) or not 0 < g < 1:
             raise ARMORValueError(f"reconstruction_guard_fraction must be in (0, 1), got {g!r}")
         for name, choices in (
-            ("parameters", PARAMETER_SETS), ("target", TARGETS), ("precision", PRECISIONS)
+            ("parameters", PARAMETER_SETS), ("target", TARGETS), ("unit", UNITS),
+            ("precision", PRECISIONS),
         ):
             if getattr(self, name) not in choices:
                 raise ARMORValueError(

@@ -50,6 +50,7 @@ from armor_modifier.runtime import (
 from .capture import Capture, LayerCapture, decoder_layers
 from .collectives import all_gather_objects, broadcast_tensors, is_distributed, rank_and_world
 from .compressor import apply_factors
+from .units import Block, block_output, blocks_of, recording_outputs
 
 __all__ = ["LayerReconstruction", "Reconstruction", "summarize_reconstructions"]
 
@@ -157,13 +158,15 @@ class Reconstruction:
                 self._compress(by_layer[name])
                 continue
             fitting = self.settings.steps > 0
-            targets = self._targets(layer, capture) if fitting else []
+            blocks = (blocks_of(layer, by_layer[name], capture.call_order)
+                      if fitting and self.settings.unit == "block" else [])  # fmt: skip
+            targets, block_targets = self._targets(layer, capture, blocks) if fitting else ([], [])
             if self.settings.propagate_within_layer:
                 self._compress_in_order(layer, capture, by_layer[name])
             else:
                 self._compress(by_layer[name])
             if fitting:
-                self._reconstruct(name, layer, capture, targets)
+                self._reconstruct(name, layer, capture, [*block_targets, targets], blocks)
 
     def skip(self, modules: list[nn.Linear], restore: Callable[[], None]) -> None:
         """Take ``modules``' layers as done elsewhere (loaded progress): free their captures,
@@ -174,21 +177,27 @@ class Reconstruction:
             if name in owners:
                 capture = self.capture.pop(layer)
                 if capture.outputs and self.settings.steps > 0 and self.settings.target == "model":
-                    self._targets(layer, capture)
+                    self._targets(layer, capture, [])
         restore()
 
-    def _targets(self, layer: nn.Module, capture: Capture) -> list[torch.Tensor]:
-        """``T_i``: the dense layer's outputs, or the dense model's stream pushed through it."""
-        if self.settings.target == "layer":
-            return capture.outputs
-        stream = self._dense_stream
-        if stream is None or len(stream) != len(capture.outputs):
-            stream = capture.inputs()
-        with torch.no_grad():
+    def _targets(
+        self, layer: nn.Module, capture: Capture, blocks: list[Block]
+    ) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+        """``T_i``: the dense layer's outputs, or the dense model's stream pushed through it;
+        and per block but the last, the dense block's outputs in those same forwards."""
+        inner = [block.module for block in blocks[:-1]]
+        with recording_outputs(inner) as recorded, torch.no_grad():
+            if self.settings.target == "layer":
+                for i in range(len(capture.outputs) if inner else 0):
+                    self.capture.forward(layer, i, capture)
+                return capture.outputs, recorded
+            stream = self._dense_stream
+            if stream is None or len(stream) != len(capture.outputs):
+                stream = capture.inputs()
             self._dense_stream = [
                 self.capture.forward(layer, i, capture, h) for i, h in enumerate(stream)
             ]
-        return self._dense_stream
+        return self._dense_stream, recorded
 
     def _compress_in_order(
         self, layer: nn.Module, capture: Capture, modules: list[nn.Linear]
@@ -213,9 +222,16 @@ class Reconstruction:
             self._compress(group)
 
     def _reconstruct(
-        self, name: str, layer: nn.Module, capture: Capture, targets: list[torch.Tensor]
+        self,
+        name: str,
+        layer: nn.Module,
+        capture: Capture,
+        targets: list[list[torch.Tensor]],
+        blocks: list[Block],
     ) -> None:
-        """Fit every ARMOR Linear of ``layer`` jointly; write the kept iterate back.
+        """Fit ``layer``'s ARMOR Linears jointly (``blocks`` empty; ``targets``: the layer's
+        alone) or block by block (``targets``: each block's, the layer's last); write the kept
+        iterates back.
 
         Under torchrun every rank gathers all ranks' windows (in rank order) and runs the same
         refinement, so each rank's result is the single process's on the same windows.
@@ -223,34 +239,44 @@ class Reconstruction:
         if is_distributed():
             capture, targets = _gathered(capture, targets)
         linears = armor_linears(layer)
-        params, masks, names = factor_parameters(linears, self.settings.parameters)
 
-        def run(i: int) -> torch.Tensor:
+        def run_layer(i: int) -> torch.Tensor:
             return self.capture.forward(layer, i, capture)
 
+        if not blocks:
+            self._fit(name, linears, run_layer, capture.inputs(), targets[-1])
+            return
+        zeros = [torch.zeros(())] * len(capture.outputs)  # a block's error is relative to |T|
+        for k, block in enumerate(blocks):
+            mine = {rel: m for rel, m in linears.items() if m in block.linears}
+            if k == len(blocks) - 1:
+                self._fit(f"{name}.{block.name}", mine, run_layer, capture.inputs(), targets[k])
+            else:
+                def run_block(i: int, module: nn.Module = block.module) -> torch.Tensor:
+                    return block_output(lambda: run_layer(i), module)
+
+                self._fit(f"{name}.{block.name}", mine, run_block, zeros, targets[k])
+
+    def _fit(
+        self,
+        name: str,
+        linears: dict[str, nn.Linear],
+        run: Callable[[int], torch.Tensor],
+        inputs: list[torch.Tensor],
+        targets: list[torch.Tensor],
+    ) -> None:
+        """One unit: Adam on ``linears``' factors, ``run(i)`` against ``targets[i]`` relative to
+        ``targets[i] - inputs[i]``; the kept iterate written back, the result recorded."""
+        params, masks, names = factor_parameters(linears, self.settings.parameters)
         settings = self.settings
-        seeded = dataclasses.replace(
-            settings, seed=derived_seed(settings.seed, name, 31)
-        )
+        seeded = dataclasses.replace(settings, seed=derived_seed(settings.seed, name, 31))
         rank, _ = rank_and_world()
-        bar = tqdm(
-            total=settings.steps,
-            desc=f"ARMOR reconstruction {name}",
-            leave=False,
-            disable=rank != 0,
-        )
-        inputs = capture.inputs()
+        bar = tqdm(total=settings.steps, desc=f"ARMOR reconstruction {name}", leave=False,
+                   disable=rank != 0)  # fmt: skip
         try:
             with torch.enable_grad(), trainable_factors(linears, names, params):
-                result = reconstruct_layer(
-                    run,
-                    inputs,
-                    targets,
-                    params,
-                    masks,
-                    seeded,
-                    progress=lambda step, loss: bar.update(1),
-                )
+                result = reconstruct_layer(run, inputs, targets, params, masks, seeded,
+                                           progress=lambda step, loss: bar.update(1))  # fmt: skip
         finally:
             bar.close()
         if is_distributed():
@@ -259,7 +285,7 @@ class Reconstruction:
             # is made everyone's, so no rounding difference can split the ranks
             broadcast_tensors([p.contiguous() for p in params], src=0)
             result = all_gather_objects(result)[0]
-        done = LayerReconstruction(name, result, len(capture.outputs))
+        done = LayerReconstruction(name, result, len(targets))
         if result.accepted:
             write_back_factors(linears, names, params)
         self.reconstructions.append(done)
@@ -374,16 +400,17 @@ def _input_groups(
 
 
 def _gathered(
-    capture: Capture, targets: list[torch.Tensor]
-) -> tuple[Capture, list[torch.Tensor]]:
+    capture: Capture, targets: list[list[torch.Tensor]]
+) -> tuple[Capture, list[list[torch.Tensor]]]:
     """Every rank's windows, in rank order (so ranks holding consecutive shards of the
     calibration set see the single-process order)."""
     parts = all_gather_objects((capture.args, capture.kwargs, capture.outputs, targets))
     merged = Capture()
-    merged_targets: list[torch.Tensor] = []
+    merged_targets: list[list[torch.Tensor]] = [[] for _ in targets]
     for args, kwargs, outputs, part_targets in parts:
         merged.args += args
         merged.kwargs += kwargs
         merged.outputs += outputs
-        merged_targets += part_targets
+        for mine, theirs in zip(merged_targets, part_targets, strict=True):
+            mine += theirs
     return merged, merged_targets
