@@ -375,3 +375,18 @@ def test_every_armor_forward_is_the_block_diagonal_product() -> None:
         torch.testing.assert_close(linear(x), reference(moving[1], moving[0], moving[2]))
     with torch.no_grad():  # on exit the module's own factors are back
         torch.testing.assert_close(linear(x), reference(A, core, B))
+
+
+def test_the_summary_line_gives_the_reconstruction_time_beside_the_solve() -> None:
+    from types import SimpleNamespace
+
+    from armor_modifier.modifier.report import summarize
+
+    module = SimpleNamespace(shape=(64, 32), wrapper_block_size=4, loss_ratio=0.5, num_fallbacks=0,
+                             num_sanitized_h=0, objective="output", init="sparsegpt",
+                             num_damping_increases=0, num_h_failures=0, seconds=3.0)  # fmt: skip
+    units = [SimpleNamespace(result=SimpleNamespace(seconds=s)) for s in (2.0, 2.5)]
+    assert summarize([module]).endswith(", 3.0 s solving")
+    assert summarize([module], units).endswith(
+        ", 3.0 s solving, 4.5 s reconstruction (1.50x the solve)"
+    )

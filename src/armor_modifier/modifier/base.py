@@ -1,9 +1,8 @@
 """``ARMORModifier``: ARMOR 2:4 pruning as an llm-compressor 0.14 modifier (fields + lifecycle).
 
 The work is done by :class:`.compressor.LinearCompressor` (statistics to factors, per Linear) and
-:class:`.reconstruction.Reconstruction` (the decoder-layer work); the settings fields are derived
-from :class:`~armor_modifier.core.SolverSettings` and
-:class:`~armor_modifier.core.reconstruct.ReconstructionSettings` (:mod:`.fields`).
+:class:`.reconstruction.Reconstruction` (the decoder-layer work); the settings fields come from
+``SolverSettings`` and ``ReconstructionSettings`` (:mod:`.fields`, ``core.options``).
 """
 
 from __future__ import annotations
@@ -220,13 +219,14 @@ class ARMORModifier(_SettingsFields):
         compressor = self._engine()
         compressor.compress(compressor.pending())
         compressor.close()
-        logger.info(summarize(compressor.results.values()))
+        fitted = self._reconstruction.reconstructions if self._reconstruction else []
+        logger.info(summarize(compressor.results.values(), fitted))
         if self._progress is not None:
             logger.info(self._progress.summary())
         if self._reconstruction is not None:
             self._reconstruction.release()
             if self.reconstruction_steps > 0:
-                logger.info(summarize_reconstructions(self._reconstruction.reconstructions))
+                logger.info(summarize_reconstructions(fitted))
 
     def on_finalize(self, state: State, **kwargs: Any) -> bool:
         """Check that every target was compressed; route ``save_pretrained`` to armor-ct."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from armor_modifier.core import ARMORFactors
 
@@ -116,9 +117,10 @@ class ARMORModuleResult:
         )
 
 
-def summarize(results: Iterable[ARMORModuleResult]) -> str:
+def summarize(results: Iterable[ARMORModuleResult], reconstructions: Iterable[Any] = ()) -> str:
     """One line: modules, mean loss ratio, wrapper overhead ``sum (m+n) b / sum m n``, fallbacks,
-    sanitised ``h`` entries, Hessian troubles and solver time."""
+    sanitised ``h`` entries, Hessian troubles, solver time and, with ``reconstructions``
+    (``LayerReconstruction`` s), their total time and its ratio to the solver's."""
     results = list(results)
     if not results:
         return "ARMOR summary: no module compressed"
@@ -131,10 +133,16 @@ def summarize(results: Iterable[ARMORModuleResult]) -> str:
             f"{sum(r.num_damping_increases for r in results)} Hessian damping increases, "
             f"{sum(r.num_h_failures for r in results)} singular Hessians, "
         )
+    solving = sum(r.seconds for r in results)
+    fitting = ""
+    reconstruction_seconds = sum(r.result.seconds for r in reconstructions)
+    if reconstruction_seconds:
+        fitting = (f", {reconstruction_seconds:.1f} s reconstruction "
+                   f"({reconstruction_seconds / max(solving, 1e-9):.2f}x the solve)")  # fmt: skip
     return (
         f"ARMOR summary: {len(results)} modules, mean loss ARMOR/start {mean_ratio:.3f} "
         f"(worst {max(r.loss_ratio for r in results):.3f}), wrapper overhead "
         f"{extra / dense:.2%} of the pruned weights, {sum(r.num_fallbacks for r in results)} "
         f"numerical fallbacks, {sum(r.num_sanitized_h for r in results)} sanitized h entries, "
-        f"{hessian}{sum(r.seconds for r in results):.1f} s solving"
+        f"{hessian}{solving:.1f} s solving{fitting}"
     )
