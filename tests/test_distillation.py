@@ -157,3 +157,31 @@ def test_distillation_settings_and_combinations_are_refused_before_any_work(
         _tiny_prune(tiny_llama_folder, tmp_path / "c", dataset=calibration_dataset(4),
                     distillation=DistillationSettings(steps=1, num_samples=16))  # fmt: skip
     assert sorted(tmp_path.iterdir()) == []
+
+
+def test_wrappers_only_distillation_of_a_gptq_model_keeps_its_codes(tiny_llama_folder, tmp_path):
+    """A reloaded ARMOR + W4A16 GPTQ folder: only the wrappers move, so the (decompressed) cores
+    stay bit for bit, the saved folder re-packs the same codes and reloads with the same logits;
+    moving the cores is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from armor_modifier.modifier.distillation import distill_model, teacher_states
+
+    _tiny_prune(tiny_llama_folder, tmp_path / "gptq", quantize="w4a16-gptq")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "gptq").eval()
+    windows = _windows()
+    states = teacher_states(load_tiny_llama(tiny_llama_folder), windows)
+    with pytest.raises(ARMORValueError, match="have quantized cores; .* parameters='wrappers'"):
+        distill_model(model, windows, states, DistillationSettings(steps=1))
+    # the refused call ran the first forward, which decompresses the loaded cores
+    cores = {k: m.weight.detach().clone() for k, m in armor_linears(model).items()}
+    settings = DistillationSettings(steps=8, learning_rate=1e-3, parameters="wrappers",
+                                    guard_fraction=0.25, eval_every=4,
+                                    precision="float32")  # fmt: skip
+    result = distill_model(model, windows, states, settings)
+    assert result.accepted and result.final_error < result.initial_error
+    assert all(torch.equal(cores[k], m.weight) for k, m in armor_linears(model).items())
+    model.save_pretrained(tmp_path / "gptq-kl")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gptq-kl").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(sample_input()).logits, model(sample_input()).logits)

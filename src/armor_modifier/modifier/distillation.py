@@ -96,7 +96,8 @@ def distill_model(
     :param states: :func:`teacher_states` of the dense model on the same windows
     :param progress: called as ``progress(step, loss)`` after every step
     :return: the guard KL (nats per token) before and after, the step kept, whether accepted
-    :raises ARMORValueError: no ARMOR Linear, a pruned head, or windows and states that differ
+    :raises ARMORValueError: no ARMOR Linear, a pruned head, quantized cores with parameters
+        other than ``'wrappers'``, or windows and states that differ
     """
     head = _head(model)
     linears = armor_linears(model)
@@ -104,6 +105,18 @@ def distill_model(
         raise ARMORValueError("the model has no ARMOR Linear to distill; prune it first")
     if head in linears.values():
         raise ARMORValueError("the output head carries ARMOR wrappers; distillation needs it dense")
+    if windows and any(not hasattr(m, "weight") for m in linears.values()):
+        # a quantized checkpoint as loaded: compressed-tensors decompresses it at its first
+        # forward (a hook it registers on loading), so run that forward before reading cores
+        with torch.no_grad():
+            model(input_ids=windows[0][:, :1], use_cache=False)
+    quantized = [n for n, m in linears.items() if getattr(m, "quantization_scheme", None)]
+    if quantized and settings.parameters != "wrappers":
+        raise ARMORValueError(
+            f"{quantized[0]} and {len(quantized) - 1} more have quantized cores; moving them "
+            "would leave the quantization grid: distill with parameters='wrappers' (codes and "
+            "scales stay)"
+        )
     if len(windows) != len(states):
         raise ARMORValueError(
             f"{len(windows)} windows but {len(states)} teacher states; record the states on "
