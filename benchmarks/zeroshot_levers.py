@@ -4,10 +4,10 @@ Each row is one evaluation file (``NAME=FILE``, the order of the command line) w
 and what that cost (``--what NAME=TEXT``, ``--seconds NAME=S``). A row gets the perplexities the
 file holds, each task's headline accuracy and standard error, the seven-task mean, the share of
 SparseGPT's mean drop from dense it recovers (``-`` when that drop is within noise), the mean
-paired difference to SparseGPT on the same examples, and how closely it follows the dense model's
-answers (``zeroshot_report.fidelity``: same choice, choice KL). The header (title, protocol,
-command) comes from ``--header``, a JSON file, so that the command written down is the one that
-ran.
+paired difference to SparseGPT on the same examples, the same three without BoolQ, and how
+closely it follows the dense model's answers (``zeroshot_report.fidelity``: same choice, choice
+KL). The header (title, protocol, command) comes from ``--header``, a JSON file, so that the
+command written down is the one that ran.
 
 Usage::
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from zeroshot_report import fidelity, paired, recovered  # noqa: E402
+from zeroshot_report import fidelity, mean_without, paired, recovered  # noqa: E402
 
 
 def _pairs(items: list[str], what: str) -> dict[str, str]:
@@ -62,6 +62,18 @@ def rows_of(files: dict[str, Path], what: dict[str, str], seconds: dict[str, str
         }
         if name in seconds:
             row["seconds"] = float(seconds[name])
+        if any(s["task"] == "boolq" for s in zs["scores"]):
+            no_boolq = mean_without(zs, "boolq")
+            row["mean_without_boolq"] = round(no_boolq[0], 4)
+            row["mean_without_boolq_stderr"] = round(no_boolq[1], 4)
+            if dense is not None and base is not None and name not in ("dense", "sparsegpt"):
+                row["drop_recovered_without_boolq"] = recovered(
+                    no_boolq[0], mean_without(base, "boolq"), mean_without(dense, "boolq")
+                )
+            found = paired(zs, base, skip="boolq") if base is not None else None
+            if found is not None and name != "sparsegpt":
+                row["paired_without_boolq"] = {"mean": round(found[0], 4),
+                                               "stderr": round(found[1], 4)}  # fmt: skip
         if dense is not None and base is not None and name not in ("dense", "sparsegpt"):
             row["drop_recovered"] = recovered(zs["mean"], (base["mean"], base["mean_stderr"]),
                                               (dense["mean"], dense["mean_stderr"]))  # fmt: skip
