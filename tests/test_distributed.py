@@ -63,10 +63,11 @@ REFINED = {
 GPTQ = "sequential-gptq"
 
 
-#: the other architectures' refinement: the tiny Qwen2 overfits its 6 fit windows from the first
-#: step at REFINED's 1e-4 (observed: guard error 0.0317 -> 0.0331, nothing kept); at 1e-5 its
-#: first step lowers it (0.03165 -> 0.03162) and is kept
-OTHER_REFINED = {**REFINED, "reconstruction_learning_rate": 1e-5}
+#: the other architectures' refinement, in block units (attention, then MLP; the gathered
+#: windows carry every block's targets): the tiny Qwen2 overfits its 6 fit windows from the first
+#: step at REFINED's 1e-4 (observed in layer units: guard error 0.0317 -> 0.0331, nothing kept);
+#: at 1e-5 its first step lowers it and is kept
+OTHER_REFINED = {**REFINED, "reconstruction_learning_rate": 1e-5, "reconstruction_unit": "block"}
 
 
 def armor_recipe(calibration: str, progress_dir: Path | None = None, refined_settings=REFINED):
