@@ -9,12 +9,11 @@ CLI's ``--help`` and ``docs/settings.md``); measured effects: ``docs/results.md#
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Literal
 
 from .errors import ARMORValueError
-from .reconstruct import PARAMETER_SETS, PRECISIONS
+from .reconstruct import PARAMETER_SETS, PRECISIONS, check_fit_fields, min_fit_windows
 
 __all__ = ["DISTILLATION_OPTIONS", "DistillationSettings", "distillation_table"]
 
@@ -52,31 +51,21 @@ class DistillationSettings:
     seed: int = field(default=0, metadata=_help("seed of the order the fit windows are visited"))
 
     def __post_init__(self) -> None:
-        for name in ("steps", "num_samples", "windows_per_step", "eval_every", "patience", "seed"):
-            value = getattr(self, name)
-            low = 0 if name in ("steps", "patience", "seed") else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ARMORValueError(f"distill_{name} must be an integer >= {low}, got {value!r}")
-        lr = self.learning_rate
-        if not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
-            raise ARMORValueError(f"distill_learning_rate must be a finite number > 0, got {lr!r}")
-        g = self.guard_fraction
-        if not isinstance(g, int | float) or not 0 < g < 1:
-            raise ARMORValueError(f"distill_guard_fraction must be in (0, 1), got {g!r}")
-        for name, choices in (("parameters", PARAMETER_SETS), ("precision", PRECISIONS)):
-            if getattr(self, name) not in choices:
-                raise ARMORValueError(
-                    f"distill_{name} must be one of {list(choices)}, got {getattr(self, name)!r}"
-                )
+        check_fit_fields(
+            self, "distill_",
+            {"steps": 0, "num_samples": 1, "windows_per_step": 1, "eval_every": 1, "patience": 0,
+             "seed": 0},
+            {"parameters": PARAMETER_SETS, "precision": PRECISIONS},
+        )  # fmt: skip
         if self.steps > 0 and self.num_samples < self.min_windows():
             raise ARMORValueError(
                 f"distill_num_samples {self.num_samples} leaves no fit or no held-out window at "
-                f"guard fraction {g}; use at least {self.min_windows()}"
+                f"guard fraction {self.guard_fraction}; use at least {self.min_windows()}"
             )
 
     def min_windows(self) -> int:
         """The fewest windows that leave at least one guard and one fit window."""
-        return max(2, math.ceil(1 / self.guard_fraction - 1e-9))
+        return min_fit_windows(self.guard_fraction)
 
 
 #: ``armor prune`` option (without ``--``, underscores) -> :class:`DistillationSettings` field

@@ -40,11 +40,13 @@ __all__ = [
     "RECONSTRUCTION_FIELDS",
     "TARGETS",
     "UNITS",
-    "ReconstructionResult",
     "FitSettings",
+    "ReconstructionResult",
     "ReconstructionSettings",
+    "check_fit_fields",
     "fit_guarded",
     "guard_split",
+    "min_fit_windows",
     "reconstruct_layer",
 ]
 
@@ -110,30 +112,12 @@ class ReconstructionSettings:
             raise ARMORValueError(
                 f"propagate_within_layer must be True or False, got {self.propagate_within_layer!r}"
             )
-        for name in ("steps", "windows_per_step", "eval_every", "patience", "seed"):
-            value = getattr(self, name)
-            low = 0 if name in ("steps", "patience", "seed") else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ARMORValueError(
-                    f"reconstruction_{name} must be an integer >= {low}, got {value!r}"
-                )
-        lr = self.learning_rate
-        if not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
-            raise ARMORValueError(
-                f"reconstruction_learning_rate must be a finite number > 0, got {lr!r}"
-            )
-        g = self.guard_fraction
-        if not isinstance(g, int | float) or not 0 < g < 1:
-            raise ARMORValueError(f"reconstruction_guard_fraction must be in (0, 1), got {g!r}")
-        for name, choices in (
-            ("parameters", PARAMETER_SETS), ("target", TARGETS), ("unit", UNITS),
-            ("precision", PRECISIONS),
-        ):
-            if getattr(self, name) not in choices:
-                raise ARMORValueError(
-                    f"reconstruction_{name} must be one of {list(choices)}, "
-                    f"got {getattr(self, name)!r}"
-                )
+        check_fit_fields(
+            self, "reconstruction_",
+            {"steps": 0, "windows_per_step": 1, "eval_every": 1, "patience": 0, "seed": 0},
+            {"parameters": PARAMETER_SETS, "target": TARGETS, "unit": UNITS,
+             "precision": PRECISIONS},
+        )  # fmt: skip
 
     @property
     def works_per_layer(self) -> bool:
@@ -159,7 +143,38 @@ class ReconstructionSettings:
 
     def min_windows(self) -> int:
         """The fewest calibration windows that leave at least one guard and one fit window."""
-        return max(2, math.ceil(1 / self.guard_fraction - 1e-9))
+        return min_fit_windows(self.guard_fraction)
+
+
+def min_fit_windows(guard_fraction: float) -> int:
+    """The fewest windows that leave at least one guard and one fit window (:func:`guard_split`)."""
+    return max(2, math.ceil(1 / guard_fraction - 1e-9))
+
+
+def check_fit_fields(
+    settings: Any, prefix: str, lower_bounds: Mapping[str, int], choices: Mapping[str, tuple]
+) -> None:
+    """The checks a guarded fit's settings share (reconstruction, distillation): integers at
+    least their bound, a finite positive ``learning_rate``, ``guard_fraction`` in (0, 1), and
+    values among their choices; each error names ``prefix`` + the field, the value and the rule.
+
+    :raises ARMORValueError: on the first field that fails
+    """
+    for name, low in lower_bounds.items():
+        value = getattr(settings, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ARMORValueError(f"{prefix}{name} must be an integer >= {low}, got {value!r}")
+    lr = settings.learning_rate
+    if not isinstance(lr, int | float) or not math.isfinite(lr) or lr <= 0:
+        raise ARMORValueError(f"{prefix}learning_rate must be a finite number > 0, got {lr!r}")
+    g = settings.guard_fraction
+    if not isinstance(g, int | float) or not 0 < g < 1:
+        raise ARMORValueError(f"{prefix}guard_fraction must be in (0, 1), got {g!r}")
+    for name, allowed in choices.items():
+        if getattr(settings, name) not in allowed:
+            raise ARMORValueError(
+                f"{prefix}{name} must be one of {list(allowed)}, got {getattr(settings, name)!r}"
+            )
 
 
 #: ``ARMORModifier`` field -> :class:`ReconstructionSettings` field (all but ``seed``)

@@ -22,7 +22,7 @@ from torch import nn
 
 from armor_modifier.core.errors import ARMORValueError
 
-__all__ = ["Capture", "LayerCapture", "decoder_layers", "hidden_of"]
+__all__ = ["Capture", "LayerCapture", "decoder_layers", "first_tensor", "hidden_of"]
 
 
 def decoder_layers(
@@ -77,7 +77,8 @@ def _with_hidden(args: tuple, kwargs: dict[str, Any], x: torch.Tensor) -> tuple[
     return args, {**kwargs, "hidden_states": x}
 
 
-def _first(output: Any) -> torch.Tensor:
+def first_tensor(output: Any) -> torch.Tensor:
+    """A module's output tensor: the output itself, or the first element of a tuple / list."""
     return output[0] if isinstance(output, tuple | list) else output
 
 
@@ -150,7 +151,7 @@ class LayerCapture:
             return
         self._recording = None
         capture = self._captures[layer]
-        hidden = _first(output)
+        hidden = first_tensor(output)
         if not isinstance(hidden, torch.Tensor) or hidden.shape != hidden_of(args, kwargs).shape:
             raise ARMORValueError(
                 f"{type(layer).__name__} returns {type(output).__name__}, not its hidden states "
@@ -202,4 +203,4 @@ class LayerCapture:
         if hidden is not None:
             args, kwargs = _with_hidden(args, kwargs, hidden)
         with self.replaying():
-            return _first(layer(*args, **kwargs))
+            return first_tensor(layer(*args, **kwargs))

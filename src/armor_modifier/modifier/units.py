@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .capture import first_tensor
+
 __all__ = ["Block", "block_output", "blocks_of", "recording_outputs"]
 
 
@@ -58,12 +60,6 @@ def blocks_of(
     ]
 
 
-def _first(output: object) -> torch.Tensor:
-    found = output[0] if isinstance(output, tuple | list) else output
-    assert isinstance(found, torch.Tensor)
-    return found
-
-
 class _BlockDone(Exception):
     """Raised by a hook to end a replay once the block's output is in."""
 
@@ -74,7 +70,7 @@ def block_output(run_layer: Callable[[], object], block: nn.Module) -> torch.Ten
     found: list[torch.Tensor] = []
 
     def hook(_module: nn.Module, _args: tuple, output: object) -> None:
-        found.append(_first(output))
+        found.append(first_tensor(output))
         raise _BlockDone
 
     handle = block.register_forward_hook(hook)
@@ -96,7 +92,7 @@ def recording_outputs(blocks: list[nn.Module]) -> Iterator[list[list[torch.Tenso
 
     def recorder(k: int) -> Callable[..., None]:
         def hook(_module: nn.Module, _args: tuple, output: object) -> None:
-            recorded[k].append(_first(output).detach())
+            recorded[k].append(first_tensor(output).detach())
 
         return hook
 
