@@ -170,14 +170,50 @@ def test_resume_with_gptq_after_armor_is_bit_for_bit(tiny_llama_folder, tmp_path
 
 
 @pytest.mark.integration
-def test_a_finished_run_reloads_every_layer(tiny_llama_folder, tmp_path):
+def test_a_finished_run_reloads_every_layer(tiny_llama_folder, tmp_path, monkeypatch):
+    """Layer 0 is loaded after collecting its statistics (they are compared); layer 1, after a
+    loaded layer 0, is loaded without statistics: its inputs' digest is compared instead."""
+    from armor_modifier.modifier.compressor import LinearCompressor
+
     progress_dir = tmp_path / "progress"
     first, _ = _run(tiny_llama_folder, "armor", progress_dir)
+    calibrated: set[str] = set()
+    add_input = LinearCompressor.add_input
+
+    def recording(self, module, x):
+        calibrated.add(self.names[module])
+        add_input(self, module, x)
+
+    monkeypatch.setattr(LinearCompressor, "add_input", recording)
     again, modifier = _run(tiny_llama_folder, "armor", progress_dir)
     _assert_same(_state(first), _state(again))
     assert modifier._progress.loaded == ["model.layers.0", "model.layers.1"]
     assert modifier._progress.solved == []
     assert sorted(modifier.results) == sorted(first_names(first))
+    assert calibrated and all(name.startswith("model.layers.0.") for name in calibrated)
+
+
+@pytest.mark.integration
+def test_a_layer_loaded_without_statistics_is_refused_when_its_inputs_differ(
+    tiny_llama_folder, tmp_path
+):
+    """Layer 1's stored input digest altered (as another torch build's forward would): the run
+    has no statistics to recompute layer 1 from, so it stops naming the file; nothing is written."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    progress_dir = tmp_path / "progress"
+    _run(tiny_llama_folder, "armor", progress_dir)
+    path = progress_dir / "model.layers.1.safetensors"
+    with safe_open(str(path), "pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    save_file(tensors, str(path), metadata={**metadata, "inputs": "0" * 64})
+    before = {p.name: p.read_bytes() for p in progress_dir.iterdir()}
+    with pytest.raises(ARMORValueError, match=r"model\.layers\.1: its calibration inputs .* "
+                       r"without statistics.*model\.layers\.1\.safetensors"):  # fmt: skip
+        _run(tiny_llama_folder, "armor", progress_dir)
+    assert {p.name: p.read_bytes() for p in progress_dir.iterdir()} == before
 
 
 def first_names(model) -> list[str]:

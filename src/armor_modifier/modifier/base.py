@@ -51,10 +51,9 @@ class ARMORModifier(_SettingsFields):
     compression each Linear's ``weight`` holds the exactly-2:4 core and forward hooks apply ``B``
     before and ``A`` after it: ``y = A (S (B x)) + bias``.
 
-    Fields: ``targets``, ``ignore`` (``"re:.*lm_head"`` for the head), ``mask_structure``
-    (``"2:4"``), ``calibration`` (``"sequential"``: through the already-pruned layers; ``"dense"``:
-    one pass of the unpruned model; default by objective) and every setting of ``docs/settings.md``
-    (generated from the settings objects; each field's pydantic description says the same).
+    Fields: ``targets``, ``ignore`` (``"re:.*lm_head"`` for the head), ``mask_structure`` (2:4),
+    ``calibration`` (``"sequential"``: through the pruned layers; ``"dense"``: one pass of the
+    unpruned model; default by objective), ``progress_dir``, every setting of docs/settings.md.
 
     Lifecycle: on_initialize resolves and checks the targets and the recipe; on_calibration_start
     checks that the statistics fit in memory (:mod:`.memory`), then hooks the targets
@@ -168,14 +167,11 @@ class ARMORModifier(_SettingsFields):
         check_shared_calibration_pass(self, active_session().lifecycle.recipe.modifiers, targets)
         check_memory(self._names, compressor.settings, self.effective_calibration)
         if self.progress_dir is not None:
-            self._progress = LayerProgress(self.progress_dir, run_info(self, self._names.values()))
-            self._progress.open()
+            info = run_info(self, self._names.values())
+            self._progress = LayerProgress(self.progress_dir, info, self._names).open()
         if self.effective_calibration == "dense":
             if state.data.calib is None:
-                raise ARMORValueError(
-                    "ARMORModifier(calibration='dense') needs calibration data: pass `dataset=` "
-                    "to oneshot"
-                )
+                raise ARMORValueError("calibration='dense' needs calibration data: pass `dataset=`")
             collect_dense_statistics(self, state.model, state.data.calib, self._names,
                                      compressor.statistics, compressor.settings.needs_hessian)
             return
@@ -197,8 +193,10 @@ class ARMORModifier(_SettingsFields):
     def calibrate_module(
         self, module: nn.Linear, args: tuple[torch.Tensor, ...], _output: torch.Tensor
     ) -> None:
-        """Forward hook: add the input to the module's statistics (:mod:`.stats`)."""
-        self._engine().add_input(module, args[0])
+        """Forward hook: add the input to the module's statistics (:mod:`.stats`), unless its
+        layer will be loaded from the progress folder (:meth:`.LayerProgress.wants_statistics`)."""
+        if not self._progress or self._progress.wants_statistics(module, args[0]):
+            self._engine().add_input(module, args[0])
 
     def on_sequential_epoch_end(
         self, state: State, event: Event, modules: list[nn.Module] | None = None, **kwargs: Any

@@ -30,7 +30,7 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from armor_modifier.staging import replace_file
 
 from .collectives import all_gather_objects, is_distributed, rank_and_world
 from .compressor import LinearCompressor
+from .digest import InputDigest
 from .memory import decoder_layer_name
 from .reconstruction import LayerReconstruction, Reconstruction
 from .report import ARMORModuleResult
@@ -54,9 +55,24 @@ from .stats import InputStatistics
 
 __all__ = ["FORMAT", "LayerProgress", "StoredLayer", "layer_key", "process_unit"]
 
-FORMAT = "1"
+FORMAT = "2"
 RUN_FILE = "run.json"
 StoredLayer = tuple[dict[str, tuple[torch.Tensor, ...]], list[ARMORModuleResult], list]
+_PARTS = {
+    "weights": "dense weights (another model?)",
+    "statistics": "calibration statistics (other calibration data?)",
+    "inputs": "calibration inputs (the digest of the first target's inputs)",
+}
+
+
+@dataclass
+class _Unit:
+    """A decoder layer under calibration: its inputs' digest, and whether it skips statistics
+    (with its dense weights' digest, taken when that was decided)."""
+
+    inputs: InputDigest = field(default_factory=InputDigest)
+    skips_statistics: bool = False
+    weights: str | None = None
 
 
 def layer_key(names: Sequence[str]) -> str:
@@ -88,7 +104,12 @@ class LayerProgress:
     :param run_info: what the whole run depends on (JSON-able; written to ``run.json`` once)
     """
 
-    def __init__(self, folder: str | os.PathLike, run_info: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        run_info: Mapping[str, Any],
+        names: Mapping[nn.Linear, str] | None = None,
+    ) -> None:
         self.folder = Path(folder)
         self.rank, self.world = rank_and_world()
         self.run_info = {"format": FORMAT, **run_info, "world_size": self.world}
@@ -101,8 +122,19 @@ class LayerProgress:
         self.solved: list[str] = []
         #: wall time spent fingerprinting, reading and writing progress (the feature's own cost)
         self.seconds = 0.0
+        #: per decoder layer: its targets in model order (the first one's inputs are digested)
+        self._layer_targets: dict[str, dict[nn.Linear, str]] = {}
+        for module, name in (names or {}).items():
+            layer = decoder_layer_name(name)
+            if layer is not None:
+                self._layer_targets.setdefault(layer, {})[module] = name
+        self._layer_of = {m: layer for layer, ms in self._layer_targets.items() for m in ms}
+        self._units: dict[str, _Unit] = {}
+        self._done: set[str] = set()
+        #: whether the last unit processed was loaded (the chain that lets a layer skip statistics)
+        self._previous_loaded = False
 
-    def open(self) -> None:
+    def open(self) -> LayerProgress:
         """Check ``run.json`` against this run (refuse on any difference) or write it."""
         path = self.folder / RUN_FILE
         if path.exists():
@@ -121,38 +153,99 @@ class LayerProgress:
                     f"progress folder {self.folder} belongs to another run ({detail}); pass a new "
                     "progress_dir or delete that folder to start afresh"
                 )
-            return
+            return self
         if self.rank == 0:
             self.folder.mkdir(parents=True, exist_ok=True)
             text = json.dumps(self.run_info, indent=1, sort_keys=True)
             replace_file(path, lambda temporary: temporary.write_text(text))
+        return self
+
+    def wants_statistics(self, module: nn.Linear, x: torch.Tensor) -> bool:
+        """Forward-hook body, before the statistics: digest ``x`` when ``module`` is its decoder
+        layer's first target; ``False`` when that layer will be loaded without statistics.
+
+        A layer skips its statistics when the unit before it was loaded (so it was fed exactly
+        the inputs the stored run saw, up to the checks below) and its file passes every check
+        but the inputs: format, checksum, run and dense weights. Its inputs' digest is then
+        compared when the layer ends; the first unit of a run always collects statistics, so a
+        different calibration set is recomputed, not refused."""
+        layer = self._layer_of.get(module)
+        if layer is None or layer in self._done:
+            return True
+        unit = self._units.get(layer)
+        if unit is None:
+            unit = self._units[layer] = self._open_unit(layer)
+        if module is next(iter(self._layer_targets[layer])):
+            unit.inputs.add(x)
+        return not unit.skips_statistics
 
     def fingerprint(
-        self, modules: Mapping[nn.Linear, str], statistics: Mapping[nn.Linear, InputStatistics]
-    ) -> dict[str, str]:
-        """``{"weights": sha, "statistics": sha}`` of a unit's dense targets (all ranks alike)."""
-        weights, stats = [], []
+        self, key: str, modules: Mapping[nn.Linear, str],
+        statistics: Mapping[nn.Linear, InputStatistics],
+    ) -> dict[str, str]:  # fmt: skip
+        """A unit's fingerprint (all ranks alike): SHA-256 of its dense targets' weights and,
+        when collected, statistics, and the digest of its first target's inputs
+        (:mod:`.digest`) when the unit is a decoder layer."""
+        unit = self._units.pop(key, None)
+        self._done.add(key)
+        weights: list[torch.Tensor] = []
+        stats: list[torch.Tensor] = []
         for module in modules:
-            weights.append(module.weight)
-            if module.bias is not None:
-                weights.append(module.bias)
+            weights.extend([module.weight] + ([] if module.bias is None else [module.bias]))
             if module in statistics:  # what the solver reads: float32, the same in any order
                 stat = statistics[module]
                 hessian = stat.hessian()
                 stats.extend([stat.mean(), stat.count] + ([] if hessian is None else [hessian]))
-        mine = {"weights": _digest(weights), "statistics": _digest(stats)}
+        mine = {"weights": unit.weights if unit and unit.weights else _digest(weights)}
+        if not (unit and unit.skips_statistics):
+            mine["statistics"] = _digest(stats)
+        if unit is not None:
+            mine["inputs"] = unit.inputs.hexdigest()
         if not is_distributed():
             return mine
         every = all_gather_objects(mine)
-        joined = hashlib.sha256(json.dumps(every, sort_keys=True).encode()).hexdigest()
-        return {"weights": every[0]["weights"], "statistics": joined}
+        if len({tuple(sorted(f)) for f in every}) > 1:
+            raise ARMORValueError(
+                f"ARMOR progress {key}: the ranks disagree on loading it without statistics "
+                f"({[sorted(f) for f in every]}); rerun with the same progress folder visible "
+                "to every rank"
+            )
+        joined = {part: hashlib.sha256(json.dumps([f[part] for f in every]).encode()).hexdigest()
+                  for part in mine if part != "weights"}  # fmt: skip
+        return {"weights": every[0]["weights"], **joined}
+
+    def note(self, key: str, loaded: bool) -> None:
+        """Record how unit ``key`` was done (loaded or solved here)."""
+        (self.loaded if loaded else self.solved).append(key)
+        self._previous_loaded = loaded
+
+    def _open_unit(self, layer: str) -> _Unit:
+        """A decoder layer's first calibration input: decide whether it skips statistics."""
+        if not self._previous_loaded:
+            return _Unit()
+        start = time.perf_counter()
+        modules = self._layer_targets[layer]
+        weights = _digest([t for m in modules for t in (m.weight, m.bias) if t is not None])
+        stored, _why = self._read(layer, {"weights": weights})
+        if stored is not None and set(stored[0]) != set(modules.values()):
+            stored = None
+        self.seconds += time.perf_counter() - start
+        return _Unit(weights=weights, skips_statistics=stored is not None)
 
     def load(self, key: str, fingerprint: Mapping[str, str]) -> StoredLayer | None:
-        """The stored unit when it matches ``fingerprint`` on every rank, else ``None``."""
+        """The stored unit when it matches ``fingerprint`` on every rank, else ``None`` (the layer
+        is then recomputed); refused when the unit has no statistics to recompute from."""
         stored, why = self._read(key, fingerprint)
         if is_distributed():
             whys = all_gather_objects(why)
             why = next((w for w in whys if w is not None), None)
+        if why is not None and "statistics" not in fingerprint:
+            raise ARMORValueError(
+                f"ARMOR progress {key}: {why}, and this layer was calibrated without statistics "
+                "because every layer before it was loaded (a different torch build, thread count "
+                f"or device can change a layer's inputs); delete {self.folder / key}.safetensors "
+                "and the layer files after it, or pass a new progress_dir"
+            )
         if why is not None:
             if why != "missing":
                 logger.warning(f"ARMOR progress {key}: {why}; recomputing this layer")
@@ -168,7 +261,6 @@ class LayerProgress:
         reconstructions: Sequence[LayerReconstruction],
     ) -> None:
         """Write the unit's factors (rank 0 only; atomic)."""
-        self.solved.append(key)
         if self.rank != 0:
             return
         tensors = {}
@@ -216,10 +308,9 @@ class LayerProgress:
             return None, "the stored tensors fail their checksum (corrupted)"
         if metadata.get("run") != self.run_digest:
             return None, "it was written by another run (recipe, version, targets or ranks differ)"
-        for part, what in (("weights", "dense weights (another model?)"),
-                           ("statistics", "calibration statistics (other calibration data?)")):
-            if metadata.get(part) != fingerprint[part]:
-                return None, f"its {what} differ from this run's"  # fmt: skip
+        for part, value in fingerprint.items():
+            if metadata.get(part) != value:
+                return None, f"its {_PARTS[part]} differ from this run's"
         factors: dict[str, tuple[torch.Tensor, ...]] = {}
         for name in {k.rsplit(".", 1)[0] for k in tensors}:
             factors[name] = (tensors[f"{name}.A"], tensors[f"{name}.B"], tensors[f"{name}.core"])
@@ -260,10 +351,12 @@ def process_unit(
     names = {module: compressor.names[module] for module in modules}
     key = layer_key(list(names.values()))
     start = time.perf_counter()
-    fingerprint = progress.fingerprint(names, compressor.statistics)
+    fingerprint = progress.fingerprint(key, names, compressor.statistics)
     stored = progress.load(key, fingerprint)
     progress.seconds += time.perf_counter() - start
-    if stored is not None and set(stored[0]) == set(names.values()):
+    if stored is not None and set(stored[0]) != set(names.values()):
+        stored = None
+    if stored is not None:
         factors, results, layers = stored
         by_name = {result.name: result for result in results}
 
@@ -276,7 +369,7 @@ def process_unit(
         else:
             reconstruction.skip(modules, restore)
             reconstruction.reconstructions.extend(layers)
-        progress.loaded.append(key)
+        progress.note(key, loaded=True)
         return
     done_before = len(reconstruction.reconstructions) if reconstruction else 0
     if reconstruction is None:
@@ -286,4 +379,5 @@ def process_unit(
     layers = reconstruction.reconstructions[done_before:] if reconstruction else []
     start = time.perf_counter()
     progress.save(key, fingerprint, names, [compressor.results[n] for n in names.values()], layers)
+    progress.note(key, loaded=False)
     progress.seconds += time.perf_counter() - start

@@ -1,0 +1,60 @@
+"""An exact, device-side digest of calibration inputs, for progress files (:mod:`.progress`).
+
+A resumed run checks that a decoder layer it loads would have seen the same inputs as the run
+that solved it. Hashing every input's bytes on the CPU would move the whole calibration stream
+off the accelerator, so each batch is first reduced on its own device to two integers:
+
+    c_k = sum_i (bits_i * w_k(i)) mod P        (k = 1, 2; P = 2^31 - 1)
+
+where ``bits_i`` is element ``i``'s bit pattern read as an integer and ``w_k(i)`` a fixed
+position weight in ``[1, P)``. Integer arithmetic makes the pair the same on every device and
+under any thread count. A change of one element changes both (``w_k(i)`` is invertible mod
+``P``) unless the two bit patterns are congruent mod ``P`` (16-bit floats: never; 32-bit: only
+a zero against a NaN pattern), and a random change of several leaves both unchanged with a
+chance of about ``P^-2``. This guards against accidents (other data, another torch build), not
+adversaries. The pairs, with each batch's dtype and shape, feed one SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+__all__ = ["InputDigest", "batch_checksum"]
+
+_P = 2**31 - 1
+#: multipliers and offsets of the two position weights w_k(i) = (a_k * i + c_k) mod P + 1
+_WEIGHTS = ((48271, 12345), (69621, 54321))
+_INTEGER_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def batch_checksum(x: torch.Tensor) -> tuple[int, int]:
+    """The two checksums ``(c_1, c_2)`` of ``x`` (any shape, any dtype of 1, 2, 4 or 8 bytes),
+    computed on ``x``'s device; each lies in ``[0, P)``."""
+    flat = x.detach().contiguous().reshape(-1)
+    bits = flat.view(_INTEGER_VIEW[flat.element_size()]).to(torch.int64).remainder(_P)
+    position = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
+    sums = []
+    for multiplier, offset in _WEIGHTS:
+        weight = (position.remainder(_P) * multiplier + offset).remainder(_P) + 1
+        # each product < 2^62, each remainder < 2^31: the sum of < 2^32 of them fits int64
+        sums.append((bits * weight).remainder(_P).sum().remainder(_P))
+    first, second = torch.stack(sums).tolist()
+    return int(first), int(second)
+
+
+class InputDigest:
+    """A running SHA-256 over batches: dtype, shape and :func:`batch_checksum` of each."""
+
+    def __init__(self) -> None:
+        self._sha = hashlib.sha256()
+        self.batches = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        first, second = batch_checksum(x)
+        self._sha.update(f"{x.dtype}{tuple(x.shape)}:{first}:{second};".encode())
+        self.batches += 1
+
+    def hexdigest(self) -> str:
+        return self._sha.hexdigest()
