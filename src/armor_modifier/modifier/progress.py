@@ -14,9 +14,17 @@ of solving it when the file's fingerprint matches what this run would solve from
 - per layer: SHA-256 of the targets' dense weights and biases and of their calibration statistics
   (``h``, ``H`` and the token count as the solver reads them: rounded once to float32 from float64
   sums, so the order of the calibration batches does not matter; under torchrun every rank's, in
-  rank order), and a
+  rank order), the digest of the layer's first target's inputs (:mod:`.digest`), and a
   SHA-256 checksum of the stored tensors. A mismatch, a truncated or corrupt file: that layer is
   recomputed (and its file rewritten), with a warning saying which.
+
+A loaded layer does not need its statistics, only the check that it saw the stored run's inputs.
+So a layer that follows a loaded unit, and whose file passes every check but the inputs when its
+first calibration batch arrives, does not accumulate them (their float64 ``X^T X`` sums were most
+of a loaded layer's time); its input digest is compared when it ends, and a mismatch stops the
+run naming the file, since there is nothing to recompute it from (every layer before it was
+loaded, so no work is lost). The first unit of a run always collects statistics, so a run on
+other calibration data recomputes from there instead of stopping.
 
 The loaded tensors are the ones the uninterrupted run computed, so the model, and every later
 layer's calibration inputs (the sequential pipeline propagates through the loaded layer), are the
@@ -176,7 +184,9 @@ class LayerProgress:
         if unit is None:
             unit = self._units[layer] = self._open_unit(layer)
         if module is next(iter(self._layer_targets[layer])):
+            start = time.perf_counter()
             unit.inputs.add(x)
+            self.seconds += time.perf_counter() - start
         return not unit.skips_statistics
 
     def fingerprint(
