@@ -4,6 +4,8 @@ and an armor-ct save of the result reloads with the same logits."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -139,6 +141,13 @@ def test_prune_distills_after_oneshot_and_saves_what_it_kept(tiny_llama_folder, 
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "kl").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(sample_input()).logits, result.model(sample_input()).logits)
+    config = json.loads((tmp_path / "kl" / "config.json").read_text())
+    recorded = config["quantization_config"]["armor"]["recipe"]
+    assert recorded["num_iterations"] == 1  # the ARMOR settings stay where they were
+    assert recorded["distillation"] == {
+        **dataclasses.asdict(settings), "guard_kl_before": done.initial_error,
+        "guard_kl_after": done.final_error, "steps_run": 8, "accepted": True,
+    }  # fmt: skip
 
 
 def test_distillation_settings_and_combinations_are_refused_before_any_work(

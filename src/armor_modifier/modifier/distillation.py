@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from torch import nn
 from armor_modifier.core.distill_settings import DistillationSettings
 from armor_modifier.core.errors import ARMORValueError
 from armor_modifier.core.reconstruct import ReconstructionResult, fit_guarded, guard_split
+from armor_modifier.format.save import ARMOR_RECIPE_ATTR
 from armor_modifier.runtime import armor_linears
 
 from .reconstruction import factor_parameters, trainable_factors, write_back_factors
@@ -158,4 +160,15 @@ def distill_model(
         model.train(was_training)
     if result.accepted:
         write_back_factors(linears, names, params)
+    _record(model, settings, result)
     return result
+
+
+def _record(model: nn.Module, settings: DistillationSettings, result: ReconstructionResult) -> None:
+    """Add the distillation to the recipe an armor-ct save writes (``armor.recipe``, under
+    ``"distillation"``): its settings, the guard KL before and after, whether it was kept."""
+    recipe = getattr(model, ARMOR_RECIPE_ATTR, None)
+    entry = {**asdict(settings), "guard_kl_before": result.initial_error,
+             "guard_kl_after": result.final_error, "steps_run": result.steps_run,
+             "accepted": result.accepted}  # fmt: skip
+    setattr(model, ARMOR_RECIPE_ATTR, {**(recipe or {}), "distillation": entry})
