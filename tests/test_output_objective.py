@@ -21,6 +21,7 @@ from armor_modifier.core import (
     proxy_loss,
     sparsegpt_2of4,
 )
+from armor_modifier.core.blockdiag import right_blockdiag
 from armor_modifier.core.errors import ARMORValueError
 from armor_modifier.core.iterate import Iterate
 from armor_modifier.core.output import OutputObjective
@@ -116,6 +117,33 @@ def _lstsq_B(W, X, Q, b):
     ref = torch.zeros(n * n, dtype=W.dtype)
     ref[keep] = sol.flatten()
     return ref.reshape(n, n).T
+
+
+def test_the_kept_P_H_is_the_fresh_product_after_every_kind_of_step():
+    """update_A reads ``P H`` from the cache that B, core and discrete steps keep current; after
+    each step it must equal ``(S B) H`` formed afresh, and update_A's result that of an objective
+    with an empty cache."""
+    W, X, H, g = _problem(m=16, n=32)
+    obj = OutputObjective(W, H, 8)
+    it = _random_iterate(obj, W, g)
+    obj.update_A(it)
+    generator = torch.Generator().manual_seed(0)
+    steps = [lambda: obj.update_B(it), lambda: obj.update_core(it, 2),
+             lambda: obj.discrete_step(it, generator)] * 2  # fmt: skip
+    for step in steps:
+        step()
+        kept = obj._cached_PH(it)
+        fresh = right_blockdiag(it.S, it.B) @ obj.H
+        assert kept is not None
+        # float64 round-off of the corrections: observed up to 4.2e-16 of the largest entry
+        assert (kept - fresh).abs().max() <= 1e-12 * fresh.abs().max()
+    twin = OutputObjective(W, H, 8)
+    other = it.clone()
+    obj.update_A(it)
+    twin.update_A(other)
+    # observed 7.5e-15 apart (entries of order 1)
+    assert torch.allclose(it.A, other.A, rtol=0, atol=1e-12)
+    assert obj.loss(it) == pytest.approx(twin.loss(other), rel=1e-12)
 
 
 def test_update_B_is_exact_when_H_is_block_diagonal():

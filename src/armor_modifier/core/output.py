@@ -25,8 +25,12 @@ scale-invariant). On return (:meth:`OutputObjective.to_original`) the core is No
 and its scales are moved into the wrappers.
 
 Every update is exact or an exact line search on a quadratic, and is kept only where it does not
-raise the loss, so the loss is non-increasing. ``E`` and ``EH`` are cached between updates and
-kept current with rank-structured corrections; ``update_A`` recomputes them from scratch.
+raise the loss, so the loss is non-increasing. ``E``, ``EH`` and ``PH = (S B) H`` are cached
+between updates and kept current with the same corrections: every step computes its direction's
+product with ``H`` in ``P``'s space (``D' = Delta_S B`` or ``S Delta_B``; ``D'H``) and gets ``E``'s
+by the block-diagonal ``A`` (``D H = A D'H``), so ``update_A`` reads ``PH`` instead of forming
+``P H``: one ``m x n x n`` product per iteration fewer. ``P H`` is formed afresh only when the cache
+does not match the iterate (the first iteration, after Adam steps).
 """
 
 from __future__ import annotations
@@ -63,11 +67,13 @@ def _dot_by_rows(x: torch.Tensor, y: torch.Tensor) -> float:
 
 @dataclass
 class _Cache:
-    """``E`` and ``EH`` of the iterate whose tensors are ``key`` (compared by identity)."""
+    """``E``, ``EH`` and, when known, ``PH = (S B) H`` of the iterate whose tensors are ``key``
+    (compared by identity)."""
 
     key: tuple[torch.Tensor, ...]
     E: torch.Tensor
     EH: torch.Tensor
+    PH: torch.Tensor | None = None
 
     def matches(self, it: Iterate) -> bool:
         return all(a is b for a, b in zip(self.key, (it.A, it.B, it.Wp, it.M), strict=True))
@@ -154,8 +160,15 @@ class OutputObjective:
             self._cache = cache
         return cache.E, cache.EH
 
-    def _remember(self, it: Iterate, E: torch.Tensor, EH: torch.Tensor) -> None:
-        self._cache = _Cache((it.A, it.B, it.Wp, it.M), E, EH)
+    def _remember(
+        self, it: Iterate, E: torch.Tensor, EH: torch.Tensor, PH: torch.Tensor | None = None
+    ) -> None:
+        self._cache = _Cache((it.A, it.B, it.Wp, it.M), E, EH, PH)
+
+    def _cached_PH(self, it: Iterate) -> torch.Tensor | None:
+        """The cache's ``PH`` when the cache is ``it``'s, else ``None``."""
+        cache = self._cache
+        return cache.PH if cache is not None and cache.matches(it) else None
 
     def loss_of_residual(self, E: torch.Tensor, EH: torch.Tensor) -> float:
         return self._dot(E, EH) / self.denom if self.denom > 0 else 0.0
@@ -191,7 +204,9 @@ class OutputObjective:
         """
         p, b, n = self.p, self.b, self.n
         P = right_blockdiag(it.S, it.B)
-        PH = P @ self.H
+        PH = self._cached_PH(it)
+        if PH is None:
+            PH = P @ self.H
         Pb = P.reshape(p, b, n)
         G = torch.bmm(PH.reshape(p, b, n), Pb.transpose(1, 2))
         G = (G + G.transpose(1, 2)) / 2  # [p, b, b]  P_I H P_I^T
@@ -205,7 +220,7 @@ class OutputObjective:
         better = ok & (block_loss(A_new) < block_loss(it.A))
         it.A = torch.where(better[:, None, None], A_new, it.A)
         E = left_blockdiag(it.A, P) - self.W
-        self._remember(it, E, left_blockdiag(it.A, PH) - self.WH)
+        self._remember(it, E, left_blockdiag(it.A, PH) - self.WH, PH)
         return int((~ok).sum())
 
     def update_B(self, it: Iterate) -> int:
@@ -219,6 +234,7 @@ class OutputObjective:
         :return: number of singular ``Q_K^T Q_K`` or ``H_KK`` blocks (those blocks do not move)
         """
         m, q, b = self.m, self.q, self.b
+        PH = self._cached_PH(it)
         E, EH = self._state(it)
         Q = left_blockdiag(it.A, it.S)
         Qk = Q.reshape(m, q, b).transpose(0, 1)  # [q, m, b]
@@ -237,8 +253,9 @@ class OutputObjective:
         direction, rz = -z, self._dot(r, z)
         B = it.B
         for step in range(self.b_steps):
-            D = right_blockdiag(Q, direction)
-            DH = self._times_H(D)
+            D_P = right_blockdiag(it.S, direction)  # P's change per unit step
+            D_PH = self._times_H(D_P)
+            D, DH = left_blockdiag(it.A, D_P), left_blockdiag(it.A, D_PH)
             curvature = self._dot(D, DH)
             if not curvature > 0.0:
                 break
@@ -246,6 +263,8 @@ class OutputObjective:
             B = B + alpha * direction
             E.add_(D, alpha=alpha)
             EH.add_(DH, alpha=alpha)
+            if PH is not None:
+                PH.add_(D_PH, alpha=alpha)
             if step + 1 == self.b_steps:
                 break
             r_new = gradient()
@@ -253,7 +272,7 @@ class OutputObjective:
             beta = max(0.0, self._dot(r_new, z_new - z) / rz) if rz > 0 else 0.0
             direction, z, rz = -z_new + beta * direction, z_new, self._dot(r_new, z_new)
         it.B = B
-        self._remember(it, E, EH)
+        self._remember(it, E, EH, PH)
         return int((~ok).sum())
 
     def _block_dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -281,6 +300,7 @@ class OutputObjective:
         ``Delta``: ``D = A Delta B`` and ``alpha_I = -<(E H)_I, D_I> / <(D H)_I, D_I>`` (exact).
         """
         b = self.b
+        PH = self._cached_PH(it)
         E, EH = self._state(it)
         A, B, M = it.A, it.B, it.M
         jacobi = self._core_jacobi(A, B) * M
@@ -289,8 +309,9 @@ class OutputObjective:
         direction, rz = -z, self._block_dot(grad, z)
         Wp = it.Wp
         for step in range(steps):
-            D = reconstruct(A, direction, B)
-            DH = self._times_H(D)
+            D_P = right_blockdiag(direction, B)  # P's change per unit step
+            D_PH = self._times_H(D_P)
+            D, DH = left_blockdiag(A, D_P), left_blockdiag(A, D_PH)
             curvature = self._block_dot(D, DH)
             usable = (curvature > 0) & (rz > 0)
             if not bool(usable.any()):
@@ -300,6 +321,8 @@ class OutputObjective:
             Wp = Wp + per_row * direction
             E.add_(per_row * D)
             EH.add_(per_row * DH)
+            if PH is not None:
+                PH.add_(per_row * D_PH)
             if step + 1 == steps:
                 break
             new = self.gradient_S(EH, A, B) * M
@@ -308,7 +331,7 @@ class OutputObjective:
             beta = beta.clamp_min(0).to(Wp.dtype).repeat_interleave(b)[:, None]
             direction, z, rz = -z_new + beta * direction, z_new, self._block_dot(new, z_new)
         it.Wp = Wp
-        self._remember(it, E, EH)
+        self._remember(it, E, EH, PH)
 
     # ----------------------------------------------------------------------------- discrete
     def discrete_step(self, it: Iterate, generator: torch.Generator) -> tuple[int, torch.Tensor]:
@@ -325,6 +348,7 @@ class OutputObjective:
         """
         p, q, b, m, n = self.p, self.q, self.b, self.m, self.n
         T, gpt = p * q, b // 4
+        PH = self._cached_PH(it)
         E, EH = self._state(it)
         S = it.S
         score = self.gradient_S(EH, it.A, it.B).abs().reshape(p, b, q, gpt, 4).sum(-1)
@@ -367,6 +391,8 @@ class OutputObjective:
         deltaH = deltaH * accept.reshape(p, q, 1)
         E.add_(torch.einsum("pkr,pkc->prkc", a3, delta).reshape(m, n))
         EH.add_(torch.einsum("pkr,pkn->prn", a3, deltaH).reshape(m, n))
+        if PH is not None:  # tile (I, K) changed row I*b + rho of P by delta on columns K
+            PH.index_add_(0, rows, deltaH.reshape(T, n))
 
         it.Wp = it.Wp.clone()
         it.M = it.M.clone()
@@ -375,7 +401,7 @@ class OutputObjective:
         it.M[rows[:, None], cols] = torch.where(accept[:, None], upd.mask, m_old)
         touched = torch.zeros(m, n, dtype=torch.bool, device=it.M.device)
         touched[rows[accept][:, None], cols[accept]] = True
-        self._remember(it, E, EH)
+        self._remember(it, E, EH, PH)
         return upd.fallbacks, touched
 
     # --------------------------------------------------------------------------------- adam
