@@ -61,7 +61,8 @@ def _dot(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def _dot_by_rows(x: torch.Tensor, y: torch.Tensor) -> float:
     """``<x, y>``: each row (first index) summed in the tensors' dtype, the row sums in float64
-    (a sum over one row of a layer is accurate in float32, and several times faster)."""
+    (a sum over one row of a layer is accurate in float32, and several times faster: the line
+    searches use it; the loss uses :func:`_dot` unless ``matmul_precision`` is bfloat16)."""
     return float((x * y).reshape(x.shape[0], -1).sum(-1).sum(dtype=torch.float64))
 
 
@@ -250,16 +251,16 @@ class OutputObjective:
 
         r = gradient()
         z, ok = precondition(r)
-        direction, rz = -z, self._dot(r, z)
+        direction, rz = -z, _dot_by_rows(r, z)
         B = it.B
         for step in range(self.b_steps):
             D_P = right_blockdiag(it.S, direction)  # P's change per unit step
             D_PH = self._times_H(D_P)
             D, DH = left_blockdiag(it.A, D_P), left_blockdiag(it.A, D_PH)
-            curvature = self._dot(D, DH)
+            curvature = _dot_by_rows(D, DH)
             if not curvature > 0.0:
                 break
-            alpha = -self._dot(EH, D) / curvature
+            alpha = -_dot_by_rows(EH, D) / curvature
             B = B + alpha * direction
             E.add_(D, alpha=alpha)
             EH.add_(DH, alpha=alpha)
@@ -269,16 +270,15 @@ class OutputObjective:
                 break
             r_new = gradient()
             z_new, _ = precondition(r_new)
-            beta = max(0.0, self._dot(r_new, z_new - z) / rz) if rz > 0 else 0.0
-            direction, z, rz = -z_new + beta * direction, z_new, self._dot(r_new, z_new)
+            beta = max(0.0, _dot_by_rows(r_new, z_new - z) / rz) if rz > 0 else 0.0
+            direction, z, rz = -z_new + beta * direction, z_new, _dot_by_rows(r_new, z_new)
         it.B = B
         self._remember(it, E, EH, PH)
         return int((~ok).sum())
 
     def _block_dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``<x_I, y_I>`` per row slab, float64 ``[p]``."""
-        if self.H_low is None:
-            return (x * y).reshape(self.p, -1).sum(-1, dtype=torch.float64)
+        """``<x_I, y_I>`` per row slab, float64 ``[p]`` (each row summed in the tensors' dtype,
+        as :func:`_dot_by_rows`)."""
         return (x * y).reshape(self.p, self.b, -1).sum(-1).sum(-1, dtype=torch.float64)
 
     def _core_jacobi(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -318,11 +318,11 @@ class OutputObjective:
                 break
             alpha = -self._block_dot(EH, D) / torch.where(usable, curvature, 1.0)
             per_row = torch.where(usable, alpha, 0.0).to(Wp.dtype).repeat_interleave(b)[:, None]
-            Wp = Wp + per_row * direction
-            E.add_(per_row * D)
-            EH.add_(per_row * DH)
+            Wp = torch.addcmul(Wp, per_row, direction)
+            E.addcmul_(per_row, D)
+            EH.addcmul_(per_row, DH)
             if PH is not None:
-                PH.add_(per_row * D_PH)
+                PH.addcmul_(per_row, D_PH)
             if step + 1 == steps:
                 break
             new = self.gradient_S(EH, A, B) * M
