@@ -63,7 +63,14 @@ def _dot_by_rows(x: torch.Tensor, y: torch.Tensor) -> float:
     """``<x, y>``: each row (first index) summed in the tensors' dtype, the row sums in float64
     (a sum over one row of a layer is accurate in float32, and several times faster: the line
     searches use it; the loss uses :func:`_dot` unless ``matmul_precision`` is bfloat16)."""
-    return float((x * y).reshape(x.shape[0], -1).sum(-1).sum(dtype=torch.float64))
+    return float(_row_dots(x, y).sum(dtype=torch.float64))
+
+
+def _row_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``[r]`` dot products of the rows of ``x`` and ``y`` (first index; the rest flattened), in
+    their dtype, without forming ``x * y``."""
+    rows = x.shape[0]
+    return torch.einsum("ij,ij->i", x.reshape(rows, -1), y.reshape(rows, -1))
 
 
 @dataclass
@@ -279,7 +286,7 @@ class OutputObjective:
     def _block_dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``<x_I, y_I>`` per row slab, float64 ``[p]`` (each row summed in the tensors' dtype,
         as :func:`_dot_by_rows`)."""
-        return (x * y).reshape(self.p, self.b, -1).sum(-1).sum(-1, dtype=torch.float64)
+        return _row_dots(x, y).reshape(self.p, self.b).sum(-1, dtype=torch.float64)
 
     def _core_jacobi(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """Inverse diagonal of the core's curvature, ``1 / (diag(A^T A)_i diag(B H B^T)_j)``.
