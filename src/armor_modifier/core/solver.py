@@ -21,7 +21,7 @@ import torch
 from .adam import AdamState
 from .errors import ARMORValueError
 from .iterate import Iterate, Objective, reconstruct
-from .output import output_start
+from .output_start import output_start
 from .problem import check_weight, sanitize_h, wrapper_overhead
 from .proxy import nowag_p, proxy_start
 from .scoring import output_loss, proxy_loss
