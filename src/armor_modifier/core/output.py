@@ -29,8 +29,9 @@ raise the loss, so the loss is non-increasing. ``E``, ``EH`` and ``PH = (S B) H`
 between updates and kept current with the same corrections: every step computes its direction's
 product with ``H`` in ``P``'s space (``D' = Delta_S B`` or ``S Delta_B``; ``D'H``) and gets ``E``'s
 by the block-diagonal ``A`` (``D H = A D'H``), so ``update_A`` reads ``PH`` instead of forming
-``P H``: one ``m x n x n`` product per iteration fewer. ``P H`` is formed afresh only when the cache
-does not match the iterate (the first iteration, after Adam steps).
+``P H``: one ``m x n x n`` product per iteration fewer. ``P H`` is formed afresh when the cache
+does not match the iterate (the first iteration, after Adam steps), and every iteration in
+bfloat16 mode (``matmul_precision``), whose steps' products would make a kept one drift.
 """
 
 from __future__ import annotations
@@ -95,11 +96,12 @@ class OutputObjective:
     :param b: wrapper block size (``b | m``, ``b | n``, ``4 | b``)
     :param b_steps: preconditioned conjugate-gradient steps per :meth:`update_B`
     :param matmul_precision: ``"float32"``, or ``"bfloat16"``: the ``D H`` products of the
-        conjugate-gradient steps on ``B`` and on the core take bfloat16 inputs and per-row sums
-        run in float32. ``P H`` of :meth:`update_A` stays float32 (it recomputes ``E H`` from
-        scratch once per iteration; in bfloat16 it would cost the descent ~2 % of its loss), so
-        :meth:`loss` is off only by the drift of one iteration's steps, and
-        :meth:`exact_loss` gives the float32 value the solver returns
+        conjugate-gradient steps on ``B`` and on the core take bfloat16 inputs, and the loss sums
+        each row in float32 (the line searches do in both modes). In bfloat16 mode ``P H`` is not
+        kept: :meth:`update_A` forms it in float32 and recomputes ``E H`` from it once per
+        iteration (in bfloat16 it would cost the descent ~2 % of its loss), so :meth:`loss` is off
+        only by the drift of one iteration's steps, and :meth:`exact_loss` gives the float32
+        value the solver returns
     """
 
     def __init__(
@@ -171,9 +173,14 @@ class OutputObjective:
         self._cache = _Cache((it.A, it.B, it.Wp, it.M), E, EH, PH)
 
     def _cached_PH(self, it: Iterate) -> torch.Tensor | None:
-        """The cache's ``PH`` when the cache is ``it``'s, else ``None``."""
+        """The cache's ``PH`` when the cache is ``it``'s, else ``None``; always ``None`` in
+        bfloat16 mode, where the steps' bfloat16 ``D H`` products would make a kept ``P H``
+        drift from one iteration to the next (about 1 % of ``E H`` after 100 iterations at
+        128 x 128), so :meth:`update_A` forms it afresh in float32 every iteration."""
         cache = self._cache
-        return cache.PH if cache is not None and cache.matches(it) else None
+        if self.H_low is not None or cache is None or not cache.matches(it):
+            return None
+        return cache.PH
 
     def loss_of_residual(self, E: torch.Tensor, EH: torch.Tensor) -> float:
         return self._dot(E, EH) / self.denom if self.denom > 0 else 0.0
