@@ -216,6 +216,33 @@ def test_a_layer_loaded_without_statistics_is_refused_when_its_inputs_differ(
     assert {p.name: p.read_bytes() for p in progress_dir.iterdir()} == before
 
 
+@pytest.mark.integration
+def test_only_the_first_targets_inputs_let_a_layer_skip_statistics(tiny_llama_folder, tmp_path):
+    """After a loaded layer 0, layer 1 skips its statistics when its first target's input comes
+    first; when another target's comes first (the first one got no token, as an MoE expert can),
+    it collects them; a rank that got no batch fingerprints the layer as the ranks that skipped
+    (an inputs digest, no statistics), so the ranks agree."""
+    from armor_modifier.modifier.progress import LayerProgress
+
+    progress_dir = tmp_path / "progress"
+    _, modifier = _run(tiny_llama_folder, "armor", progress_dir)
+    stored = {n for targets in modifier._progress._layer_targets.values() for n in targets.values()}
+    dense = load_tiny_llama(tiny_llama_folder)
+    names = {m: n for n, m in dense.named_modules() if n in stored}
+    layer = {m: n for m, n in names.items() if n.startswith("model.layers.1.")}
+    first, *rest = layer
+
+    def after_layer_0() -> LayerProgress:
+        progress = LayerProgress(progress_dir, modifier._progress.run_info, names).open()
+        progress.note("model.layers.0", loaded=True)
+        return progress
+
+    assert after_layer_0().wants_statistics(first, torch.zeros(2, first.in_features)) is False
+    assert after_layer_0().wants_statistics(rest[-1], torch.zeros(2, rest[-1].in_features))
+    fingerprint = after_layer_0().fingerprint("model.layers.1", layer, {})
+    assert "inputs" in fingerprint and "statistics" not in fingerprint
+
+
 def first_names(model) -> list[str]:
     from armor_modifier.runtime import is_armor_linear
 

@@ -339,9 +339,9 @@ def prune(
         teacher = _Teacher(loaded, tokenizer, texts, dataset, distillation, seq_len, seed)
     start = time.perf_counter()
     count = num_samples if texts is not None else len(dataset)
-    # The windows are already drawn with ``seed``; oneshot's default shuffle draws their order
-    # from torch's global generator, so two runs in one process (or a resumed run) would see them
-    # in different orders, with different statistics in the last bits and different input digests.
+    # The windows are already drawn with ``seed``; oneshot's default shuffle would draw their
+    # order from torch's global generator, so two runs in one process would see them in different
+    # orders (and reconstruction, which steps through the windows in order, would differ).
     oneshot(model=loaded, processor=tokenizer, dataset=dataset, recipe=modifiers,
             num_calibration_samples=count, max_seq_length=seq_len,
             shuffle_calibration_samples=False)  # fmt: skip

@@ -6,13 +6,17 @@ off the accelerator, so each batch is first reduced on its own device to two int
 
     c_k = sum_i (bits_i * w_k(i)) mod P        (k = 1, 2; P = 2^31 - 1)
 
-where ``bits_i`` is element ``i``'s bit pattern read as an integer and ``w_k(i)`` a fixed
-position weight in ``[1, P)``. Integer arithmetic makes the pair the same on every device and
+where ``bits_i`` is element ``i``'s bit pattern read as a signed integer and ``w_k(i)`` a fixed
+position weight in ``[1, P - 1]``. Integer arithmetic makes the pair the same on every device and
 under any thread count. A change of one element changes both (``w_k(i)`` is invertible mod
-``P``) unless the two bit patterns are congruent mod ``P`` (16-bit floats: never; 32-bit: only
-a zero against a NaN pattern), and a random change of several leaves both unchanged with a
-chance of about ``P^-2``. This guards against accidents (other data, another torch build), not
-adversaries. The pairs, with each batch's dtype and shape, feed one SHA-256.
+``P``) unless the two bit patterns are congruent mod ``P``: never for 16-bit floats; for 32-bit
+floats a positive value's pattern and the negative value whose magnitude pattern is one above
+it (``1.0`` and ``-1.0000001``); for 64-bit floats patterns a multiple of ``P`` apart. A random
+change of several leaves both unchanged with a chance of about ``P^-2``. This guards against
+accidents (other data, another torch build), not adversaries. The pairs, with each batch's dtype
+and shape, feed one SHA-256 in sorted order: the digest is that of the batches as a collection,
+whatever order they came in (the calibration statistics do not depend on it either, and
+llm-compressor shuffles the calibration batches by default).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 __all__ = ["InputDigest", "batch_checksum"]
 
 _P = 2**31 - 1
-#: multipliers and offsets of the two position weights w_k(i) = (a_k * i + c_k) mod P + 1
+#: multipliers and offsets of the two position weights w_k(i) = (a_k * i + c_k) mod (P - 1) + 1
 _WEIGHTS = ((48271, 12345), (69621, 54321))
 _INTEGER_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -37,7 +41,7 @@ def batch_checksum(x: torch.Tensor) -> tuple[int, int]:
     position = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
     sums = []
     for multiplier, offset in _WEIGHTS:
-        weight = (position.remainder(_P) * multiplier + offset).remainder(_P) + 1
+        weight = (position.remainder(_P) * multiplier + offset).remainder(_P - 1) + 1
         # each product < 2^62, each remainder < 2^31: the sum of < 2^32 of them fits int64
         sums.append((bits * weight).remainder(_P).sum().remainder(_P))
     first, second = torch.stack(sums).tolist()
@@ -45,16 +49,19 @@ def batch_checksum(x: torch.Tensor) -> tuple[int, int]:
 
 
 class InputDigest:
-    """A running SHA-256 over batches: dtype, shape and :func:`batch_checksum` of each."""
+    """A SHA-256 over a collection of batches: dtype, shape and :func:`batch_checksum` of each,
+    in sorted order (the batches' order does not count)."""
 
     def __init__(self) -> None:
-        self._sha = hashlib.sha256()
-        self.batches = 0
+        self._records: list[str] = []
+
+    @property
+    def batches(self) -> int:
+        return len(self._records)
 
     def add(self, x: torch.Tensor) -> None:
         first, second = batch_checksum(x)
-        self._sha.update(f"{x.dtype}{tuple(x.shape)}:{first}:{second};".encode())
-        self.batches += 1
+        self._records.append(f"{x.dtype}{tuple(x.shape)}:{first}:{second};")
 
     def hexdigest(self) -> str:
-        return self._sha.hexdigest()
+        return hashlib.sha256("".join(sorted(self._records)).encode()).hexdigest()

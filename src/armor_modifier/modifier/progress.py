@@ -75,12 +75,10 @@ _PARTS = {
 
 @dataclass
 class _Unit:
-    """A decoder layer under calibration: its inputs' digest, and whether it skips statistics
-    (with its dense weights' digest, taken when that was decided)."""
+    """A decoder layer under calibration: its inputs' digest, and whether it skips statistics."""
 
     inputs: InputDigest = field(default_factory=InputDigest)
     skips_statistics: bool = False
-    weights: str | None = None
 
 
 def layer_key(names: Sequence[str]) -> str:
@@ -110,6 +108,8 @@ class LayerProgress:
 
     :param folder: the progress folder (created if missing)
     :param run_info: what the whole run depends on (JSON-able; written to ``run.json`` once)
+    :param names: every target and its name; decoder layers' targets are grouped by layer, and
+        a layer's first target (in this order) has its inputs digested
     """
 
     def __init__(
@@ -180,10 +180,11 @@ class LayerProgress:
         layer = self._layer_of.get(module)
         if layer is None or layer in self._done:
             return True
+        first = module is next(iter(self._layer_targets[layer]))
         unit = self._units.get(layer)
-        if unit is None:
-            unit = self._units[layer] = self._open_unit(layer)
-        if module is next(iter(self._layer_targets[layer])):
+        if unit is None:  # only the first target's inputs can vouch for a layer without statistics
+            unit = self._units[layer] = self._open_unit(layer) if first else _Unit()
+        if first:
             start = time.perf_counter()
             unit.inputs.add(x)
             self.seconds += time.perf_counter() - start
@@ -197,6 +198,8 @@ class LayerProgress:
         when collected, statistics, and the digest of its first target's inputs
         (:mod:`.digest`) when the unit is a decoder layer."""
         unit = self._units.pop(key, None)
+        if unit is None and key in self._layer_targets:  # this rank got no calibration batch
+            unit = self._open_unit(key)
         self._done.add(key)
         weights: list[torch.Tensor] = []
         stats: list[torch.Tensor] = []
@@ -206,7 +209,9 @@ class LayerProgress:
                 stat = statistics[module]
                 hessian = stat.hessian()
                 stats.extend([stat.mean(), stat.count] + ([] if hessian is None else [hessian]))
-        mine = {"weights": unit.weights if unit and unit.weights else _digest(weights)}
+        # taken again here, not at the skip decision: a modifier before ARMOR in the same
+        # sequential pass (SmoothQuant, AWQ) may change the weights at the end of the epoch
+        mine = {"weights": _digest(weights)}
         if not (unit and unit.skips_statistics):
             mine["statistics"] = _digest(stats)
         if unit is not None:
@@ -240,7 +245,7 @@ class LayerProgress:
         if stored is not None and set(stored[0]) != set(modules.values()):
             stored = None
         self.seconds += time.perf_counter() - start
-        return _Unit(weights=weights, skips_statistics=stored is not None)
+        return _Unit(skips_statistics=stored is not None)
 
     def load(self, key: str, fingerprint: Mapping[str, str]) -> StoredLayer | None:
         """The stored unit when it matches ``fingerprint`` on every rank, else ``None`` (the layer
@@ -365,6 +370,13 @@ def process_unit(
     stored = progress.load(key, fingerprint)
     progress.seconds += time.perf_counter() - start
     if stored is not None and set(stored[0]) != set(names.values()):
+        if "statistics" not in fingerprint:
+            raise ARMORValueError(
+                f"ARMOR progress {key}: its file holds {sorted(stored[0])}, this layer "
+                f"{sorted(names.values())}, and the layer was calibrated without statistics; "
+                f"delete {progress.folder / key}.safetensors and the layer files after it, or "
+                "pass a new progress_dir"
+            )
         stored = None
     if stored is not None:
         factors, results, layers = stored
