@@ -68,3 +68,19 @@ def test_the_digest_sees_content_dtype_and_shape_but_not_order():
     assert len({digest(a, b), digest(a, a), digest(a), digest(a.reshape(3, 2), b),
                 digest(a.to(torch.float64), b)}) == 5  # fmt: skip
 
+
+
+def test_the_digest_keeps_weights_per_batch_size_and_matches_the_reference():
+    """InputDigest reuses one size's position weights across batches; batches of another size
+    in between must not reuse them."""
+    import hashlib
+
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g),
+               torch.randn(3, 7, generator=g), torch.randn(4, 5, generator=g)]  # fmt: skip
+    running = InputDigest()
+    for x in batches:
+        running.add(x)
+    records = sorted(f"{x.dtype}{tuple(x.shape)}:{c1}:{c2};"
+                     for x in batches for c1, c2 in [reference(x)])  # fmt: skip
+    assert running.hexdigest() == hashlib.sha256("".join(records).encode()).hexdigest()

@@ -25,7 +25,7 @@ import hashlib
 
 import torch
 
-__all__ = ["InputDigest", "batch_checksum"]
+__all__ = ["InputDigest", "batch_checksum", "position_weights"]
 
 _P = 2**31 - 1
 #: multipliers and offsets of the two position weights w_k(i) = (a_k * i + c_k) mod (P - 1) + 1
@@ -33,18 +33,32 @@ _WEIGHTS = ((48271, 12345), (69621, 54321))
 _INTEGER_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def batch_checksum(x: torch.Tensor) -> tuple[int, int]:
+def position_weights(numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``[2, numel]`` int64: ``w_k(i)`` for ``i < numel``, on ``device``."""
+    position = torch.arange(numel, device=device, dtype=torch.int64).remainder(_P)
+    return torch.stack(
+        [(position * multiplier + offset).remainder(_P - 1) + 1 for multiplier, offset in _WEIGHTS]
+    )
+
+
+def batch_checksum(x: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[int, int]:
     """The two checksums ``(c_1, c_2)`` of ``x`` (any shape, any dtype of 1, 2, 4 or 8 bytes),
-    computed on ``x``'s device; each lies in ``[0, P)``."""
+    computed on ``x``'s device; each lies in ``[0, P)``.
+
+    :param weights: :func:`position_weights` of ``x.numel()`` on ``x``'s device, when the caller
+        keeps them for batches of one size (formed here otherwise)
+    """
     flat = x.detach().contiguous().reshape(-1)
-    bits = flat.view(_INTEGER_VIEW[flat.element_size()]).to(torch.int64).remainder(_P)
-    position = torch.arange(flat.numel(), device=flat.device, dtype=torch.int64)
-    sums = []
-    for multiplier, offset in _WEIGHTS:
-        weight = (position.remainder(_P) * multiplier + offset).remainder(_P - 1) + 1
-        # each product < 2^62, each remainder < 2^31: the sum of < 2^32 of them fits int64
-        sums.append((bits * weight).remainder(_P).sum().remainder(_P))
-    first, second = torch.stack(sums).tolist()
+    if weights is None:
+        weights = position_weights(flat.numel(), flat.device)
+    bits = flat.view(_INTEGER_VIEW[flat.element_size()]).to(torch.int64)
+    if flat.element_size() == 8:
+        bits = bits.remainder(_P)  # 64-bit patterns: reduce first, so products fit int64
+    # |bits| <= 2^31 and weights < 2^31: each product fits int64, and remainder() is never
+    # negative, so (bits * w) mod P is (bits mod P) * w mod P; each remainder is < 2^31, so the
+    # sum of fewer than 2^32 of them fits int64
+    sums = (bits * weights).remainder(_P).sum(-1)
+    first, second = sums.remainder(_P).tolist()
     return int(first), int(second)
 
 
@@ -54,13 +68,18 @@ class InputDigest:
 
     def __init__(self) -> None:
         self._records: list[str] = []
+        #: the position weights of the last batch's size (calibration batches repeat one size)
+        self._weights: torch.Tensor | None = None
 
     @property
     def batches(self) -> int:
         return len(self._records)
 
     def add(self, x: torch.Tensor) -> None:
-        first, second = batch_checksum(x)
+        kept = self._weights
+        if kept is None or kept.shape[1] != x.numel() or kept.device != x.device:
+            kept = self._weights = position_weights(x.numel(), x.device)
+        first, second = batch_checksum(x, kept)
         self._records.append(f"{x.dtype}{tuple(x.shape)}:{first}:{second};")
 
     def hexdigest(self) -> str:
