@@ -194,3 +194,17 @@ def test_wrappers_only_distillation_of_a_gptq_model_keeps_its_codes(tiny_llama_f
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gptq-kl").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(sample_input()).logits, model(sample_input()).logits)
+
+
+@pytest.mark.parametrize("earlier", [{"a": 1}, {"modifiers": [{"a": 1}, {"b": 2}]}])
+def test_a_later_armor_modifier_keeps_the_recorded_distillation(earlier):
+    """appended_recipe lists the modifiers; a distillation recorded after the earlier ones stays
+    a top-level entry instead of vanishing (or hiding inside the first modifier's settings)."""
+    from armor_modifier.format.hooks import appended_recipe
+    from armor_modifier.format.save import ARMOR_RECIPE_ATTR
+
+    model = torch.nn.Linear(2, 2)
+    setattr(model, ARMOR_RECIPE_ATTR, {**earlier, "distillation": {"steps": 3}})
+    combined = appended_recipe(model, {"c": 3})
+    assert combined == {"modifiers": [*earlier.get("modifiers", [earlier]), {"c": 3}],
+                        "distillation": {"steps": 3}}  # fmt: skip

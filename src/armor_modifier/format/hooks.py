@@ -40,11 +40,15 @@ _hook._armor_save = True
 
 def appended_recipe(model: nn.Module, mine: dict[str, Any]) -> dict[str, Any]:
     """``armor.recipe`` after one more ARMORModifier: its settings ``mine``, or, when an earlier
-    one already recorded its own on the model, ``{"modifiers": [earlier..., mine]}``."""
+    one already recorded its own on the model, ``{"modifiers": [earlier..., mine]}``; a recorded
+    ``"distillation"`` stays at the top level."""
     earlier = getattr(model, ARMOR_RECIPE_ATTR, None)
     if not isinstance(earlier, dict):
         return mine
-    return {"modifiers": [*earlier.get("modifiers", [earlier]), mine]}
+    earlier = dict(earlier)
+    distillation = earlier.pop("distillation", None)
+    appended = {"modifiers": [*earlier.get("modifiers", [earlier]), mine]}
+    return appended if distillation is None else {**appended, "distillation": distillation}
 
 
 def install_save_hook(model: nn.Module, recipe: dict[str, Any] | None = None) -> None:
