@@ -37,7 +37,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -241,16 +241,17 @@ class LayerProgress:
         start = time.perf_counter()
         modules = self._layer_targets[layer]
         weights = _digest([t for m in modules for t in (m.weight, m.bias) if t is not None])
-        stored, _why = self._read(layer, {"weights": weights})
-        if stored is not None and set(stored[0]) != set(modules.values()):
-            stored = None
+        stored, _why = self._read(layer, {"weights": weights}, modules.values())
         self.seconds += time.perf_counter() - start
         return _Unit(skips_statistics=stored is not None)
 
-    def load(self, key: str, fingerprint: Mapping[str, str]) -> StoredLayer | None:
-        """The stored unit when it matches ``fingerprint`` on every rank, else ``None`` (the layer
+    def load(
+        self, key: str, fingerprint: Mapping[str, str], names: Collection[str]
+    ) -> StoredLayer | None:
+        """The stored unit when it holds exactly ``names`` and matches ``fingerprint`` on every
+        rank, else ``None`` (the layer
         is then recomputed); refused when the unit has no statistics to recompute from."""
-        stored, why = self._read(key, fingerprint)
+        stored, why = self._read(key, fingerprint, names)
         if is_distributed():
             whys = all_gather_objects(why)
             why = next((w for w in whys if w is not None), None)
@@ -306,7 +307,7 @@ class LayerProgress:
         )
 
     def _read(
-        self, key: str, fingerprint: Mapping[str, str]
+        self, key: str, fingerprint: Mapping[str, str], names: Collection[str]
     ) -> tuple[StoredLayer | None, str | None]:
         path = self.folder / f"{key}.safetensors"
         if not path.exists():
@@ -326,8 +327,11 @@ class LayerProgress:
         for part, value in fingerprint.items():
             if metadata.get(part) != value:
                 return None, f"its {_PARTS[part]} differ from this run's"
+        stored = {k.rsplit(".", 1)[0] for k in tensors}
+        if stored != set(names):
+            return None, f"it holds {sorted(stored)}, not this layer's {sorted(names)}"
         factors: dict[str, tuple[torch.Tensor, ...]] = {}
-        for name in {k.rsplit(".", 1)[0] for k in tensors}:
+        for name in stored:
             factors[name] = (tensors[f"{name}.A"], tensors[f"{name}.B"], tensors[f"{name}.core"])
         results = [_module_result(r) for r in json.loads(metadata["results"])]
         layers = [
@@ -367,17 +371,8 @@ def process_unit(
     key = layer_key(list(names.values()))
     start = time.perf_counter()
     fingerprint = progress.fingerprint(key, names, compressor.statistics)
-    stored = progress.load(key, fingerprint)
+    stored = progress.load(key, fingerprint, names.values())
     progress.seconds += time.perf_counter() - start
-    if stored is not None and set(stored[0]) != set(names.values()):
-        if "statistics" not in fingerprint:
-            raise ARMORValueError(
-                f"ARMOR progress {key}: its file holds {sorted(stored[0])}, this layer "
-                f"{sorted(names.values())}, and the layer was calibrated without statistics; "
-                f"delete {progress.folder / key}.safetensors and the layer files after it, or "
-                "pass a new progress_dir"
-            )
-        stored = None
     if stored is not None:
         factors, results, layers = stored
         by_name = {result.name: result for result in results}
