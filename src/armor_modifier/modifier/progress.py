@@ -249,8 +249,8 @@ class LayerProgress:
         self, key: str, fingerprint: Mapping[str, str], names: Collection[str]
     ) -> StoredLayer | None:
         """The stored unit when it holds exactly ``names`` and matches ``fingerprint`` on every
-        rank, else ``None`` (the layer
-        is then recomputed); refused when the unit has no statistics to recompute from."""
+        rank, else ``None`` (the layer is then recomputed); refused when the unit has no
+        statistics to recompute from."""
         stored, why = self._read(key, fingerprint, names)
         if is_distributed():
             whys = all_gather_objects(why)
