@@ -158,8 +158,6 @@ def test_distillation_settings_and_combinations_are_refused_before_any_work(
     with pytest.raises(ARMORValueError, match="distill_precision must be one of"):
         DistillationSettings(precision="float16")
     on = DistillationSettings(steps=1)
-    with pytest.raises(ARMORValueError, match="drop quantize or the distillation steps"):
-        armor_modifier.prune(tiny_llama_folder, tmp_path / "a", quantize="w4a16", distillation=on)
     with pytest.raises(ARMORValueError, match="drop recipe or the distillation steps"):
         armor_modifier.prune(tiny_llama_folder, tmp_path / "b", recipe=[], distillation=on)
     with pytest.raises(ARMORValueError, match="needs at least 8 windows .* the dataset has 4"):
@@ -180,7 +178,8 @@ def test_wrappers_only_distillation_of_a_gptq_model_keeps_its_codes(tiny_llama_f
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "gptq").eval()
     windows = _windows()
     states = teacher_states(load_tiny_llama(tiny_llama_folder), windows)
-    with pytest.raises(ARMORValueError, match="have quantized cores; .* parameters='wrappers'"):
+    with pytest.raises(ARMORValueError, match="have quantized cores; .* parameters='wrappers' "
+                       ".* or 'wrappers\\+scales'"):  # fmt: skip
         distill_model(model, windows, states, DistillationSettings(steps=1))
     # the refused call ran the first forward, which decompresses the loaded cores
     cores = {k: m.weight.detach().clone() for k, m in armor_linears(model).items()}
@@ -194,6 +193,75 @@ def test_wrappers_only_distillation_of_a_gptq_model_keeps_its_codes(tiny_llama_f
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gptq-kl").eval()
     with torch.no_grad():
         assert torch.equal(reloaded(sample_input()).logits, model(sample_input()).logits)
+
+
+def _levels(linear) -> torch.Tensor:
+    """Brute force: each core entry divided by its group's scale, rounded (``[m, n]``)."""
+    scale = linear.weight_scale.detach().float()
+    group = linear.weight.shape[1] // scale.shape[1]
+    return (linear.weight.detach().float() / scale.repeat_interleave(group, 1)).round()
+
+
+@pytest.mark.parametrize("scheme", ["w4a16-gptq", "w8a8-gptq"])
+def test_prune_distills_quantized_cores_moving_scales_with_the_codes_fixed(
+    scheme, tiny_llama_folder, tmp_path
+):
+    """``prune(quantize=..., distillation=...)`` with ``parameters='wrappers+scales'``: the fit
+    runs on the quantized model oneshot left, lowers the guard KL (the brute-force KL of the
+    returned model), moves every scale while every integer code (and so the 2:4 mask) stays, and
+    the saved folder re-packs those codes and reloads with the same logits. W8A8 also keeps
+    quantizing the Linears' inputs during the fit."""
+    from transformers import AutoModelForCausalLM
+
+    settings = DistillationSettings(steps=8, num_samples=8, learning_rate=1e-3, guard_fraction=0.25,
+                                    eval_every=4, precision="float32",
+                                    parameters="wrappers+scales")  # fmt: skip
+    plain = _tiny_prune(tiny_llama_folder, None, quantize=scheme).model
+    before = {k: (_levels(m), m.weight_scale.detach().clone(), m.armor_A.clone())
+              for k, m in armor_linears(plain).items()}  # fmt: skip
+    result = _tiny_prune(tiny_llama_folder, tmp_path / "kl", quantize=scheme, distillation=settings)
+    done = result.distillation
+    assert done is not None and done.accepted and done.final_error < done.initial_error
+    dense = load_tiny_llama(tiny_llama_folder)
+    windows = [torch.tensor(row).unsqueeze(0) for row in calibration_dataset()["input_ids"][:8]]
+    _, guard = guard_split(8, 0.25)
+    # float32 logits against the float64 brute force (observed relative differences near 1e-7)
+    start = sum(_kl(plain, dense, windows[i]) for i in guard) / len(guard)
+    end = sum(_kl(result.model, dense, windows[i]) for i in guard) / len(guard)
+    assert done.initial_error == pytest.approx(start, rel=1e-4)
+    assert done.final_error == pytest.approx(end, rel=1e-4)
+    for key, linear in armor_linears(result.model).items():
+        levels, scale, A = before[key]
+        assert torch.equal(_levels(linear), levels), key
+        assert not torch.equal(linear.weight_scale, scale), key
+        assert not torch.equal(linear.armor_A, A), key
+        assert count_broken_groups(linear.weight.detach()) == 0, key
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "kl").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(sample_input()).logits, result.model(sample_input()).logits)
+    for key, linear in armor_linears(reloaded).items():
+        assert torch.equal(_levels(linear), before[key][0]), key
+
+
+def test_quantized_distillation_refuses_parameters_off_the_grid_before_any_work(
+    tiny_llama_folder, tmp_path
+):
+    """Moving the cores of quantized models, or scales of unquantized ones, is refused before
+    oneshot runs, naming the setting and the choices that work."""
+    from armor_modifier.modifier.distillation import distill_model
+
+    for parameters in ("all", "core"):
+        with pytest.raises(ARMORValueError, match=f"distill_parameters='{parameters}' would leave; "
+                           "use 'wrappers' or 'wrappers\\+scales'"):  # fmt: skip
+            armor_modifier.prune(tiny_llama_folder, tmp_path / parameters, quantize="w4a16-gptq",
+                                 distillation=DistillationSettings(steps=1, parameters=parameters))
+    scales = DistillationSettings(steps=1, parameters="wrappers+scales")
+    with pytest.raises(ARMORValueError, match="moves quantization scales, and quantize is 'none'"):
+        armor_modifier.prune(tiny_llama_folder, tmp_path / "none", distillation=scales)
+    assert sorted(tmp_path.iterdir()) == []
+    model = _tiny_prune(tiny_llama_folder, None).model
+    with pytest.raises(ARMORValueError, match="this model has none"):
+        distill_model(model, _windows(), _windows(), scales)
 
 
 @pytest.mark.parametrize("earlier", [{"a": 1}, {"modifiers": [{"a": 1}, {"b": 2}]}])

@@ -103,7 +103,10 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
         "quantized cores)",
     )
     add_distillation_arguments(
-        p.add_argument_group("model-level distillation (not with --recipe or --quantize)")
+        p.add_argument_group(
+            "model-level distillation (not with --recipe; with --quantize it moves the wrappers, "
+            "or the wrappers and scales)"
+        )
     )
     p.add_argument(
         "--resume", nargs="?", const=RESUME_HERE, default=None, metavar="DIR",

@@ -32,7 +32,7 @@ from .calibration import (
     require_harness,
     split_sources,
 )
-from .core.distill_settings import DistillationSettings
+from .core.distill_settings import QUANTIZED_PARAMETER_SETS, DistillationSettings
 from .core.errors import ARMORValueError
 from .core.options import setting_rows
 from .core.reconstruct import ReconstructionResult, ReconstructionSettings
@@ -285,7 +285,8 @@ def prune(
         ``docs/settings.md``). A ``progress_dir`` inside ``output`` is allowed there and goes
         with the old folder when the new one is swapped in.
     :param distillation: model-level distillation after ``oneshot`` (off unless its ``steps``
-        are positive; not with ``recipe`` or ``quantize``).
+        are positive; not with ``recipe``; with ``quantize`` it moves ``'wrappers'`` or
+        ``'wrappers+scales'``, after the quantization).
     :return: the model, tokenizer, output folder, ``oneshot`` time, the modifiers and the
         distillation's result.
     :raises ARMORValueError: bad settings, recipe, sizes or output folder, before any work.
@@ -295,11 +296,13 @@ def prune(
             f"num_samples ({num_samples}) and seq_len ({seq_len}) must be positive"
         )
     distilling = distillation is not None and distillation.steps > 0
-    if distilling and (recipe is not None or quantize != "none"):
+    if distilling and recipe is not None:
         raise ARMORValueError(
-            "distillation fits unquantized ARMOR models built from the flags; drop "
-            f"{'recipe' if recipe is not None else 'quantize'} or the distillation steps"
+            "distillation fits ARMOR models built from the flags; drop recipe or the "
+            "distillation steps"
         )
+    if distilling and distillation is not None:
+        check_distilled_parameters(distillation.parameters, quantize)
     progress = fields.get("progress_dir")
     target = check_output_folder(output, overwrite, progress) if output is not None else None
     if recipe is not None:
@@ -357,6 +360,22 @@ def prune(
     used = list(active_session().lifecycle.recipe.modifiers) if recipe is not None else modifiers
     return PruneResult(loaded, tokenizer, target, seconds, used, distilled,
                        teacher.seconds if teacher is not None else 0.0)  # fmt: skip
+
+
+def check_distilled_parameters(parameters: str, quantize: str) -> None:
+    """Refuse, before any work, a distillation that would move quantized cores off their grid
+    (or scales that ``quantize='none'`` never makes)."""
+    quantized = QUANT_SCHEMES.get(quantize) is not None
+    if quantized and parameters not in QUANTIZED_PARAMETER_SETS:
+        raise ARMORValueError(
+            f"quantize={quantize!r} puts the cores on a grid that distill_parameters="
+            f"{parameters!r} would leave; use 'wrappers' or 'wrappers+scales'"
+        )
+    if not quantized and parameters == "wrappers+scales":
+        raise ARMORValueError(
+            "distill_parameters='wrappers+scales' moves quantization scales, and quantize is "
+            "'none'; use 'all', 'wrappers' or 'core', or quantize the cores"
+        )
 
 
 class _Teacher:

@@ -15,7 +15,18 @@ from typing import Literal
 from .errors import ARMORValueError
 from .reconstruct import PARAMETER_SETS, PRECISIONS, check_fit_fields, min_fit_windows
 
-__all__ = ["DISTILLATION_OPTIONS", "DistillationSettings", "distillation_table"]
+__all__ = [
+    "DISTILLATION_OPTIONS",
+    "DISTILL_PARAMETER_SETS",
+    "QUANTIZED_PARAMETER_SETS",
+    "DistillationSettings",
+    "distillation_table",
+]
+
+#: What a distillation may move on quantized cores (the codes never move).
+QUANTIZED_PARAMETER_SETS = ("wrappers", "wrappers+scales")
+#: What a distillation may move: the fit's sets and the scales of quantized cores.
+DISTILL_PARAMETER_SETS = (*PARAMETER_SETS, "wrappers+scales")
 
 
 def _help(text: str) -> dict[str, str]:
@@ -36,9 +47,11 @@ class DistillationSettings:
         "dense model runs once over them before pruning)"))
     learning_rate: float = field(default=1e-5, metadata=_help("Adam learning rate"))
     windows_per_step: int = field(default=2, metadata=_help("windows per Adam step"))
-    parameters: Literal["all", "wrappers", "core"] = field(default="all", metadata=_help(
-        "what moves: 'all' (A, B and the kept core values), 'wrappers' or 'core'; masks never "
-        "move, so every core stays exactly 2:4"))
+    parameters: Literal["all", "wrappers", "core", "wrappers+scales"] = field(
+        default="all", metadata=_help(
+            "what moves: 'all' (A, B and the kept core values), 'wrappers' or 'core'; on "
+            "quantized cores 'wrappers' or 'wrappers+scales' (the quantization scales too, "
+            "integer codes fixed); masks never move, so every core stays exactly 2:4"))
     guard_fraction: float = field(default=0.125, metadata=_help(
         "share of the windows held out; the best held-out iterate is kept only when it beats "
         "the pruned model"))
@@ -55,7 +68,7 @@ class DistillationSettings:
             self, "distill_",
             {"steps": 0, "num_samples": 1, "windows_per_step": 1, "eval_every": 1, "patience": 0,
              "seed": 0},
-            {"parameters": PARAMETER_SETS, "precision": PRECISIONS},
+            {"parameters": DISTILL_PARAMETER_SETS, "precision": PRECISIONS},
         )  # fmt: skip
         if self.steps > 0 and self.num_samples < self.min_windows():
             raise ARMORValueError(

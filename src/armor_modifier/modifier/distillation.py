@@ -7,7 +7,8 @@ zero-shot log-likelihoods) is the output distribution. :func:`distill_model` low
     L(θ) = mean over fit windows and positions of KL(p_dense(· | x_<t) || p_θ(· | x_<t))
 
 by Adam on every ARMOR Linear's ``A``, ``B`` and kept core values at once (or a subset; masks
-frozen, so every core stays exactly 2:4), keeping the best iterate on held-out guard windows with
+frozen, so every core stays exactly 2:4; on quantized cores the wrappers, optionally with the
+scales: :mod:`.scales`), keeping the best iterate on held-out guard windows with
 the guarantee of :func:`armor_modifier.core.reconstruct.fit_guarded` (the start wins unless a
 later iterate's guard KL is strictly lower).
 
@@ -25,13 +26,14 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from armor_modifier.core.distill_settings import DistillationSettings
+from armor_modifier.core.distill_settings import QUANTIZED_PARAMETER_SETS, DistillationSettings
 from armor_modifier.core.errors import ARMORValueError
 from armor_modifier.core.reconstruct import ReconstructionResult, fit_guarded, guard_split
 from armor_modifier.format.save import ARMOR_RECIPE_ATTR
 from armor_modifier.runtime import armor_linears
 
 from .reconstruction import factor_parameters, trainable_factors, write_back_factors
+from .scales import quantized_linears, scale_parameters, trainable_scales, write_back_scales
 
 __all__ = ["distill_model", "teacher_states"]
 
@@ -99,7 +101,8 @@ def distill_model(
     :param progress: called as ``progress(step, loss)`` after every step
     :return: the guard KL (nats per token) before and after, the step kept, whether accepted
     :raises ARMORValueError: no ARMOR Linear, a pruned head, quantized cores with parameters
-        other than ``'wrappers'``, or windows and states that differ
+        other than ``'wrappers'`` or ``'wrappers+scales'`` (or the latter without quantized
+        cores), or windows and states that differ
     """
     head = _head(model)
     linears = armor_linears(model)
@@ -112,12 +115,17 @@ def distill_model(
         # forward (a hook it registers on loading), so run that forward before reading cores
         with torch.no_grad():
             model(input_ids=windows[0][:, :1], use_cache=False)
-    quantized = [n for n, m in linears.items() if getattr(m, "quantization_scheme", None)]
-    if quantized and settings.parameters != "wrappers":
+    quantized = quantized_linears(linears)
+    if quantized and settings.parameters not in QUANTIZED_PARAMETER_SETS:
         raise ARMORValueError(
             f"{quantized[0]} and {len(quantized) - 1} more have quantized cores; moving them "
             "would leave the quantization grid: distill with parameters='wrappers' (codes and "
-            "scales stay)"
+            "scales stay) or 'wrappers+scales' (codes stay)"
+        )
+    if not quantized and settings.parameters == "wrappers+scales":
+        raise ARMORValueError(
+            "parameters='wrappers+scales' moves the scales of quantized cores, and this model "
+            "has none: distill with 'all', 'wrappers' or 'core'"
         )
     if len(windows) != len(states):
         raise ARMORValueError(
@@ -125,7 +133,13 @@ def distill_model(
             "the same windows"
         )
     fit, guard = guard_split(len(windows), settings.guard_fraction)
-    params, masks, names = factor_parameters(linears, settings.parameters)
+    moving_scales = settings.parameters == "wrappers+scales"
+    params, masks, names = factor_parameters(
+        linears, "wrappers" if moving_scales else settings.parameters
+    )
+    if moving_scales:
+        scale_params, scale_masks, scale_names = scale_parameters(linears)
+        params, masks, names = params + scale_params, masks + scale_masks, names + scale_names
     low_precision = settings.precision == "bfloat16"
     device = next(model.parameters()).device.type
 
@@ -153,13 +167,15 @@ def distill_model(
     was_training = model.training
     model.eval()
     try:
-        with _frozen(model), torch.enable_grad(), trainable_factors(linears, names, params):
+        with _frozen(model), torch.enable_grad(), trainable_factors(linears, names, params), \
+                trainable_scales(linears, names, params):
             result = fit_guarded(batch_backward, guard_error, fit, params, masks, settings,
                                  progress)  # fmt: skip
     finally:
         model.train(was_training)
     if result.accepted:
         write_back_factors(linears, names, params)
+        write_back_scales(names, params)
     _record(model, settings, result)
     return result
 
