@@ -34,7 +34,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="Adam steps")
     parser.add_argument("--learning-rate", type=float, default=1e-5, help="Adam learning rate")
     parser.add_argument("--windows-per-step", type=int, default=1, help="windows per Adam step")
-    parser.add_argument("--parameters", default="all", choices=["all", "wrappers", "core", "wrappers+scales"])
+    parser.add_argument(
+        "--parameters", default="all", choices=["all", "wrappers", "core", "wrappers+scales"]
+    )
     parser.add_argument("--precision", default="bfloat16", choices=["float32", "bfloat16"])
     parser.add_argument("--eval-every", type=int, default=20, help="steps between guard checks")
     parser.add_argument("--guard-fraction", type=float, default=0.125, help="windows held out")
