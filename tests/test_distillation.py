@@ -157,9 +157,6 @@ def test_distillation_settings_and_combinations_are_refused_before_any_work(
         DistillationSettings(steps=1, num_samples=4)
     with pytest.raises(ARMORValueError, match="distill_precision must be one of"):
         DistillationSettings(precision="float16")
-    on = DistillationSettings(steps=1)
-    with pytest.raises(ARMORValueError, match="drop recipe or the distillation steps"):
-        armor_modifier.prune(tiny_llama_folder, tmp_path / "b", recipe=[], distillation=on)
     with pytest.raises(ARMORValueError, match="needs at least 8 windows .* the dataset has 4"):
         _tiny_prune(tiny_llama_folder, tmp_path / "c", dataset=calibration_dataset(4),
                     distillation=DistillationSettings(steps=1, num_samples=16))  # fmt: skip
@@ -202,24 +199,42 @@ def _levels(linear) -> torch.Tensor:
     return (linear.weight.detach().float() / scale.repeat_interleave(group, 1)).round()
 
 
-@pytest.mark.parametrize("scheme", ["w4a16-gptq", "w8a8-gptq"])
+def _tiny_quantized_prune(tiny_llama_folder: Path, folder: Path | None, how: str, **kwargs):
+    """``_tiny_prune`` quantized by ``how``: ``'w4a16-gptq'`` through ``quantize``, or
+    ``'recipe-w8a8-gptq'`` through a recipe of modifiers."""
+    if not how.startswith("recipe-"):
+        return _tiny_prune(tiny_llama_folder, folder, quantize=how, **kwargs)
+    from transformers import AutoTokenizer
+
+    from armor_modifier.pruning import armor_recipe
+
+    recipe = armor_recipe(quantize=how.removeprefix("recipe-"), wrapper_block_size=16,
+                          num_iterations=1)  # fmt: skip
+    return armor_modifier.prune(
+        load_tiny_llama(tiny_llama_folder), folder,
+        tokenizer=AutoTokenizer.from_pretrained(tiny_llama_folder),
+        dataset=calibration_dataset(), seq_len=SEQ_LEN, recipe=recipe, **kwargs,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("how", ["w4a16-gptq", "recipe-w8a8-gptq"])
 def test_prune_distills_quantized_cores_moving_scales_with_the_codes_fixed(
-    scheme, tiny_llama_folder, tmp_path
+    how, tiny_llama_folder, tmp_path
 ):
     """``prune(quantize=..., distillation=...)`` with ``parameters='wrappers+scales'``: the fit
     runs on the quantized model oneshot left, lowers the guard KL (the brute-force KL of the
     returned model), moves every scale while every integer code (and so the 2:4 mask) stays, and
-    the saved folder re-packs those codes and reloads with the same logits. W8A8 also keeps
-    quantizing the Linears' inputs during the fit."""
+    the saved folder re-packs those codes and reloads with the same logits. W8A8 (from a recipe)
+    quantizes the Linears' inputs straight through during the fit, so every wrapper moves."""
     from transformers import AutoModelForCausalLM
 
     settings = DistillationSettings(steps=8, num_samples=8, learning_rate=1e-3, guard_fraction=0.25,
                                     eval_every=4, precision="float32",
                                     parameters="wrappers+scales")  # fmt: skip
-    plain = _tiny_prune(tiny_llama_folder, None, quantize=scheme).model
+    plain = _tiny_quantized_prune(tiny_llama_folder, None, how).model
     before = {k: (_levels(m), m.weight_scale.detach().clone(), m.armor_A.clone())
               for k, m in armor_linears(plain).items()}  # fmt: skip
-    result = _tiny_prune(tiny_llama_folder, tmp_path / "kl", quantize=scheme, distillation=settings)
+    result = _tiny_quantized_prune(tiny_llama_folder, tmp_path / "kl", how, distillation=settings)
     done = result.distillation
     assert done is not None and done.accepted and done.final_error < done.initial_error
     dense = load_tiny_llama(tiny_llama_folder)
@@ -246,18 +261,27 @@ def test_prune_distills_quantized_cores_moving_scales_with_the_codes_fixed(
 def test_quantized_distillation_refuses_parameters_off_the_grid_before_any_work(
     tiny_llama_folder, tmp_path
 ):
-    """Moving the cores of quantized models, or scales of unquantized ones, is refused before
-    oneshot runs, naming the setting and the choices that work."""
+    """Moving the cores of quantized models (from ``quantize``, a recipe's modifiers or a YAML
+    recipe), or scales of unquantized ones, is refused before oneshot runs, naming the setting and
+    the choices that work."""
     from armor_modifier.modifier.distillation import distill_model
+    from armor_modifier.pruning import armor_recipe
 
-    for parameters in ("all", "core"):
-        with pytest.raises(ARMORValueError, match=f"distill_parameters='{parameters}' would leave; "
-                           "use 'wrappers' or 'wrappers\\+scales'"):  # fmt: skip
-            armor_modifier.prune(tiny_llama_folder, tmp_path / parameters, quantize="w4a16-gptq",
-                                 distillation=DistillationSettings(steps=1, parameters=parameters))
+    recipe_file = Path(__file__).parents[1] / "recipes" / "armor_2of4_w4a16_gptq.yaml"
+    quantizing = [{"quantize": "w4a16-gptq"}, {"recipe": armor_recipe(quantize="w4a16")},
+                  {"recipe": str(recipe_file)}]  # fmt: skip
+    for i, given in enumerate(quantizing):
+        for parameters in ("all", "core"):
+            with pytest.raises(ARMORValueError, match=f"distill_parameters='{parameters}' would "
+                               "leave; use 'wrappers' or 'wrappers\\+scales'"):  # fmt: skip
+                armor_modifier.prune(tiny_llama_folder, tmp_path / f"{i}{parameters}",
+                                     distillation=DistillationSettings(steps=1,
+                                                                       parameters=parameters),
+                                     **given)  # fmt: skip
     scales = DistillationSettings(steps=1, parameters="wrappers+scales")
-    with pytest.raises(ARMORValueError, match="moves quantization scales, and quantize is 'none'"):
-        armor_modifier.prune(tiny_llama_folder, tmp_path / "none", distillation=scales)
+    for given in ({}, {"recipe": armor_recipe()}):
+        with pytest.raises(ARMORValueError, match="moves quantization scales, and nothing quanti"):
+            armor_modifier.prune(tiny_llama_folder, tmp_path / "none", distillation=scales, **given)
     assert sorted(tmp_path.iterdir()) == []
     model = _tiny_prune(tiny_llama_folder, None).model
     with pytest.raises(ARMORValueError, match="this model has none"):

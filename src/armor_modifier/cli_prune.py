@@ -104,8 +104,8 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
     )
     add_distillation_arguments(
         p.add_argument_group(
-            "model-level distillation (not with --recipe; with --quantize it moves the wrappers, "
-            "or the wrappers and scales)"
+            "model-level distillation (after quantization, from --quantize or the recipe, it "
+            "moves the wrappers, or the wrappers and scales)"
         )
     )
     p.add_argument(

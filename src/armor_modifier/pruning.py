@@ -285,8 +285,8 @@ def prune(
         ``docs/settings.md``). A ``progress_dir`` inside ``output`` is allowed there and goes
         with the old folder when the new one is swapped in.
     :param distillation: model-level distillation after ``oneshot`` (off unless its ``steps``
-        are positive; not with ``recipe``; with ``quantize`` it moves ``'wrappers'`` or
-        ``'wrappers+scales'``, after the quantization).
+        are positive; when ``quantize`` or the recipe quantizes, it runs after the quantization
+        and moves ``'wrappers'`` or ``'wrappers+scales'``).
     :return: the model, tokenizer, output folder, ``oneshot`` time, the modifiers and the
         distillation's result.
     :raises ARMORValueError: bad settings, recipe, sizes or output folder, before any work.
@@ -296,13 +296,6 @@ def prune(
             f"num_samples ({num_samples}) and seq_len ({seq_len}) must be positive"
         )
     distilling = distillation is not None and distillation.steps > 0
-    if distilling and recipe is not None:
-        raise ARMORValueError(
-            "distillation fits ARMOR models built from the flags; drop recipe or the "
-            "distillation steps"
-        )
-    if distilling and distillation is not None:
-        check_distilled_parameters(distillation.parameters, quantize)
     progress = fields.get("progress_dir")
     target = check_output_folder(output, overwrite, progress) if output is not None else None
     if recipe is not None:
@@ -320,6 +313,10 @@ def prune(
             seed=seed, quantize=quantize, settings=settings, reconstruction=reconstruction,
             **fields,
         )  # fmt: skip
+    if distilling and distillation is not None:
+        quantizes = (recipe_quantizes(modifiers) if recipe is not None
+                     else QUANT_SCHEMES.get(quantize) is not None)  # fmt: skip
+        check_distilled_parameters(distillation.parameters, quantizes)
     texts = None
     if isinstance(dataset, str | os.PathLike):
         sources = split_sources(os.fspath(dataset))
@@ -362,19 +359,31 @@ def prune(
                        teacher.seconds if teacher is not None else 0.0)  # fmt: skip
 
 
-def check_distilled_parameters(parameters: str, quantize: str) -> None:
+def recipe_quantizes(modifiers: list[Any] | str) -> bool:
+    """Whether a recipe (modifiers, or a checked YAML file) quantizes: holds a modifier of
+    llm-compressor's quantization family (``QuantizationModifier``, ``GPTQModifier``,
+    ``ARMORGPTQModifier``)."""
+    from llmcompressor.modifiers.quantization import QuantizationMixin
+
+    if isinstance(modifiers, str):
+        from llmcompressor.recipe import Recipe
+
+        modifiers = list(Recipe.create_instance(modifiers).modifiers)
+    return any(isinstance(m, QuantizationMixin) for m in modifiers)
+
+
+def check_distilled_parameters(parameters: str, quantized: bool) -> None:
     """Refuse, before any work, a distillation that would move quantized cores off their grid
-    (or scales that ``quantize='none'`` never makes)."""
-    quantized = QUANT_SCHEMES.get(quantize) is not None
+    (or move scales where nothing quantizes)."""
     if quantized and parameters not in QUANTIZED_PARAMETER_SETS:
         raise ARMORValueError(
-            f"quantize={quantize!r} puts the cores on a grid that distill_parameters="
-            f"{parameters!r} would leave; use 'wrappers' or 'wrappers+scales'"
+            f"the cores will be quantized, on a grid that distill_parameters={parameters!r} "
+            "would leave; use 'wrappers' or 'wrappers+scales'"
         )
     if not quantized and parameters == "wrappers+scales":
         raise ARMORValueError(
-            "distill_parameters='wrappers+scales' moves quantization scales, and quantize is "
-            "'none'; use 'all', 'wrappers' or 'core', or quantize the cores"
+            "distill_parameters='wrappers+scales' moves quantization scales, and nothing "
+            "quantizes the cores; use 'all', 'wrappers' or 'core', or quantize them"
         )
 
 
