@@ -193,10 +193,14 @@ def test_wrappers_only_distillation_of_a_gptq_model_keeps_its_codes(tiny_llama_f
 
 
 def _levels(linear) -> torch.Tensor:
-    """Brute force: each core entry divided by its group's scale, rounded (``[m, n]``)."""
+    """Brute force: each core entry divided by its group's scale (``[m, n]``), rounded to an
+    integer or, for FP8 weights, to an FP8 value."""
     scale = linear.weight_scale.detach().float()
     group = linear.weight.shape[1] // scale.shape[1]
-    return (linear.weight.detach().float() / scale.repeat_interleave(group, 1)).round()
+    ratio = linear.weight.detach().float() / scale.repeat_interleave(group, 1)
+    if linear.quantization_scheme.weights.type == "float":
+        return ratio.to(torch.float8_e4m3fn).float()
+    return ratio.round()
 
 
 def _tiny_quantized_prune(tiny_llama_folder: Path, folder: Path | None, how: str, **kwargs):
@@ -217,7 +221,7 @@ def _tiny_quantized_prune(tiny_llama_folder: Path, folder: Path | None, how: str
     )  # fmt: skip
 
 
-@pytest.mark.parametrize("how", ["w4a16-gptq", "recipe-w8a8-gptq"])
+@pytest.mark.parametrize("how", ["w4a16-gptq", "recipe-w8a8-gptq", "fp8-dynamic"])
 def test_prune_distills_quantized_cores_moving_scales_with_the_codes_fixed(
     how, tiny_llama_folder, tmp_path
 ):
@@ -225,7 +229,8 @@ def test_prune_distills_quantized_cores_moving_scales_with_the_codes_fixed(
     runs on the quantized model oneshot left, lowers the guard KL (the brute-force KL of the
     returned model), moves every scale while every integer code (and so the 2:4 mask) stays, and
     the saved folder re-packs those codes and reloads with the same logits. W8A8 (from a recipe)
-    quantizes the Linears' inputs straight through during the fit, so every wrapper moves."""
+    quantizes the Linears' inputs straight through during the fit, so every wrapper moves; FP8
+    (round-to-nearest) keeps its FP8 codes."""
     from transformers import AutoModelForCausalLM
 
     settings = DistillationSettings(steps=8, num_samples=8, learning_rate=1e-3, guard_fraction=0.25,
