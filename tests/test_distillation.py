@@ -263,6 +263,65 @@ def test_prune_distills_quantized_cores_moving_scales_with_the_codes_fixed(
         assert torch.equal(_levels(linear), before[key][0]), key
 
 
+@pytest.mark.parametrize("parameters", ["wrappers", "wrappers+scales"])
+def test_a_reloaded_w8a8_checkpoint_distills_with_its_codes_fixed(
+    parameters, tiny_llama_folder, tmp_path
+):
+    """A saved ARMOR + W8A8 GPTQ folder reloads with packed int8 codes that compressed-tensors
+    decompresses at the first forward: distillation runs that forward first, then every input
+    wrapper ``B`` moves (the inputs are quantized straight through), the codes stay, every
+    forward is the module's own again afterwards, and the result saves and reloads exactly."""
+    from transformers import AutoModelForCausalLM
+
+    from armor_modifier.modifier.distillation import distill_model, teacher_states
+
+    _tiny_quantized_prune(tiny_llama_folder, tmp_path / "w8a8", "recipe-w8a8-gptq")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "w8a8").eval()
+    windows = _windows()
+    states = teacher_states(load_tiny_llama(tiny_llama_folder), windows)
+    settings = DistillationSettings(steps=8, learning_rate=1e-3, parameters=parameters,
+                                    guard_fraction=0.25, eval_every=4,
+                                    precision="float32")  # fmt: skip
+    with torch.no_grad():
+        model(windows[0][:, :1])  # decompress, to read the codes and forwards before the fit
+    before = {k: (_levels(m), m.armor_B.clone(), m.__dict__.get("forward"))
+              for k, m in armor_linears(model).items()}  # fmt: skip
+    result = distill_model(model, windows, states, settings)
+    assert result.accepted and result.final_error < result.initial_error
+    for key, linear in armor_linears(model).items():
+        levels, B, forward = before[key]
+        assert torch.equal(_levels(linear), levels), key
+        assert not torch.equal(linear.armor_B, B), key
+        assert linear.__dict__.get("forward") is forward, key
+    model.save_pretrained(tmp_path / "w8a8-kl")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "w8a8-kl").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(sample_input()).logits, model(sample_input()).logits)
+
+
+def test_a_scale_that_cannot_move_is_refused_and_every_forward_comes_back(tiny_llama_folder):
+    """A Linear quantized with activation ordering cannot move its scales with its codes fixed:
+    the scales' forwards refuse it by name, and the Linears already switched get their own
+    forwards back."""
+    from armor_modifier.modifier.scales import (
+        quantized_modules,
+        scale_parameters,
+        trainable_scales,
+    )
+
+    model = _tiny_quantized_prune(tiny_llama_folder, None, "w4a16-gptq").model
+    modules = quantized_modules(model)
+    linears = armor_linears(model)
+    params, _, names = scale_parameters(linears)
+    forwards = {k: m.__dict__.get("forward") for k, m in modules.items()}
+    last = list(linears)[-1]
+    linears[last].weight_g_idx = torch.zeros(linears[last].weight.shape[1], dtype=torch.int)
+    with pytest.raises(ARMORValueError, match=f"{last} was quantized with activation ordering"):
+        with trainable_scales(modules, names, params):
+            pass
+    assert all(m.__dict__.get("forward") is forwards[k] for k, m in modules.items())
+
+
 def test_quantized_distillation_refuses_parameters_off_the_grid_before_any_work(
     tiny_llama_folder, tmp_path
 ):

@@ -33,7 +33,13 @@ from armor_modifier.format.save import ARMOR_RECIPE_ATTR
 from armor_modifier.runtime import armor_linears
 
 from .reconstruction import factor_parameters, trainable_factors, write_back_factors
-from .scales import quantized_linears, scale_parameters, trainable_scales, write_back_scales
+from .scales import (
+    quantized_modules,
+    scale_parameters,
+    trainable_scales,
+    weight_quantized,
+    write_back_scales,
+)
 
 __all__ = ["distill_model", "teacher_states"]
 
@@ -110,12 +116,13 @@ def distill_model(
         raise ARMORValueError("the model has no ARMOR Linear to distill; prune it first")
     if head in linears.values():
         raise ARMORValueError("the output head carries ARMOR wrappers; distillation needs it dense")
-    if windows and any(not hasattr(m, "weight") for m in linears.values()):
-        # a quantized checkpoint as loaded: compressed-tensors decompresses it at its first
-        # forward (a hook it registers on loading), so run that forward before reading cores
+    quantized_all = quantized_modules(model)
+    if windows and (quantized_all or any(not hasattr(m, "weight") for m in linears.values())):
+        # a quantized checkpoint as loaded holds packed codes (or no weight) until its first
+        # forward, where compressed-tensors decompresses it (a hook it registers on loading)
         with torch.no_grad():
             model(input_ids=windows[0][:, :1], use_cache=False)
-    quantized = quantized_linears(linears)
+    quantized = weight_quantized(linears)
     if quantized and settings.parameters not in QUANTIZED_PARAMETER_SETS:
         raise ARMORValueError(
             f"{quantized[0]} and {len(quantized) - 1} more have quantized cores; moving them "
@@ -164,11 +171,14 @@ def distill_model(
         with torch.no_grad():
             return sum(float(kl(i, False)) for i in guard) / len(guard)
 
+    # a moving core (possible only where no weight is quantized) runs forward_with_core instead
+    straight = {k: m for k, m in quantized_all.items()
+                if settings.parameters not in ("all", "core") or k not in linears}  # fmt: skip
     was_training = model.training
     model.eval()
     try:
         with _frozen(model), torch.enable_grad(), trainable_factors(linears, names, params), \
-                trainable_scales(linears, names, params):
+                trainable_scales(straight, names, params):
             result = fit_guarded(batch_backward, guard_error, fit, params, masks, settings,
                                  progress)  # fmt: skip
     finally:
