@@ -336,15 +336,15 @@ def test_quantized_distillation_refuses_parameters_off_the_grid_before_any_work(
                   {"recipe": str(recipe_file)}]  # fmt: skip
     for i, given in enumerate(quantizing):
         for parameters in ("all", "core"):
-            with pytest.raises(ARMORValueError, match=f"distill_parameters='{parameters}' would "
-                               "leave; use 'wrappers' or 'wrappers\\+scales'"):  # fmt: skip
+            refused = f"distill_parameters='{parameters}' .* off the grid .*; use 'wrappers' or"
+            with pytest.raises(ARMORValueError, match=refused):
                 armor_modifier.prune(tiny_llama_folder, tmp_path / f"{i}{parameters}",
                                      distillation=DistillationSettings(steps=1,
                                                                        parameters=parameters),
                                      **given)  # fmt: skip
     scales = DistillationSettings(steps=1, parameters="wrappers+scales")
     for given in ({}, {"recipe": armor_recipe()}):
-        with pytest.raises(ARMORValueError, match="moves quantization scales, and nothing quanti"):
+        with pytest.raises(ARMORValueError, match="moves quantization scales, and nothing"):
             armor_modifier.prune(tiny_llama_folder, tmp_path / "none", distillation=scales, **given)
     assert sorted(tmp_path.iterdir()) == []
     model = _tiny_prune(tiny_llama_folder, None).model

@@ -377,13 +377,14 @@ def check_distilled_parameters(parameters: str, quantized: bool) -> None:
     (or move scales where nothing quantizes)."""
     if quantized and parameters not in QUANTIZED_PARAMETER_SETS:
         raise ARMORValueError(
-            f"the cores will be quantized, on a grid that distill_parameters={parameters!r} "
-            "would leave; use 'wrappers' or 'wrappers+scales'"
+            f"distill_parameters={parameters!r} (--distill-parameters) would move the cores "
+            "off the grid they are quantized to; use 'wrappers' or 'wrappers+scales'"
         )
     if not quantized and parameters == "wrappers+scales":
         raise ARMORValueError(
-            "distill_parameters='wrappers+scales' moves quantization scales, and nothing "
-            "quantizes the cores; use 'all', 'wrappers' or 'core', or quantize them"
+            "distill_parameters='wrappers+scales' (--distill-parameters) moves quantization "
+            "scales, and nothing quantizes the cores; use 'all', 'wrappers' or 'core', or "
+            "quantize them"
         )
 
 
