@@ -42,7 +42,8 @@ def main() -> None:
     oneshot(model=model, processor=tokenizer, dataset=dataset,
             recipe=[SparseGPTModifier(sparsity=0.5, mask_structure="2:4", targets=["Linear"],
                                       ignore=["re:.*lm_head"])],
-            num_calibration_samples=args.num_samples, max_seq_length=args.seq_len)
+            num_calibration_samples=args.num_samples, max_seq_length=args.seq_len,
+            shuffle_calibration_samples=False)  # the windows are drawn with --seed already
     seconds = time.perf_counter() - start
     with staged_replace(args.output) as stage:
         model.save_pretrained(stage, save_compressed=False)
