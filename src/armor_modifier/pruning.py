@@ -32,7 +32,7 @@ from .calibration import (
     require_harness,
     split_sources,
 )
-from .core.distill_settings import QUANTIZED_PARAMETER_SETS, DistillationSettings
+from .core.distill_settings import DistillationSettings
 from .core.errors import ARMORValueError
 from .core.options import setting_rows
 from .core.reconstruct import ReconstructionResult, ReconstructionSettings
@@ -316,7 +316,7 @@ def prune(
     if distilling and distillation is not None:
         quantizes = (recipe_quantizes(modifiers) if recipe is not None
                      else QUANT_SCHEMES.get(quantize) is not None)  # fmt: skip
-        check_distilled_parameters(distillation.parameters, quantizes)
+        distillation.check_quantization("the cores" if quantizes else None)
     texts = None
     if isinstance(dataset, str | os.PathLike):
         sources = split_sources(os.fspath(dataset))
@@ -370,22 +370,6 @@ def recipe_quantizes(modifiers: list[Any] | str) -> bool:
 
         modifiers = list(Recipe.create_instance(modifiers).modifiers)
     return any(isinstance(m, QuantizationMixin) for m in modifiers)
-
-
-def check_distilled_parameters(parameters: str, quantized: bool) -> None:
-    """Refuse, before any work, a distillation that would move quantized cores off their grid
-    (or move scales where nothing quantizes)."""
-    if quantized and parameters not in QUANTIZED_PARAMETER_SETS:
-        raise ARMORValueError(
-            f"distill_parameters={parameters!r} (--distill-parameters) would move the cores "
-            "off the grid they are quantized to; use 'wrappers' or 'wrappers+scales'"
-        )
-    if not quantized and parameters == "wrappers+scales":
-        raise ARMORValueError(
-            "distill_parameters='wrappers+scales' (--distill-parameters) moves quantization "
-            "scales, and nothing quantizes the cores; use 'all', 'wrappers' or 'core', or "
-            "quantize them"
-        )
 
 
 class _Teacher:

@@ -76,6 +76,26 @@ class DistillationSettings:
                 f"guard fraction {self.guard_fraction}; use at least {self.min_windows()}"
             )
 
+    def check_quantization(self, quantized: str | None) -> None:
+        """Refuse parameters that would move quantized cores off their grid, or scales where
+        nothing is quantized.
+
+        :param quantized: which cores are quantized, in words (``None``: none)
+        :raises ARMORValueError: naming the option and the choices that work
+        """
+        if quantized is not None and self.parameters not in QUANTIZED_PARAMETER_SETS:
+            raise ARMORValueError(
+                f"distill_parameters={self.parameters!r} (--distill-parameters) would move "
+                f"{quantized} off the grid they are quantized to; use 'wrappers' (codes and "
+                "scales stay) or 'wrappers+scales' (codes stay)"
+            )
+        if quantized is None and self.parameters == "wrappers+scales":
+            raise ARMORValueError(
+                "distill_parameters='wrappers+scales' (--distill-parameters) moves quantization "
+                "scales, and nothing quantizes the cores; use 'all', 'wrappers' or 'core', or "
+                "quantize them"
+            )
+
     def min_windows(self) -> int:
         """The fewest windows that leave at least one guard and one fit window."""
         return min_fit_windows(self.guard_fraction)

@@ -26,7 +26,7 @@ from dataclasses import asdict
 import torch
 from torch import nn
 
-from armor_modifier.core.distill_settings import QUANTIZED_PARAMETER_SETS, DistillationSettings
+from armor_modifier.core.distill_settings import DistillationSettings
 from armor_modifier.core.errors import ARMORValueError
 from armor_modifier.core.reconstruct import ReconstructionResult, fit_guarded, guard_split
 from armor_modifier.format.save import ARMOR_RECIPE_ATTR
@@ -106,9 +106,9 @@ def distill_model(
     :param states: :func:`teacher_states` of the dense model on the same windows
     :param progress: called as ``progress(step, loss)`` after every step
     :return: the guard KL (nats per token) before and after, the step kept, whether accepted
-    :raises ARMORValueError: no ARMOR Linear, a pruned head, quantized cores with parameters
-        other than ``'wrappers'`` or ``'wrappers+scales'`` (or the latter without quantized
-        cores), or windows and states that differ
+    :raises ARMORValueError: no ARMOR Linear, a pruned head, parameters that
+        :meth:`~DistillationSettings.check_quantization` refuses, or windows and states that
+        differ
     """
     head = _head(model)
     linears = armor_linears(model)
@@ -123,17 +123,9 @@ def distill_model(
         with torch.no_grad():
             model(input_ids=windows[0][:, :1], use_cache=False)
     quantized = weight_quantized(linears)
-    if quantized and settings.parameters not in QUANTIZED_PARAMETER_SETS:
-        raise ARMORValueError(
-            f"{quantized[0]} and {len(quantized) - 1} more have quantized cores; moving them "
-            "would leave the quantization grid: distill with parameters='wrappers' (codes and "
-            "scales stay) or 'wrappers+scales' (codes stay)"
-        )
-    if not quantized and settings.parameters == "wrappers+scales":
-        raise ARMORValueError(
-            "parameters='wrappers+scales' moves the scales of quantized cores, and this model "
-            "has none: distill with 'all', 'wrappers' or 'core'"
-        )
+    settings.check_quantization(
+        f"{quantized[0]} and {len(quantized) - 1} more cores" if quantized else None
+    )
     if len(windows) != len(states):
         raise ARMORValueError(
             f"{len(windows)} windows but {len(states)} teacher states; record the states on "

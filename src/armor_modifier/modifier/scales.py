@@ -157,13 +157,11 @@ def scale_parameters(linears: dict[str, nn.Linear]) -> tuple[list[torch.Tensor],
 
     :return: ``(params, masks, names)`` as :func:`~.reconstruction.factor_parameters` gives them
         (masks ``None``; names ``(key, module, SCALE)``)
-    :raises ARMORValueError: a core off its grid, quantized with activation ordering, or with
-        codes that are neither integers nor FP8
+    (Whether their scales can move is checked when :func:`trainable_scales` installs them.)
     """
     params, names = [], []
     for key in weight_quantized(linears):
         module = linears[key]
-        _codes(module, key, _tiling(module, key))
         params.append(torch.ones_like(_scale(module), dtype=torch.float32))
         names.append((key, module, SCALE))
     return params, [None] * len(params), names
@@ -215,7 +213,11 @@ def trainable_scales(modules: dict[str, nn.Linear], names: _Names, params: list)
     input and output straight through, and compute its core as ``levels · (scale ⊙ |ratio|)``
     where ``params`` has a ratio named with :data:`SCALE` for it (gradients reach the ratio),
     else as its own forward does (fake-quantized at each call, no copy kept). Every forward comes
-    back on exit, also when one fails to be replaced; weights and scales are unchanged."""
+    back on exit, also when one fails to be replaced; weights and scales are unchanged.
+
+    :raises ARMORValueError: a ratio for a core off its grid, quantized with activation
+        ordering, or with codes that are neither integers nor FP8
+    """
     ratios = {key: p for (key, _, attr), p in zip(names, params, strict=True) if attr == SCALE}
     saved = {}
     try:
@@ -237,15 +239,12 @@ def trainable_scales(modules: dict[str, nn.Linear], names: _Names, params: list)
                 setattr(module, "forward", forward)  # noqa: B010  (an instance attribute)
 
 
-def write_back_scales(names: _Names, params: list) -> int:
+def write_back_scales(names: _Names, params: list) -> None:
     """Give every module named with :data:`SCALE` the scale ``scale ⊙ |ratio|`` (in the scale's
     dtype) and the core ``levels · scale`` on it. A module whose codes would not come back from
     that core (the weight's dtype rounds ``levels · scale`` by half a step or more, e.g. 8-bit
     levels in bfloat16) keeps its scale and core, with a warning.
-
-    :return: how many modules kept theirs
     """
-    kept = 0
     for (key, module, attr), ratio in zip(names, params, strict=True):
         if attr != SCALE:
             continue
@@ -267,5 +266,3 @@ def write_back_scales(names: _Names, params: list) -> int:
                 update_offload_parameter(module, "weight", old_weight)
             logger.warning(f"{key}: its codes would change under the fitted scale in "
                            f"{module.weight.dtype}; its scale and core stay")  # fmt: skip
-            kept += 1
-    return kept
