@@ -4,11 +4,14 @@ A child process runs ``oneshot`` on the tiny Llama with a progress folder and, o
 file is written, waits; this process kills it from outside (SIGKILL, or SIGINT as a Ctrl-C would).
 A second run with the same folder must load layer 0, solve layer 1, and give the uninterrupted
 run's model bit for bit (every core, wrapper and logit). Bad progress is recomputed (a damaged
-or mismatching layer file) or refused before any work (another run's folder).
+or mismatching layer file) or refused before any work (another run's folder). On a five-layer
+Llama killed after layer 3, the resumed run skips the forward passes of layers 1 and 2
+(``modifier/fast_forward.py``) and must give the same model.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -21,6 +24,7 @@ import pytest
 import torch
 
 from armor_modifier.core.errors import ARMORValueError
+from armor_modifier.modifier.fast_forward import FRONTIER
 from armor_modifier.modifier.progress import RUN_FILE
 
 THIS = Path(__file__).resolve()
@@ -32,6 +36,7 @@ from tiny_llama import (  # noqa: E402
     load_tiny_llama,
     run_oneshot,
     sample_input,
+    save_tiny_llama,
     w4a16_groups,
 )
 
@@ -54,7 +59,7 @@ VARIANTS = {
     },
 }
 
-#: the child: oneshot with a progress folder, stalled after each layer file is written
+#: the child: oneshot with a progress folder, stalled once layer ``stall``'s file is written
 CHILD = """
 import sys, time
 sys.path.insert(0, {tests!r})
@@ -64,9 +69,10 @@ from armor_modifier.modifier import progress
 from test_resume import _dataset, modifiers
 from tiny_llama import run_oneshot
 save = progress.LayerProgress.save
-def stalled(self, *args, **kwargs):
-    save(self, *args, **kwargs)
-    time.sleep(120)
+def stalled(self, key, *args, **kwargs):
+    save(self, key, *args, **kwargs)
+    if key == {stall!r}:
+        time.sleep(120)
 progress.LayerProgress.save = stalled
 run_oneshot({folder!r}, modifiers({variant!r}, {progress_dir!r}, {gptq!r}),
             dataset=_dataset({variant!r}))
@@ -111,20 +117,21 @@ def _run(folder: Path, variant: str, progress_dir: Path | None, gptq: bool = Fal
 
 
 def _interrupt(folder: Path, variant: str, progress_dir: Path, how: signal.Signals,
-               gptq: bool = False) -> None:  # fmt: skip
-    """Run the child until layer 0's progress is on disk, then send it ``how``."""
+               gptq: bool = False, layer: int = 0) -> None:  # fmt: skip
+    """Run the child until layer ``layer``'s progress is on disk, then send it ``how``."""
+    stall = f"model.layers.{layer}"
     code = CHILD.format(tests=str(THIS.parent), folder=str(folder), variant=variant,
-                        progress_dir=str(progress_dir), gptq=gptq)  # fmt: skip
+                        progress_dir=str(progress_dir), gptq=gptq, stall=stall)  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     child = subprocess.Popen([sys.executable, "-c", code], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
     try:
         deadline = time.monotonic() + 180
-        while not (progress_dir / LAYER0).exists():
+        while not (progress_dir / f"{stall}.safetensors").exists():
             if child.poll() is not None:
                 tail = child.stderr.read().decode()[-2000:]
                 raise AssertionError(f"the child ended early: {tail}")
-            assert time.monotonic() < deadline, "layer 0's progress never appeared"
+            assert time.monotonic() < deadline, f"{stall}'s progress never appeared"
             time.sleep(0.1)
         child.send_signal(how)
         child.wait(timeout=60)
@@ -132,7 +139,7 @@ def _interrupt(folder: Path, variant: str, progress_dir: Path, how: signal.Signa
         if child.poll() is None:
             child.kill()
             child.wait()
-    assert not (progress_dir / "model.layers.1.safetensors").exists()
+    assert not (progress_dir / f"model.layers.{layer + 1}.safetensors").exists()
 
 
 @pytest.mark.integration
@@ -154,9 +161,109 @@ def test_a_killed_run_resumes_to_the_uninterrupted_model_bit_for_bit(
     assert [r.layer for r in modifier.reconstructions] == (
         [] if variant == "armor" else ["model.layers.0", "model.layers.1"]
     )
+    # no temporary file left behind; the frontier (layer 1's inputs) where nothing else needs them
+    frontier = [] if variant == "reconstruction-model-target" else [FRONTIER]
     assert sorted(p.name for p in progress_dir.iterdir()) == sorted(
-        [RUN_FILE, LAYER0, "model.layers.1.safetensors"]
-    )  # no temporary file left behind
+        [RUN_FILE, LAYER0, "model.layers.1.safetensors", *frontier]
+    )
+
+
+@pytest.fixture(scope="module")
+def five_layers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama with five decoder layers (room for layers skipped between two real ones)."""
+    return save_tiny_llama(tmp_path_factory.mktemp("five_layers"), num_hidden_layers=5)
+
+
+def _counting_forwards(monkeypatch: pytest.MonkeyPatch) -> dict[int, int]:
+    """Calls of each decoder layer's own forward (by layer index), from now on."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    calls: dict[int, int] = {}
+    forward = LlamaDecoderLayer.forward
+
+    @functools.wraps(forward)
+    def counting(self, *args, **kwargs):
+        index = self.self_attn.layer_idx
+        calls[index] = calls.get(index, 0) + 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(LlamaDecoderLayer, "forward", counting)
+    return calls
+
+
+LAYERS_0_TO_3 = [f"model.layers.{i}" for i in range(4)]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("variant", ["armor", "reconstruction"])
+def test_a_resumed_run_skips_the_passes_of_the_layers_it_loads(
+    five_layers, tmp_path, monkeypatch, variant
+):
+    """Killed once layer 3's file exists (its inputs are the frontier): the resumed run runs layer
+    0 for real, never runs layers 1 and 2, loads layer 3 from the stored inputs, solves layer 4,
+    and gives the uninterrupted model bit for bit."""
+    reference, _ = _run(five_layers, variant, None)
+    progress_dir = tmp_path / "progress"
+    _interrupt(five_layers, variant, progress_dir, signal.SIGKILL, layer=3)
+    assert (progress_dir / FRONTIER).exists()
+    calls = _counting_forwards(monkeypatch)
+    resumed, modifier = _run(five_layers, variant, progress_dir)
+    monkeypatch.undo()
+    _assert_same(_state(reference), _state(resumed))
+    progress = modifier._progress
+    assert (progress.loaded, progress.solved) == (LAYERS_0_TO_3, ["model.layers.4"])
+    assert progress.fast_forward.skipped == ["model.layers.1", "model.layers.2"]
+    assert calls.get(1, 0) == calls.get(2, 0) == 0 and calls[0] > 0 and calls[3] > 0
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("case", ["flipped byte", "batches reversed", "norm changed"])
+def test_a_frontier_is_used_only_when_it_checks_out(five_layers, tmp_path, case):
+    """A damaged frontier is not used (the loaded layers are forwarded: same model); batches in
+    another order still find their stored inputs by key (same model); a decoder layer's norm
+    changed refuses the frontier, and then layer 1, loaded without statistics, stops the run."""
+    from loguru import logger
+
+    progress_dir = tmp_path / "progress"
+    reference, _ = _run(five_layers, "armor", None)
+    _interrupt(five_layers, "armor", progress_dir, signal.SIGKILL, layer=3)
+    dataset, folder = _dataset("armor"), five_layers
+    if case == "flipped byte":
+        path = progress_dir / FRONTIER
+        data = bytearray(path.read_bytes())
+        data[-5] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif case == "batches reversed":
+        dataset = dataset.select(range(len(dataset) - 1, -1, -1))
+    else:
+        model = load_tiny_llama(five_layers)
+        with torch.no_grad():
+            model.model.layers[1].input_layernorm.weight[0] += 0.5
+        folder = tmp_path / "other-norm"
+        model.save_pretrained(folder)
+        from tiny_llama import build_tokenizer
+
+        build_tokenizer().save_pretrained(folder)
+    warnings: list[str] = []
+    handle = logger.add(lambda m: warnings.append(str(m)), level="WARNING")
+    recipe = modifiers("armor", str(progress_dir))
+    try:
+        if case == "norm changed":
+            with pytest.raises(ARMORValueError, match=r"model\.layers\.1: its calibration inputs"):
+                run_oneshot(folder, recipe, dataset=dataset)
+        else:
+            model = run_oneshot(folder, recipe, dataset=dataset)
+    finally:
+        logger.remove(handle)
+    skipped = recipe[0]._progress.fast_forward.skipped
+    if case == "batches reversed":
+        assert skipped == ["model.layers.1", "model.layers.2"]
+        assert not any("frontier" in w for w in warnings), warnings
+    else:
+        why = "checksum" if case == "flipped byte" else "other parameters"
+        assert skipped == [] and any(FRONTIER in w and why in w for w in warnings), warnings
+    if case != "norm changed":
+        _assert_same(_state(reference), _state(model))
 
 
 @pytest.mark.integration

@@ -77,8 +77,10 @@ def build_config(
     tie_word_embeddings: bool = True,
     initializer_range: float = 0.2,
     pad_token_id: int | None = 0,
+    num_hidden_layers: int = LAYERS,
 ) -> LlamaConfig:
-    """The tiny Llama's config: ``LAYERS`` layers, 4 attention heads, 2 key/value heads.
+    """The tiny Llama's config: ``LAYERS`` layers (or ``num_hidden_layers``), 4 attention heads, 2
+    key/value heads.
 
     The defaults are the llm-compressor tests' model (tied embeddings, weights drawn with std 0.2
     so that predictions are peaked and errors show). The keywords are what the other tests vary:
@@ -89,7 +91,7 @@ def build_config(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
-        num_hidden_layers=LAYERS,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=max_position_embeddings,

@@ -33,7 +33,7 @@ from .checks import (
 from .compressor import LinearCompressor
 from .fields import PROGRESS_HELP, recorded_settings, run_info, settings_fields
 from .memory import check_memory
-from .progress import LayerProgress, process_unit
+from .progress import LayerProgress, process_unit, start_fast_forward
 from .reconstruction import LayerReconstruction, Reconstruction, summarize_reconstructions
 from .report import ARMORModuleResult, summarize
 from .stats import collect_dense_statistics
@@ -177,6 +177,8 @@ class ARMORModifier(_SettingsFields):
             return
         for module in self._names:
             self.register_hook(module, self.calibrate_module, "forward")
+        if self._progress is not None:
+            start_fast_forward(self._progress, self, state.model, list(self._names))
         layer = self.reconstruction_settings
         if layer.works_per_layer:
             check_guard_windows(layer, state.data.calib)
@@ -220,7 +222,7 @@ class ARMORModifier(_SettingsFields):
         fitted = self._reconstruction.reconstructions if self._reconstruction else []
         logger.info(summarize(compressor.results.values(), fitted))
         if self._progress is not None:
-            logger.info(self._progress.summary())
+            logger.info(self._progress.finish())
         if self._reconstruction is not None:
             self._reconstruction.release()
             if self.reconstruction_steps > 0:

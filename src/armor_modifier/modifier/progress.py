@@ -28,7 +28,9 @@ other calibration data recomputes from there instead of stopping.
 
 The loaded tensors are the ones the uninterrupted run computed, so the model, and every later
 layer's calibration inputs (the sequential pipeline propagates through the loaded layer), are the
-same bit for bit.
+same bit for bit. Where nothing else needs them, a resumed run skips the loaded layers' forward
+passes altogether, feeding the first layer it solves the inputs the stored run recorded
+(:mod:`.fast_forward`).
 """
 
 from __future__ import annotations
@@ -56,12 +58,15 @@ from armor_modifier.staging import replace_file
 from .collectives import all_gather_objects, is_distributed, rank_and_world
 from .compressor import LinearCompressor
 from .digest import InputDigest
+from .fast_forward import FastForward, start_fast_forward
 from .memory import decoder_layer_name
 from .reconstruction import LayerReconstruction, Reconstruction
 from .report import ARMORModuleResult
 from .stats import InputStatistics
 
-__all__ = ["FORMAT", "LayerProgress", "StoredLayer", "layer_key", "process_unit"]
+__all__ = [
+    "FORMAT", "LayerProgress", "StoredLayer", "layer_key", "process_unit", "start_fast_forward",
+]
 
 FORMAT = "2"
 RUN_FILE = "run.json"
@@ -137,10 +142,17 @@ class LayerProgress:
             if layer is not None:
                 self._layer_targets.setdefault(layer, {})[module] = name
         self._layer_of = {m: layer for layer, ms in self._layer_targets.items() for m in ms}
+        #: the decoder layers holding targets, model order
+        self.layer_names = list(self._layer_targets)
         self._units: dict[str, _Unit] = {}
         self._done: set[str] = set()
         #: whether the last unit processed was loaded (the chain that lets a layer skip statistics)
         self._previous_loaded = False
+        #: each unit's stored checksum, once written or read here
+        self.checksums: dict[str, str] = {}
+        #: layers loaded without a forward pass, and their dense weights' digest (checked)
+        self._skipped: dict[str, str] = {}
+        self.fast_forward: FastForward | None = None
 
     def open(self) -> LayerProgress:
         """Check ``run.json`` against this run (refuse on any difference) or write it."""
@@ -197,6 +209,9 @@ class LayerProgress:
         """A unit's fingerprint (all ranks alike): SHA-256 of its dense targets' weights and,
         when collected, statistics, and the digest of its first target's inputs
         (:mod:`.digest`) when the unit is a decoder layer."""
+        if key in self._skipped:  # no inputs, no statistics: the weights were checked at start
+            self._done.add(key)
+            return {"weights": self._skipped[key]}
         unit = self._units.pop(key, None)
         if unit is None and key in self._layer_targets:  # this rank got no calibration batch
             unit = self._open_unit(key)
@@ -228,6 +243,20 @@ class LayerProgress:
         joined = {part: hashlib.sha256(json.dumps([f[part] for f in every]).encode()).hexdigest()
                   for part in mine if part != "weights"}  # fmt: skip
         return {"weights": every[0]["weights"], **joined}
+
+    def verify(self, key: str, checksum: str) -> tuple[str | None, str | None]:
+        """Whether decoder layer ``key``'s file would load now on its weights alone and still has
+        ``checksum``: ``(digest of its dense weights, None)``, or ``(None, why not)``."""
+        modules = self._layer_targets[key]
+        weights = _digest([t for m in modules for t in (m.weight, m.bias) if t is not None])
+        _stored, why = self._read(key, {"weights": weights}, modules.values())
+        if why is None and self.checksums.get(key) != checksum:
+            why = "its file changed since"
+        return (weights, None) if why is None else (None, why)
+
+    def skip_inputs(self, weights: Mapping[str, str]) -> None:
+        """Load these layers on their checked ``weights`` digests alone (:mod:`.fast_forward`)."""
+        self._skipped = dict(weights)
 
     def note(self, key: str, loaded: bool) -> None:
         """Record how unit ``key`` was done (loaded or solved here)."""
@@ -299,11 +328,18 @@ class LayerProgress:
             self.folder / f"{key}.safetensors",
             lambda temporary: save_file(tensors, str(temporary), metadata=metadata),
         )
+        self.checksums[key] = metadata["checksum"]
 
-    def summary(self) -> str:
+    def finish(self) -> str:
+        """Give skipped layers their forwards back; the summary line."""
+        skipped = 0
+        if self.fast_forward is not None:
+            skipped = len(self.fast_forward.skipped)
+            self.fast_forward.release()
         return (
-            f"ARMOR progress ({self.folder}): {len(self.loaded)} layers loaded, "
-            f"{len(self.solved)} solved, {self.seconds:.2f} s fingerprinting, reading and writing"
+            f"ARMOR progress ({self.folder}): {len(self.loaded)} layers loaded ({skipped} without "
+            f"a forward pass), {len(self.solved)} solved, {self.seconds:.2f} s fingerprinting, "
+            "reading and writing"
         )
 
     def _read(
@@ -333,6 +369,7 @@ class LayerProgress:
         factors: dict[str, tuple[torch.Tensor, ...]] = {}
         for name in stored:
             factors[name] = (tensors[f"{name}.A"], tensors[f"{name}.B"], tensors[f"{name}.core"])
+        self.checksums[key] = metadata["checksum"]
         results = [_module_result(r) for r in json.loads(metadata["results"])]
         layers = [
             LayerReconstruction(r["layer"], _reconstruction_result(r["result"]), r["num_windows"])
@@ -370,6 +407,8 @@ def process_unit(
     names = {module: compressor.names[module] for module in modules}
     key = layer_key(list(names.values()))
     start = time.perf_counter()
+    if progress.fast_forward is not None:
+        progress.fast_forward.before_unit(key)
     fingerprint = progress.fingerprint(key, names, compressor.statistics)
     stored = progress.load(key, fingerprint, names.values())
     progress.seconds += time.perf_counter() - start
@@ -387,6 +426,8 @@ def process_unit(
             reconstruction.skip(modules, restore)
             reconstruction.reconstructions.extend(layers)
         progress.note(key, loaded=True)
+        if progress.fast_forward is not None:
+            progress.fast_forward.after_unit(key, loaded=True)
         return
     done_before = len(reconstruction.reconstructions) if reconstruction else 0
     if reconstruction is None:
@@ -397,4 +438,6 @@ def process_unit(
     start = time.perf_counter()
     progress.save(key, fingerprint, names, [compressor.results[n] for n in names.values()], layers)
     progress.note(key, loaded=False)
+    if progress.fast_forward is not None:
+        progress.fast_forward.after_unit(key, loaded=False)
     progress.seconds += time.perf_counter() - start

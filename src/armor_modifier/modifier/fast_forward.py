@@ -1,0 +1,365 @@
+"""A resumed run skips the forward passes of the layers it loads (:mod:`.progress`).
+
+llm-compressor's sequential pipeline runs every decoder layer twice per calibration batch, also a
+layer loaded from the progress folder, so a resumed run used to pay two forward passes per loaded
+layer to rebuild the next layer's inputs. To skip them, a run with a progress folder also keeps
+``frontier.safetensors``: the calibration inputs of the decoder layer it is about to solve, one
+tensor per calibration batch, exactly as the pipeline fed them, written when that layer's
+calibration pass ends (before it is solved; atomically, without fsync: a lost or damaged file
+only costs the slow path). Beside the tensors the file records:
+
+- ``keys``: per batch, a SHA-256 of everything the first decoder layer was called with in that
+  batch (:func:`batch_key`): the resumed run matches its own batches to the stored ones by it, so
+  a different batch order still finds each batch's tensor;
+- ``chain``: every earlier layer's progress file and its checksum; ``others``: a SHA-256 of those
+  layers' parameters and buffers outside the targets (norms), which shape the inputs too;
+- the run digest of the progress folder (recipe, version, targets, ranks).
+
+A resumed run uses the frontier when every chained layer file passes its checks now (checksum,
+run, the current dense weights), ``others`` matches, and the first decoder layer, which always
+runs for real and collects its statistics, is loaded and saw the same batch keys. From then on
+the loaded layers' forwards are replaced until the frontier layer is reached: the layers before
+the frontier layer's predecessor return their input unchanged, the predecessor returns the stored
+tensors, and the pipeline carries those into the frontier layer, whose inputs are then the stored
+run's bit for bit. Layers so skipped collect no statistics and are loaded on their weights and
+checksums alone.
+
+Used only where nothing else needs the skipped passes: one process (no torchrun), no other
+modifier in the recipe, no reconstruction against the dense model's stream (``target="model"``),
+every decoder layer of the model holding targets, and, checked once per run on the first two
+layers, each layer's inputs being exactly its predecessor's outputs. Anything else keeps the slow
+path, which loads the same layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from llmcompressor.core import active_session
+from loguru import logger
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .capture import first_tensor, hidden_of
+from .digest import batch_checksum
+
+__all__ = ["FRONTIER", "FastForward", "batch_key", "fast_forward_blocked", "start_fast_forward"]
+
+FRONTIER = "frontier.safetensors"
+
+
+class LayerProgress(Protocol):
+    """What this module uses of :class:`.progress.LayerProgress`."""
+
+    folder: Path
+    run_digest: str
+    checksums: dict[str, str]
+    layer_names: list[str]
+    world: int
+    seconds: float
+    fast_forward: FastForward | None
+
+    def verify(self, key: str, checksum: str) -> tuple[str | None, str | None]: ...
+
+    def skip_inputs(self, weights: Mapping[str, str]) -> None: ...
+
+
+def _tensors(value: Any) -> list[Any]:
+    """Every tensor in ``value`` (nested tuples / lists / dicts) and a token for anything else."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, tuple | list):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for k in sorted(value) for t in [k, *_tensors(value[k])]]
+    return [repr(value) if value is None or isinstance(value, bool | int | float | str) else
+            type(value).__name__]  # fmt: skip
+
+
+def batch_key(args: tuple, kwargs: Mapping[str, Any]) -> str:
+    """SHA-256 over every argument of a decoder-layer call: each tensor's dtype, shape and
+    :func:`~.digest.batch_checksum`, and each plain value's ``repr``."""
+    digest = hashlib.sha256()
+    for item in _tensors((tuple(args), dict(kwargs))):
+        if isinstance(item, torch.Tensor):
+            first, second = batch_checksum(item)
+            item = f"{item.dtype}{tuple(item.shape)}:{first}:{second}"
+        digest.update(f"{item};".encode())
+    return digest.hexdigest()
+
+
+def fast_forward_blocked(model: nn.Module, names: list[str], others: int, world: int,
+                         model_stream: bool) -> str | None:  # fmt: skip
+    """Why a run cannot skip loaded layers' passes (``None``: it can).
+
+    :param names: the decoder layers holding targets (``model.layers.3``), model order
+    :param others: how many other modifiers the recipe has
+    :param model_stream: whether reconstruction fits against the dense model's stream
+    """
+    if world > 1:
+        return "torchrun: every rank would need its own frontier"
+    if others:
+        return "other modifiers in the recipe calibrate on every layer's real inputs"
+    if model_stream:
+        return "reconstruction target='model' pushes the dense stream through every layer"
+    parents = {name.rsplit(".", 1)[0] for name in names}
+    if len(names) < 2 or len(parents) != 1:
+        return "the targets do not lie in one list of decoder layers"
+    (parent,) = parents
+    layers = model.get_submodule(parent) if parent else model
+    count = len(layers) if isinstance(layers, nn.ModuleList) else 0
+    if [f"{parent}.{i}" if parent else str(i) for i in range(count)] != names:
+        return "some decoder layers hold no targets"
+    return None
+
+
+@dataclass
+class _Plan:
+    """A frontier that checked out: the layers it skips and the tensors it feeds."""
+
+    layer: str
+    keys: list[str]
+    inputs: dict[str, torch.Tensor]
+    weights: dict[str, str]
+
+
+def _digest(tensors: list[torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class FastForward:
+    """Keeps the frontier of a run and, when resuming, skips the loaded layers' passes.
+
+    :param progress: the run's progress folder
+    :param model: the model (its decoder layers are looked up by name)
+    :param names: the decoder layers, model order (every one holds targets)
+    :param targets: every target Linear (their parameters are left out of ``others``)
+    :param register_hook: the hook owner's ``register_hook`` (llm-compressor's ``HooksMixin``:
+        silent in the propagation pass and in replays)
+    """
+
+    def __init__(self, progress: LayerProgress, model: nn.Module, names: list[str],
+                 targets: list[nn.Linear], register_hook: Callable[..., Any]) -> None:  # fmt: skip
+        self.progress = progress
+        self.path = progress.folder / FRONTIER
+        self.layers = {name: model.get_submodule(name) for name in names}
+        self._name_of = {layer: name for name, layer in self.layers.items()}
+        self._targets = {id(t) for t in targets}
+        self._keys: dict[int, str] = {}
+        self._inputs: dict[int, torch.Tensor] = {}
+        self._started: list[str] = []
+        self._ended: set[str] = set()
+        self._first_outputs: set[tuple[int, int]] = set()
+        #: whether each layer's inputs were seen to be its predecessor's outputs (layers 0 -> 1)
+        self._verified: bool | None = None
+        self._plan: _Plan | None = None
+        self._replaced: list[nn.Module] = []
+        #: decoder layers loaded without a forward pass
+        self.skipped: list[str] = []
+        first = next(iter(self.layers.values()))
+        self._output_hook = first.register_forward_hook(self._first_output)
+        for layer in self.layers.values():
+            register_hook(layer, self._on_call, "forward_pre", with_kwargs=True)
+
+    # ---- hooks -----------------------------------------------------------------------------
+
+    def _first_output(self, _layer: nn.Module, _args: tuple, output: Any) -> None:
+        if self._verified is None and not self._replaced:
+            self._first_outputs.add(batch_checksum(first_tensor(output)))
+
+    def _on_call(self, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        """Calibration pass of a layer: note the batch's key (first layer) or its input."""
+        name = self._name_of[layer]
+        if name in self._ended:
+            return
+        if not self._started or self._started[-1] != name:
+            self._started.append(name)
+            if self._plan is not None and name not in self._plan.weights and name != self._first:
+                self._restore()
+        batch = int(active_session().state.current_batch_idx)
+        if name == self._first:
+            self._keys[batch] = batch_key(args, kwargs)
+            return
+        if self._replaced:
+            return
+        hidden = hidden_of(args, kwargs).detach()
+        if self._verified is None and len(self._started) == 2:
+            if batch_checksum(hidden) not in self._first_outputs:
+                self._verified = False
+                logger.info(f"ARMOR progress: {name}'s inputs are not its predecessor's outputs; "
+                            "a resumed run will forward through loaded layers")  # fmt: skip
+        if self._verified is not False:
+            self._inputs[batch] = hidden.to("cpu")
+
+    @property
+    def _first(self) -> str:
+        return next(iter(self.layers))
+
+    # ---- per unit --------------------------------------------------------------------------
+
+    def before_unit(self, key: str) -> None:
+        """Layer ``key``'s calibration pass is over: write its inputs as the frontier."""
+        self._ended.add(key)
+        inputs, self._inputs = self._inputs, {}
+        if key == self._first or self._replaced or self._verified is False:
+            return
+        self._verified = True
+        self._output_hook.remove()
+        self._first_outputs.clear()
+        before = list(self.layers)[: list(self.layers).index(key)]
+        chain = {k: self.progress.checksums.get(k) for k in before}
+        batches = sorted(inputs)
+        if None in chain.values() or not batches or any(b not in self._keys for b in batches):
+            return
+        tensors = {f"inputs.{b}": inputs[b].contiguous() for b in batches}
+        metadata = {
+            "run": self.progress.run_digest,
+            "layer": key,
+            "keys": json.dumps([self._keys[b] for b in batches]),
+            "chain": json.dumps(chain),
+            "others": self._others(before),
+            "checksum": _digest([tensors[k] for k in sorted(tensors)]),
+        }
+        temporary = self.path.with_name(f".{FRONTIER}.{os.getpid()}.tmp")
+        try:
+            save_file(tensors, str(temporary), metadata=metadata)
+            os.replace(temporary, self.path)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+    def after_unit(self, key: str, loaded: bool) -> None:
+        """Start skipping once the first layer is loaded from the frontier's batches."""
+        if key != self._first or self._plan is None:
+            return
+        plan = self._plan
+        if not loaded or sorted(self._keys.values()) != sorted(plan.keys):
+            logger.info("ARMOR progress: the frontier's batches are not this run's; forwarding "
+                        "through the loaded layers")  # fmt: skip
+            self._plan = None
+            return
+        names = list(self.layers)
+        last = names.index(plan.layer) - 1
+        for name in names[:last]:
+            self._replace(self.layers[name], _identity)
+        order = [self._keys[b] for b in sorted(self._keys)]
+        self._replace(self.layers[names[last]], _Replay([plan.inputs[k] for k in order]))
+        self.skipped = names[1 : last + 1]
+        self.progress.skip_inputs(plan.weights)
+
+    def release(self) -> None:
+        """Give every layer its forward back and drop the hooks' state."""
+        self._restore()
+        self._output_hook.remove()
+        self._inputs, self._first_outputs = {}, set()
+
+    # ---- the stored frontier ---------------------------------------------------------------
+
+    def plan(self) -> None:
+        """Read and check the frontier left by an earlier run, if any (before any work)."""
+        if self.path.exists():
+            plan, why = self._read()
+            if why is not None:
+                logger.warning(f"ARMOR progress: {self.path} not used ({why}); forwarding "
+                               "through the loaded layers")  # fmt: skip
+            self._plan = plan
+
+    def _read(self) -> tuple[_Plan | None, str | None]:
+        try:
+            with safe_open(str(self.path), "pt") as handle:
+                metadata = handle.metadata() or {}
+                tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+            keys, chain = json.loads(metadata["keys"]), json.loads(metadata["chain"])
+        except Exception as err:  # a damaged file raises safetensors' or json's own errors
+            return None, f"unreadable: {type(err).__name__}: {err}"
+        if metadata.get("run") != self.progress.run_digest:
+            return None, "written by another run"
+        if metadata.get("checksum") != _digest([tensors[k] for k in sorted(tensors)]):
+            return None, "the stored tensors fail their checksum"
+        names = list(self.layers)
+        layer = metadata.get("layer")
+        if layer not in names[1:] or list(chain) != names[: names.index(layer)]:
+            return None, f"its layers ({layer}, {list(chain)}) are not this model's"
+        if len(tensors) != len(keys):
+            return None, "it holds another number of batches than keys"
+        weights: dict[str, str] = {}
+        for name, checksum in chain.items():
+            digest, why = self.progress.verify(name, checksum)
+            if digest is None:
+                return None, f"{name}: {why}"
+            weights[name] = digest
+        if metadata.get("others") != self._others(list(chain)):
+            return None, "the decoder layers' other parameters (norms) differ"
+        inputs = {key: tensors[f"inputs.{i}"] for i, key in enumerate(keys)}
+        return _Plan(layer, keys, inputs, weights), None
+
+    def _others(self, names: list[str]) -> str:
+        tensors: list[torch.Tensor] = []
+        for name in names:
+            for module in self.layers[name].modules():
+                if id(module) not in self._targets:
+                    tensors.extend(module.parameters(recurse=False))
+                    tensors.extend(module.buffers(recurse=False))
+        return _digest(tensors)
+
+    def _replace(self, layer: nn.Module, forward: Callable[..., torch.Tensor]) -> None:
+        layer.forward = forward
+        self._replaced.append(layer)
+
+    def _restore(self) -> None:
+        for layer in self._replaced:
+            del layer.forward
+        self._replaced = []
+        self._plan = None
+
+
+def start_fast_forward(
+    progress: LayerProgress, modifier: Any, model: nn.Module, targets: list[nn.Linear]
+) -> None:
+    """Keep a frontier, and skip the loaded layers' passes, where nothing else needs those
+    passes (:mod:`.fast_forward`); then read the frontier an earlier run left."""
+    others = [m for m in active_session().lifecycle.recipe.modifiers if m is not modifier]
+    layer = modifier.reconstruction_settings
+    names = progress.layer_names
+    why = fast_forward_blocked(model, names, len(others), progress.world,
+                               layer.steps > 0 and layer.target == "model")  # fmt: skip
+    if why is not None:
+        logger.info(f"ARMOR progress: a resumed run forwards through loaded layers ({why})")
+        return
+    start = time.perf_counter()
+    progress.fast_forward = FastForward(progress, model, names, targets,
+                                        modifier.register_hook)  # fmt: skip
+    progress.fast_forward.plan()
+    progress.seconds += time.perf_counter() - start
+
+
+def _identity(*args: Any, **kwargs: Any) -> torch.Tensor:
+    """A skipped layer's forward: its hidden-state input, unchanged."""
+    return hidden_of(args, kwargs)
+
+
+class _Replay:
+    """The skipped predecessor's forward: the stored inputs of the frontier layer, batch by
+    batch in this run's order (both pipeline passes walk the batches in order)."""
+
+    def __init__(self, inputs: list[torch.Tensor]) -> None:
+        self._inputs = inputs
+        self._calls = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        stored = self._inputs[self._calls % len(self._inputs)]
+        self._calls += 1
+        return stored.to(hidden_of(args, kwargs).device, copy=True)
