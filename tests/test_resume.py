@@ -175,17 +175,19 @@ def five_layers(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _counting_forwards(monkeypatch: pytest.MonkeyPatch) -> dict[int, int]:
-    """Calls of each decoder layer's own forward (by layer index), from now on."""
+    """Calls of each decoder layer's own forward (by layer index), from now on (models loaded
+    from now on keep counting: compressed-tensors' offload wrapper holds the function)."""
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     calls: dict[int, int] = {}
     forward = LlamaDecoderLayer.forward
 
     @functools.wraps(forward)
-    def counting(self, *args, **kwargs):
-        index = self.self_attn.layer_idx
-        calls[index] = calls.get(index, 0) + 1
-        return forward(self, *args, **kwargs)
+    def counting(self, hidden_states, *args, **kwargs):
+        if hidden_states.device.type != "meta":  # not the tracer's shape pass
+            index = self.self_attn.layer_idx
+            calls[index] = calls.get(index, 0) + 1
+        return forward(self, hidden_states, *args, **kwargs)
 
     monkeypatch.setattr(LlamaDecoderLayer, "forward", counting)
     return calls
@@ -199,29 +201,36 @@ LAYERS_0_TO_3 = [f"model.layers.{i}" for i in range(4)]
 def test_a_resumed_run_skips_the_passes_of_the_layers_it_loads(
     five_layers, tmp_path, monkeypatch, variant
 ):
-    """Killed once layer 3's file exists (its inputs are the frontier): the resumed run runs layer
-    0 for real, never runs layers 1 and 2, loads layer 3 from the stored inputs, solves layer 4,
-    and gives the uninterrupted model bit for bit."""
+    """Killed once layer 3's file exists (its inputs are the frontier, and it was solved from
+    them): the resumed run never runs layers 0-2, runs layer 3 only to propagate (its stored
+    inputs in, its loaded factors applied), solves layer 4, and gives the uninterrupted model bit
+    for bit."""
     reference, _ = _run(five_layers, variant, None)
     progress_dir = tmp_path / "progress"
     _interrupt(five_layers, variant, progress_dir, signal.SIGKILL, layer=3)
     assert (progress_dir / FRONTIER).exists()
     calls = _counting_forwards(monkeypatch)
     resumed, modifier = _run(five_layers, variant, progress_dir)
-    monkeypatch.undo()
+    calls = dict(calls)  # the model keeps the counting forward: later calls are not oneshot's
     _assert_same(_state(reference), _state(resumed))
     progress = modifier._progress
     assert (progress.loaded, progress.solved) == (LAYERS_0_TO_3, ["model.layers.4"])
-    assert progress.fast_forward.skipped == ["model.layers.1", "model.layers.2"]
-    assert calls.get(1, 0) == calls.get(2, 0) == 0 and calls[0] > 0 and calls[3] > 0
+    assert progress.fast_forward.skipped == LAYERS_0_TO_3
+    batches = len(_dataset(variant))
+    assert [calls.get(i, 0) for i in range(4)] == [0, 0, 0, batches]
+    assert calls[4] >= 2 * batches  # both passes, and reconstruction's replays
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("case", ["flipped byte", "batches reversed", "norm changed"])
+@pytest.mark.parametrize(
+    "case", ["flipped byte", "batches reversed", "norm changed", "other data", "fewer batches"]
+)
 def test_a_frontier_is_used_only_when_it_checks_out(five_layers, tmp_path, case):
     """A damaged frontier is not used (the loaded layers are forwarded: same model); batches in
     another order still find their stored inputs by key (same model); a decoder layer's norm
-    changed refuses the frontier, and then layer 1, loaded without statistics, stops the run."""
+    changed refuses the frontier, and then layer 1, loaded without statistics, stops the run;
+    other calibration data (the first batch differs) forwards through the layers; a subset of
+    the stored batches stops the run at layer 0's end, before any work."""
     from loguru import logger
 
     progress_dir = tmp_path / "progress"
@@ -235,6 +244,10 @@ def test_a_frontier_is_used_only_when_it_checks_out(five_layers, tmp_path, case)
         path.write_bytes(bytes(data))
     elif case == "batches reversed":
         dataset = dataset.select(range(len(dataset) - 1, -1, -1))
+    elif case == "other data":
+        dataset = calibration_dataset(8, seed=7)
+    elif case == "fewer batches":
+        dataset = dataset.select(range(len(dataset) - 1))
     else:
         model = load_tiny_llama(five_layers)
         with torch.no_grad():
@@ -248,21 +261,28 @@ def test_a_frontier_is_used_only_when_it_checks_out(five_layers, tmp_path, case)
     handle = logger.add(lambda m: warnings.append(str(m)), level="WARNING")
     recipe = modifiers("armor", str(progress_dir))
     try:
-        if case == "norm changed":
-            with pytest.raises(ARMORValueError, match=r"model\.layers\.1: its calibration inputs"):
+        if case in ("norm changed", "fewer batches"):
+            refusal = {"norm changed": r"model\.layers\.1: its calibration inputs",
+                       "fewer batches": r"7 calibration batches here, 8 in the stored run"}
+            with pytest.raises(ARMORValueError, match=refusal[case]):
                 run_oneshot(folder, recipe, dataset=dataset)
         else:
             model = run_oneshot(folder, recipe, dataset=dataset)
     finally:
         logger.remove(handle)
-    skipped = recipe[0]._progress.fast_forward.skipped
-    if case == "batches reversed":
-        assert skipped == ["model.layers.1", "model.layers.2"]
+    progress = recipe[0]._progress
+    if case in ("batches reversed", "fewer batches"):
+        assert progress.fast_forward.skipped == LAYERS_0_TO_3
         assert not any("frontier" in w for w in warnings), warnings
+    elif case == "other data":  # everything recomputed from layer 0, as a fresh run on that data
+        assert progress.fast_forward.skipped == [] and progress.loaded == []
+        fresh = run_oneshot(five_layers, modifiers("armor", None), dataset=dataset)
+        _assert_same(_state(fresh), _state(model))
     else:
         why = "checksum" if case == "flipped byte" else "other parameters"
-        assert skipped == [] and any(FRONTIER in w and why in w for w in warnings), warnings
-    if case != "norm changed":
+        assert progress.fast_forward.skipped == []
+        assert any(FRONTIER in w and why in w for w in warnings), warnings
+    if case in ("flipped byte", "batches reversed"):
         _assert_same(_state(reference), _state(model))
 
 
@@ -277,13 +297,18 @@ def test_resume_with_gptq_after_armor_is_bit_for_bit(tiny_llama_folder, tmp_path
 
 
 @pytest.mark.integration
-def test_a_finished_run_reloads_every_layer(tiny_llama_folder, tmp_path, monkeypatch):
-    """Layer 0 is loaded after collecting its statistics (they are compared); layer 1, after a
-    loaded layer 0, is loaded without statistics: its inputs' digest is compared instead."""
+@pytest.mark.parametrize("frontier", [True, False])
+def test_a_finished_run_reloads_every_layer(tiny_llama_folder, tmp_path, monkeypatch, frontier):
+    """With the frontier (layer 1's inputs, from which layer 1 was solved) no layer runs its
+    calibration pass or collects statistics. Without it, layer 0 is loaded after collecting its
+    statistics (they are compared); layer 1, after a loaded layer 0, is loaded without
+    statistics: its inputs' digest is compared instead."""
     from armor_modifier.modifier.compressor import LinearCompressor
 
     progress_dir = tmp_path / "progress"
     first, _ = _run(tiny_llama_folder, "armor", progress_dir)
+    if not frontier:
+        (progress_dir / FRONTIER).unlink()
     calibrated: set[str] = set()
     add_input = LinearCompressor.add_input
 
@@ -297,7 +322,11 @@ def test_a_finished_run_reloads_every_layer(tiny_llama_folder, tmp_path, monkeyp
     assert modifier._progress.loaded == ["model.layers.0", "model.layers.1"]
     assert modifier._progress.solved == []
     assert sorted(modifier.results) == sorted(first_names(first))
-    assert calibrated and all(name.startswith("model.layers.0.") for name in calibrated)
+    if frontier:
+        assert calibrated == set()
+        assert modifier._progress.fast_forward.skipped == ["model.layers.0", "model.layers.1"]
+    else:
+        assert calibrated and all(name.startswith("model.layers.0.") for name in calibrated)
 
 
 @pytest.mark.integration
@@ -311,6 +340,7 @@ def test_a_layer_loaded_without_statistics_is_refused_when_its_inputs_differ(
 
     progress_dir = tmp_path / "progress"
     _run(tiny_llama_folder, "armor", progress_dir)
+    (progress_dir / FRONTIER).unlink()  # the path through the loaded layers' passes
     path = progress_dir / "model.layers.1.safetensors"
     with safe_open(str(path), "pt") as handle:
         metadata = dict(handle.metadata())

@@ -36,23 +36,31 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any, Protocol
 
 import torch
 from llmcompressor.core import active_session
+from llmcompressor.modifiers.utils.hooks import HooksMixin
 from loguru import logger
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from armor_modifier.core.errors import ARMORValueError
+
 from .capture import first_tensor, hidden_of
 from .digest import batch_checksum
 
-__all__ = ["FRONTIER", "FastForward", "batch_key", "fast_forward_blocked", "start_fast_forward"]
+__all__ = [
+    "FRONTIER", "FastForward", "batch_key", "fast_forward_blocked", "pipeline_propagates",
+    "start_fast_forward",
+]  # fmt: skip
 
 FRONTIER = "frontier.safetensors"
 
@@ -68,7 +76,7 @@ class LayerProgress(Protocol):
     seconds: float
     fast_forward: FastForward | None
 
-    def verify(self, key: str, checksum: str) -> tuple[str | None, str | None]: ...
+    def verify(self, key: str, expect: Mapping[str, str]) -> tuple[str | None, str | None]: ...
 
     def skip_inputs(self, weights: Mapping[str, str]) -> None: ...
 
@@ -98,13 +106,16 @@ def batch_key(args: tuple, kwargs: Mapping[str, Any]) -> str:
 
 
 def fast_forward_blocked(model: nn.Module, names: list[str], others: int, world: int,
-                         model_stream: bool) -> str | None:  # fmt: skip
+                         model_stream: bool, propagates: bool | None) -> str | None:  # fmt: skip
     """Why a run cannot skip loaded layers' passes (``None``: it can).
 
     :param names: the decoder layers holding targets (``model.layers.3``), model order
     :param others: how many other modifiers the recipe has
     :param model_stream: whether reconstruction fits against the dense model's stream
+    :param propagates: :func:`pipeline_propagates`
     """
+    if propagates is None:
+        return "the sequential pipeline's propagate_error could not be read"
     if world > 1:
         return "torchrun: every rank would need its own frontier"
     if others:
@@ -124,11 +135,13 @@ def fast_forward_blocked(model: nn.Module, names: list[str], others: int, world:
 
 @dataclass
 class _Plan:
-    """A frontier that checked out: the layers it skips and the tensors it feeds."""
+    """A frontier that checked out: what it feeds and which layers it skips."""
 
     layer: str
+    checksum: str
     keys: list[str]
     inputs: dict[str, torch.Tensor]
+    #: the layers loaded without their forward, and their dense weights' digests (checked)
     weights: dict[str, str]
 
 
@@ -157,9 +170,11 @@ class FastForward:
         self.progress = progress
         self.path = progress.folder / FRONTIER
         self.layers = {name: model.get_submodule(name) for name in names}
+        self._names = names
         self._name_of = {layer: name for name, layer in self.layers.items()}
         self._targets = {id(t) for t in targets}
         self._keys: dict[int, str] = {}
+        self._key = ""
         self._inputs: dict[int, torch.Tensor] = {}
         self._started: list[str] = []
         self._ended: set[str] = set()
@@ -167,32 +182,35 @@ class FastForward:
         #: whether each layer's inputs were seen to be its predecessor's outputs (layers 0 -> 1)
         self._verified: bool | None = None
         self._plan: _Plan | None = None
-        self._replaced: list[nn.Module] = []
-        #: decoder layers loaded without a forward pass
+        self._by_hidden: dict[tuple[int, int], str] = {}
+        self._replaced: dict[nn.Module, Any] = {}
+        #: the last frontier written: (layer, checksum of its tensors)
+        self.written: tuple[str, str] | None = None
+        #: decoder layers loaded without their calibration pass (the last of them, when the
+        #: pipeline propagates, still runs its propagation pass)
         self.skipped: list[str] = []
-        first = next(iter(self.layers.values()))
-        self._output_hook = first.register_forward_hook(self._first_output)
+        self._output_hook = self.layers[names[0]].register_forward_hook(self._first_output)
         for layer in self.layers.values():
             register_hook(layer, self._on_call, "forward_pre", with_kwargs=True)
 
-    # ---- hooks -----------------------------------------------------------------------------
+    # ---- hooks (calibration pass only, but for the first layer's outputs) --------------------
 
     def _first_output(self, _layer: nn.Module, _args: tuple, output: Any) -> None:
         if self._verified is None and not self._replaced:
             self._first_outputs.add(batch_checksum(first_tensor(output)))
 
     def _on_call(self, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        """Calibration pass of a layer: note the batch's key (first layer) or its input."""
+        """Note the batch's key (first layer) or its input (every other layer)."""
         name = self._name_of[layer]
         if name in self._ended:
             return
         if not self._started or self._started[-1] != name:
             self._started.append(name)
-            if self._plan is not None and name not in self._plan.weights and name != self._first:
+            if self._replaced and name not in self.skipped:
                 self._restore()
         batch = int(active_session().state.current_batch_idx)
-        if name == self._first:
-            self._keys[batch] = batch_key(args, kwargs)
+        if name == self._names[0]:
+            self._key = self._keys[batch] = batch_key(args, kwargs)
             return
         if self._replaced:
             return
@@ -205,34 +223,83 @@ class FastForward:
         if self._verified is not False:
             self._inputs[batch] = hidden.to("cpu")
 
-    @property
-    def _first(self) -> str:
-        return next(iter(self.layers))
+    # ---- the skipped layers' forwards ------------------------------------------------------
+
+    def _forward(self, name: str, real: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
+        """A skipped layer's forward: its input (the frontier layer's calibration pass, and
+        every layer before the frontier layer's predecessor), the stored inputs of the frontier
+        layer (that predecessor), or the real forward (the frontier layer's propagation pass)."""
+        plan, hidden = self._plan, hidden_of(args, kwargs)
+        calibrating = not HooksMixin._HOOKS_DISABLED
+        if plan is not None and name == self._names[0] and calibrating:
+            self._admit(plan, hidden)
+            plan = self._plan
+        if plan is None:  # the first batch was not the stored run's: nothing skipped
+            return real(*args, **kwargs)
+        if name == plan.layer:
+            return hidden if calibrating else real(*args, **kwargs)
+        if self._names.index(name) < self._names.index(plan.layer) - 1:
+            return hidden
+        key = self._by_hidden.get(batch_checksum(hidden))
+        if key is None:
+            raise ARMORValueError(
+                f"ARMOR progress: {name} got an input that no calibration batch gave "
+                f"{self._names[0]}; delete {self.path} to resume through the loaded layers"
+            )
+        return plan.inputs[key].to(hidden.device, copy=True)
+
+    def _admit(self, plan: _Plan, hidden: torch.Tensor) -> None:
+        """The first layer's calibration batch: one of the stored run's, or give up skipping
+        (first batch) or stop (a later one: earlier batches collected no statistics)."""
+        if self._key in plan.inputs:
+            self._by_hidden[batch_checksum(hidden)] = self._key
+        elif not self._by_hidden:
+            logger.info(f"ARMOR progress: {FRONTIER} holds other calibration batches; "
+                        "forwarding through the loaded layers")  # fmt: skip
+            self._restore()
+            self.progress.skip_inputs({})
+            self.skipped = []
+        else:
+            raise ARMORValueError(
+                f"ARMOR progress: a calibration batch differs from the stored run's ({self.path})"
+                f" after {len(self._by_hidden)} that matched; run with the same calibration set, "
+                f"or delete {self.path.name} to recompute from layer 0"
+            )
 
     # ---- per unit --------------------------------------------------------------------------
 
     def before_unit(self, key: str) -> None:
-        """Layer ``key``'s calibration pass is over: write its inputs as the frontier."""
+        """Layer ``key``'s calibration pass is over: check the first layer's batches against
+        the plan, or write the layer's inputs as the frontier."""
         self._ended.add(key)
         inputs, self._inputs = self._inputs, {}
-        if key == self._first or self._replaced or self._verified is False:
+        if self._plan is not None and key == self._names[0]:
+            if sorted(self._keys.values()) != sorted(self._plan.keys):
+                raise ARMORValueError(
+                    f"ARMOR progress: {len(self._keys)} calibration batches here, "
+                    f"{len(self._plan.keys)} in the stored run ({self.path}); run with the same "
+                    f"calibration set, or delete {self.path.name} to recompute from layer 0"
+                )
+        if key == self._names[0] or key in self.skipped or self._verified is False:
             return
         self._verified = True
         self._output_hook.remove()
         self._first_outputs.clear()
-        before = list(self.layers)[: list(self.layers).index(key)]
+        before = self._names[: self._names.index(key)]
         chain = {k: self.progress.checksums.get(k) for k in before}
         batches = sorted(inputs)
         if None in chain.values() or not batches or any(b not in self._keys for b in batches):
             return
         tensors = {f"inputs.{b}": inputs[b].contiguous() for b in batches}
+        checksum = _digest([tensors[k] for k in sorted(tensors)])
         metadata = {
             "run": self.progress.run_digest,
             "layer": key,
             "keys": json.dumps([self._keys[b] for b in batches]),
             "chain": json.dumps(chain),
-            "others": self._others(before),
-            "checksum": _digest([tensors[k] for k in sorted(tensors)]),
+            "others": self._others([*before, key]),
+            "propagates": json.dumps(self._propagates),
+            "checksum": checksum,
         }
         temporary = self.path.with_name(f".{FRONTIER}.{os.getpid()}.tmp")
         try:
@@ -240,42 +307,33 @@ class FastForward:
             os.replace(temporary, self.path)
         finally:
             temporary.unlink(missing_ok=True)
-
-    def after_unit(self, key: str, loaded: bool) -> None:
-        """Start skipping once the first layer is loaded from the frontier's batches."""
-        if key != self._first or self._plan is None:
-            return
-        plan = self._plan
-        if not loaded or sorted(self._keys.values()) != sorted(plan.keys):
-            logger.info("ARMOR progress: the frontier's batches are not this run's; forwarding "
-                        "through the loaded layers")  # fmt: skip
-            self._plan = None
-            return
-        names = list(self.layers)
-        last = names.index(plan.layer) - 1
-        for name in names[:last]:
-            self._replace(self.layers[name], _identity)
-        order = [self._keys[b] for b in sorted(self._keys)]
-        self._replace(self.layers[names[last]], _Replay([plan.inputs[k] for k in order]))
-        self.skipped = names[1 : last + 1]
-        self.progress.skip_inputs(plan.weights)
+        self.written = (key, checksum)
 
     def release(self) -> None:
         """Give every layer its forward back and drop the hooks' state."""
         self._restore()
         self._output_hook.remove()
-        self._inputs, self._first_outputs = {}, set()
+        self._inputs, self._first_outputs, self._by_hidden = {}, set(), {}
 
     # ---- the stored frontier ---------------------------------------------------------------
 
-    def plan(self) -> None:
-        """Read and check the frontier left by an earlier run, if any (before any work)."""
-        if self.path.exists():
-            plan, why = self._read()
-            if why is not None:
-                logger.warning(f"ARMOR progress: {self.path} not used ({why}); forwarding "
-                               "through the loaded layers")  # fmt: skip
-            self._plan = plan
+    def plan(self, propagates: bool) -> None:
+        """Read and check the frontier an earlier run left, if any; when it checks out, skip
+        the layers before it (and the frontier layer's calibration pass when its file was
+        solved from these inputs and the pipeline propagates)."""
+        self._propagates = propagates
+        if not self.path.exists():
+            return
+        plan, why = self._read()
+        if plan is None:
+            logger.warning(f"ARMOR progress: {self.path} not used ({why}); forwarding through "
+                           "the loaded layers")  # fmt: skip
+            return
+        self._plan = plan
+        self.skipped = list(plan.weights)
+        for name in self.skipped:
+            self._replace(name)
+        self.progress.skip_inputs(plan.weights)
 
     def _read(self) -> tuple[_Plan | None, str | None]:
         try:
@@ -283,28 +341,36 @@ class FastForward:
                 metadata = handle.metadata() or {}
                 tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
             keys, chain = json.loads(metadata["keys"]), json.loads(metadata["chain"])
+            propagates = json.loads(metadata["propagates"])
         except Exception as err:  # a damaged file raises safetensors' or json's own errors
             return None, f"unreadable: {type(err).__name__}: {err}"
         if metadata.get("run") != self.progress.run_digest:
             return None, "written by another run"
         if metadata.get("checksum") != _digest([tensors[k] for k in sorted(tensors)]):
             return None, "the stored tensors fail their checksum"
-        names = list(self.layers)
         layer = metadata.get("layer")
-        if layer not in names[1:] or list(chain) != names[: names.index(layer)]:
+        if layer not in self._names[1:] or list(chain) != self._names[: self._names.index(layer)]:
             return None, f"its layers ({layer}, {list(chain)}) are not this model's"
-        if len(tensors) != len(keys):
-            return None, "it holds another number of batches than keys"
+        if len(tensors) != len(keys) or propagates != self._propagates:
+            return None, "the pipeline's propagate_error or the number of batches differ"
         weights: dict[str, str] = {}
         for name, checksum in chain.items():
-            digest, why = self.progress.verify(name, checksum)
+            digest, why = self.progress.verify(name, {"checksum": checksum})
             if digest is None:
                 return None, f"{name}: {why}"
             weights[name] = digest
-        if metadata.get("others") != self._others(list(chain)):
+        if metadata.get("others") != self._others([*chain, layer]):
             return None, "the decoder layers' other parameters (norms) differ"
+        if propagates:  # the frontier layer's own file, solved from these very inputs
+            digest, _why = self.progress.verify(layer, {"frontier": metadata["checksum"]})
+            if digest is not None:
+                weights[layer] = digest
         inputs = {key: tensors[f"inputs.{i}"] for i, key in enumerate(keys)}
-        return _Plan(layer, keys, inputs, weights), None
+        return _Plan(layer, metadata["checksum"], keys, inputs, weights), None
+
+    def frontier_of(self, key: str) -> str:
+        """The checksum of the frontier layer ``key`` was solved from ("" if none)."""
+        return self.written[1] if self.written and self.written[0] == key else ""
 
     def _others(self, names: list[str]) -> str:
         tensors: list[torch.Tensor] = []
@@ -315,15 +381,40 @@ class FastForward:
                     tensors.extend(module.buffers(recurse=False))
         return _digest(tensors)
 
-    def _replace(self, layer: nn.Module, forward: Callable[..., torch.Tensor]) -> None:
+    def _replace(self, name: str) -> None:
+        layer = self.layers[name]
+        self._replaced[layer] = layer.__dict__.get("forward")
+        real = layer.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return self._forward(name, real, args, kwargs)
+
         layer.forward = forward
-        self._replaced.append(layer)
 
     def _restore(self) -> None:
-        for layer in self._replaced:
-            del layer.forward
-        self._replaced = []
+        for layer, previous in self._replaced.items():
+            if previous is None:
+                del layer.forward
+            else:
+                layer.forward = previous
+        self._replaced = {}
         self._plan = None
+
+
+def pipeline_propagates() -> bool | None:
+    """Whether the sequential pipeline now calibrating runs each subgraph a second time after
+    compressing it (``propagate_error``; the next layer's inputs then come from that pass).
+
+    llm-compressor keeps its dataset arguments to the pipeline's own call, so they are read from
+    that call's frame; ``None`` when no such frame is found (fast-forwarding is then off).
+    """
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        arguments = frame.f_locals.get("dataset_args")
+        if frame.f_code.co_name == "__call__" and hasattr(arguments, "propagate_error"):
+            return bool(getattr(arguments, "propagate_error"))  # noqa: B009
+        frame = frame.f_back
+    return None
 
 
 def start_fast_forward(
@@ -334,32 +425,15 @@ def start_fast_forward(
     others = [m for m in active_session().lifecycle.recipe.modifiers if m is not modifier]
     layer = modifier.reconstruction_settings
     names = progress.layer_names
+    propagates = pipeline_propagates()
     why = fast_forward_blocked(model, names, len(others), progress.world,
-                               layer.steps > 0 and layer.target == "model")  # fmt: skip
-    if why is not None:
+                               layer.steps > 0 and layer.target == "model", propagates)  # fmt: skip
+    if why is not None or propagates is None:
         logger.info(f"ARMOR progress: a resumed run forwards through loaded layers ({why})")
         return
     start = time.perf_counter()
     progress.fast_forward = FastForward(progress, model, names, targets,
                                         modifier.register_hook)  # fmt: skip
-    progress.fast_forward.plan()
+    progress.fast_forward.plan(propagates)
     progress.seconds += time.perf_counter() - start
 
-
-def _identity(*args: Any, **kwargs: Any) -> torch.Tensor:
-    """A skipped layer's forward: its hidden-state input, unchanged."""
-    return hidden_of(args, kwargs)
-
-
-class _Replay:
-    """The skipped predecessor's forward: the stored inputs of the frontier layer, batch by
-    batch in this run's order (both pipeline passes walk the batches in order)."""
-
-    def __init__(self, inputs: list[torch.Tensor]) -> None:
-        self._inputs = inputs
-        self._calls = 0
-
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        stored = self._inputs[self._calls % len(self._inputs)]
-        self._calls += 1
-        return stored.to(hidden_of(args, kwargs).device, copy=True)

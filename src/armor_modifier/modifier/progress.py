@@ -75,6 +75,8 @@ _PARTS = {
     "weights": "dense weights (another model?)",
     "statistics": "calibration statistics (other calibration data?)",
     "inputs": "calibration inputs (the digest of the first target's inputs)",
+    "checksum": "stored tensors (the file changed since the frontier was written)",
+    "frontier": "frontier (it was not solved from the stored inputs)",
 }
 
 
@@ -244,14 +246,13 @@ class LayerProgress:
                   for part in mine if part != "weights"}  # fmt: skip
         return {"weights": every[0]["weights"], **joined}
 
-    def verify(self, key: str, checksum: str) -> tuple[str | None, str | None]:
-        """Whether decoder layer ``key``'s file would load now on its weights alone and still has
-        ``checksum``: ``(digest of its dense weights, None)``, or ``(None, why not)``."""
+    def verify(self, key: str, expect: Mapping[str, str]) -> tuple[str | None, str | None]:
+        """Whether decoder layer ``key``'s file would load now on its weights alone, with
+        ``expect``'s metadata (``checksum``, ``frontier``): ``(digest of its dense weights,
+        None)``, or ``(None, why not)``."""
         modules = self._layer_targets[key]
         weights = _digest([t for m in modules for t in (m.weight, m.bias) if t is not None])
-        _stored, why = self._read(key, {"weights": weights}, modules.values())
-        if why is None and self.checksums.get(key) != checksum:
-            why = "its file changed since"
+        _stored, why = self._read(key, {"weights": weights, **expect}, modules.values())
         return (weights, None) if why is None else (None, why)
 
     def skip_inputs(self, weights: Mapping[str, str]) -> None:
@@ -318,6 +319,7 @@ class LayerProgress:
             "run": self.run_digest,
             **fingerprint,
             "checksum": _digest([tensors[k] for k in sorted(tensors)]),
+            "frontier": self.fast_forward.frontier_of(key) if self.fast_forward else "",
             "results": json.dumps([asdict(r) for r in results]),
             "reconstructions": json.dumps(
                 [{"layer": r.layer, "num_windows": r.num_windows, "result": asdict(r.result)}
@@ -407,10 +409,10 @@ def process_unit(
     names = {module: compressor.names[module] for module in modules}
     key = layer_key(list(names.values()))
     start = time.perf_counter()
-    if progress.fast_forward is not None:
-        progress.fast_forward.before_unit(key)
     fingerprint = progress.fingerprint(key, names, compressor.statistics)
     stored = progress.load(key, fingerprint, names.values())
+    if progress.fast_forward is not None:  # after a refusal to load, nothing is written
+        progress.fast_forward.before_unit(key)
     progress.seconds += time.perf_counter() - start
     if stored is not None:
         factors, results, layers = stored
@@ -426,8 +428,6 @@ def process_unit(
             reconstruction.skip(modules, restore)
             reconstruction.reconstructions.extend(layers)
         progress.note(key, loaded=True)
-        if progress.fast_forward is not None:
-            progress.fast_forward.after_unit(key, loaded=True)
         return
     done_before = len(reconstruction.reconstructions) if reconstruction else 0
     if reconstruction is None:
@@ -438,6 +438,4 @@ def process_unit(
     start = time.perf_counter()
     progress.save(key, fingerprint, names, [compressor.results[n] for n in names.values()], layers)
     progress.note(key, loaded=False)
-    if progress.fast_forward is not None:
-        progress.fast_forward.after_unit(key, loaded=False)
     progress.seconds += time.perf_counter() - start
