@@ -35,7 +35,10 @@ import time
 from pathlib import Path
 
 SOLVE_LINE = re.compile(r"ARMOR (model\.layers\.(\d+)\.\S+) .*, ([\d.]+) s$")
-PROGRESS_LINE = re.compile(r"ARMOR progress .*: (\d+) layers loaded, (\d+) solved, ([\d.]+) s")
+PROGRESS_LINE = re.compile(
+    r"ARMOR progress .*: (\d+) layers loaded(?: \((\d+) without a forward pass\))?, (\d+) solved, "
+    r"([\d.]+) s"
+)
 
 
 def run(command: list[str], kill_file: Path | None, reach_layer: int) -> dict:
@@ -71,8 +74,9 @@ def run(command: list[str], kill_file: Path | None, reach_layer: int) -> dict:
             row["reach_s"] = at - float(solve.group(3))
         progress = PROGRESS_LINE.search(line)
         if progress:
-            row["loaded"], row["solved"] = int(progress.group(1)), int(progress.group(2))
-            row["progress_s"] = float(progress.group(3))
+            row["loaded"], row["solved"] = int(progress.group(1)), int(progress.group(3))
+            row["skipped"] = int(progress.group(2) or 0)
+            row["progress_s"] = float(progress.group(4))
     if child.returncode not in (0, -signal.SIGKILL):
         row["tail"] = [line for _, line in lines[-20:]]
     return row

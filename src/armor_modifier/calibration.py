@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import torch
 
 from armor_modifier.core.errors import ARMORValueError
+from armor_modifier.token_cache import cached_ids
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -172,14 +173,19 @@ def load_text(source: str, split: str = "test") -> str:
 
 
 def tokenize_text(tokenizer: Any, text: str) -> torch.Tensor:
-    """Tokenize a whole text once, without special tokens.
+    """Tokenize a whole text once, without special tokens (a long text's ids are kept on disk
+    for the next run: :mod:`armor_modifier.token_cache`).
 
     :param tokenizer: a Hugging Face tokenizer (anything whose call returns ``input_ids``).
     :param text: the text.
     :return: ``[n_tokens]`` int64 token ids.
     """
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-    return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+
+    def tokenize() -> torch.Tensor:
+        ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+        return torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+
+    return cached_ids(tokenizer, text, tokenize)
 
 
 def split_sources(dataset: str) -> list[str]:

@@ -1,33 +1,40 @@
 """A resumed run skips the forward passes of the layers it loads (:mod:`.progress`).
 
-llm-compressor's sequential pipeline runs every decoder layer twice per calibration batch, also a
-layer loaded from the progress folder, so a resumed run used to pay two forward passes per loaded
-layer to rebuild the next layer's inputs. To skip them, a run with a progress folder also keeps
+llm-compressor's sequential pipeline runs every decoder layer twice per calibration batch (a
+calibration pass, then, after compression, a propagation pass), also a layer loaded from the
+progress folder, so a resumed run would pay two forward passes per loaded layer to rebuild the
+next layer's inputs. To skip them, a run with a progress folder also keeps
 ``frontier.safetensors``: the calibration inputs of the decoder layer it is about to solve, one
-tensor per calibration batch, exactly as the pipeline fed them, written when that layer's
-calibration pass ends (before it is solved; atomically, without fsync: a lost or damaged file
+tensor per calibration batch, exactly as the pipeline fed them, written once that layer's
+calibration pass is over (before it is solved; atomically, without fsync: a lost or damaged file
 only costs the slow path). Beside the tensors the file records:
 
 - ``keys``: per batch, a SHA-256 of everything the first decoder layer was called with in that
-  batch (:func:`batch_key`): the resumed run matches its own batches to the stored ones by it, so
-  a different batch order still finds each batch's tensor;
-- ``chain``: every earlier layer's progress file and its checksum; ``others``: a SHA-256 of those
-  layers' parameters and buffers outside the targets (norms), which shape the inputs too;
-- the run digest of the progress folder (recipe, version, targets, ranks).
+  batch (:func:`batch_key`): the resumed run matches its batches to the stored ones by it, so a
+  different batch order still finds each batch's tensor;
+- ``chain``: every earlier layer's progress file and its checksum; ``others``: a SHA-256 of the
+  parameters and buffers outside the targets (norms) of those layers and the frontier layer;
+- whether the pipeline propagates (``propagate_error``), and the progress folder's run digest.
 
-A resumed run uses the frontier when every chained layer file passes its checks now (checksum,
-run, the current dense weights), ``others`` matches, and the first decoder layer, which always
-runs for real and collects its statistics, is loaded and saw the same batch keys. From then on
-the loaded layers' forwards are replaced until the frontier layer is reached: the layers before
-the frontier layer's predecessor return their input unchanged, the predecessor returns the stored
-tensors, and the pipeline carries those into the frontier layer, whose inputs are then the stored
-run's bit for bit. Layers so skipped collect no statistics and are loaded on their weights and
-checksums alone.
+The frontier layer's own file, once solved, records the frontier's checksum. A resumed run uses
+the frontier when every chained file passes its checks now (checksum, run, the current dense
+weights) and ``others`` and ``propagates`` match. It then replaces the forwards of the chained
+layers (and of the frontier layer, when its file was solved from this frontier and the pipeline
+propagates) before the first batch: the first layer admits each calibration batch by its key
+(the first foreign batch turns skipping off and everything runs as without a frontier; a foreign
+batch after admitted ones, or another number of batches, stops the run before any work, since
+the admitted batches collected no statistics); layers before the frontier layer's predecessor
+return their input; the predecessor returns the stored inputs of the batch (found by the
+SHA-256 of its hidden input, which the identities pass on unchanged); the frontier layer, when
+skipped, returns its input in the calibration pass, whose output the pipeline drops, and runs
+for real, with its loaded factors, in the propagation pass. The layer after it then sees exactly
+the uninterrupted run's inputs. Skipped layers collect no statistics and are loaded on their
+weights and checksums alone.
 
 Used only where nothing else needs the skipped passes: one process (no torchrun), no other
 modifier in the recipe, no reconstruction against the dense model's stream (``target="model"``),
 every decoder layer of the model holding targets, and, checked once per run on the first two
-layers, each layer's inputs being exactly its predecessor's outputs. Anything else keeps the slow
+layers, each layer's inputs being exactly its predecessor's outputs. Anything else takes the slow
 path, which loads the same layers.
 """
 
@@ -55,7 +62,6 @@ from torch import nn
 from armor_modifier.core.errors import ARMORValueError
 
 from .capture import first_tensor, hidden_of
-from .digest import batch_checksum
 
 __all__ = [
     "FRONTIER", "FastForward", "batch_key", "fast_forward_blocked", "pipeline_propagates",
@@ -94,14 +100,11 @@ def _tensors(value: Any) -> list[Any]:
 
 
 def batch_key(args: tuple, kwargs: Mapping[str, Any]) -> str:
-    """SHA-256 over every argument of a decoder-layer call: each tensor's dtype, shape and
-    :func:`~.digest.batch_checksum`, and each plain value's ``repr``."""
+    """SHA-256 over every argument of a decoder-layer call: each tensor's dtype, shape and bytes,
+    and each plain value's ``repr``."""
     digest = hashlib.sha256()
     for item in _tensors((tuple(args), dict(kwargs))):
-        if isinstance(item, torch.Tensor):
-            first, second = batch_checksum(item)
-            item = f"{item.dtype}{tuple(item.shape)}:{first}:{second}"
-        digest.update(f"{item};".encode())
+        digest.update(f"{_digest([item]) if isinstance(item, torch.Tensor) else item};".encode())
     return digest.hexdigest()
 
 
@@ -150,7 +153,7 @@ def _digest(tensors: list[torch.Tensor]) -> str:
     for tensor in tensors:
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes())
+        digest.update(flat.view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 
@@ -172,17 +175,17 @@ class FastForward:
         self.layers = {name: model.get_submodule(name) for name in names}
         self._names = names
         self._name_of = {layer: name for name, layer in self.layers.items()}
-        self._targets = {id(t) for t in targets}
+        self._in_targets = {id(m) for t in targets for m in t.modules()}
         self._keys: dict[int, str] = {}
         self._key = ""
         self._inputs: dict[int, torch.Tensor] = {}
         self._started: list[str] = []
         self._ended: set[str] = set()
-        self._first_outputs: set[tuple[int, int]] = set()
+        self._first_outputs: set[str] = set()
         #: whether each layer's inputs were seen to be its predecessor's outputs (layers 0 -> 1)
         self._verified: bool | None = None
         self._plan: _Plan | None = None
-        self._by_hidden: dict[tuple[int, int], str] = {}
+        self._by_hidden: dict[str, str] = {}
         self._replaced: dict[nn.Module, Any] = {}
         #: the last frontier written: (layer, checksum of its tensors)
         self.written: tuple[str, str] | None = None
@@ -197,7 +200,7 @@ class FastForward:
 
     def _first_output(self, _layer: nn.Module, _args: tuple, output: Any) -> None:
         if self._verified is None and not self._replaced:
-            self._first_outputs.add(batch_checksum(first_tensor(output)))
+            self._first_outputs.add(_digest([first_tensor(output)]))
 
     def _on_call(self, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         """Note the batch's key (first layer) or its input (every other layer)."""
@@ -216,7 +219,7 @@ class FastForward:
             return
         hidden = hidden_of(args, kwargs).detach()
         if self._verified is None and len(self._started) == 2:
-            if batch_checksum(hidden) not in self._first_outputs:
+            if _digest([hidden]) not in self._first_outputs:
                 self._verified = False
                 logger.info(f"ARMOR progress: {name}'s inputs are not its predecessor's outputs; "
                             "a resumed run will forward through loaded layers")  # fmt: skip
@@ -240,7 +243,7 @@ class FastForward:
             return hidden if calibrating else real(*args, **kwargs)
         if self._names.index(name) < self._names.index(plan.layer) - 1:
             return hidden
-        key = self._by_hidden.get(batch_checksum(hidden))
+        key = self._by_hidden.get(_digest([hidden]))
         if key is None:
             raise ARMORValueError(
                 f"ARMOR progress: {name} got an input that no calibration batch gave "
@@ -252,7 +255,7 @@ class FastForward:
         """The first layer's calibration batch: one of the stored run's, or give up skipping
         (first batch) or stop (a later one: earlier batches collected no statistics)."""
         if self._key in plan.inputs:
-            self._by_hidden[batch_checksum(hidden)] = self._key
+            self._by_hidden[_digest([hidden])] = self._key
         elif not self._by_hidden:
             logger.info(f"ARMOR progress: {FRONTIER} holds other calibration batches; "
                         "forwarding through the loaded layers")  # fmt: skip
@@ -376,7 +379,7 @@ class FastForward:
         tensors: list[torch.Tensor] = []
         for name in names:
             for module in self.layers[name].modules():
-                if id(module) not in self._targets:
+                if id(module) not in self._in_targets:
                     tensors.extend(module.parameters(recurse=False))
                     tensors.extend(module.buffers(recurse=False))
         return _digest(tensors)
