@@ -65,7 +65,8 @@ import sys, time
 sys.path.insert(0, {tests!r})
 import torch
 torch.set_num_threads(1)
-from armor_modifier.modifier import progress
+from armor_modifier.modifier import fast_forward, progress
+fast_forward.WRITE_SPACING = 0  # a frontier at every layer, however fast the layers go
 from test_resume import _dataset, modifiers
 from tiny_llama import run_oneshot
 save = progress.LayerProgress.save
@@ -219,6 +220,24 @@ def test_a_resumed_run_skips_the_passes_of_the_layers_it_loads(
     batches = len(_dataset(variant))
     assert [calls.get(i, 0) for i in range(4)] == [0, 0, 0, batches]
     assert calls[4] >= 2 * batches  # both passes, and reconstruction's replays
+
+
+@pytest.mark.integration
+def test_a_frontier_that_lags_skips_up_to_it_and_forwards_after(five_layers, tmp_path,
+                                                                monkeypatch):  # fmt: skip
+    """Frontier writes spaced out so far that only layer 1's inputs are kept: a rerun skips
+    layers 0 and 1, forwards through the loaded layers 2-4, and gives the same model."""
+    from armor_modifier.modifier import fast_forward
+
+    progress_dir = tmp_path / "progress"
+    monkeypatch.setattr(fast_forward, "WRITE_SPACING", 1e9)
+    first, _ = _run(five_layers, "armor", progress_dir)
+    monkeypatch.undo()
+    again, modifier = _run(five_layers, "armor", progress_dir)
+    _assert_same(_state(first), _state(again))
+    progress = modifier._progress
+    assert progress.loaded == [f"model.layers.{i}" for i in range(5)] and progress.solved == []
+    assert progress.fast_forward.skipped == ["model.layers.0", "model.layers.1"]
 
 
 @pytest.mark.integration

@@ -7,7 +7,9 @@ next layer's inputs. To skip them, a run with a progress folder also keeps
 ``frontier.safetensors``: the calibration inputs of the decoder layer it is about to solve, one
 tensor per calibration batch, exactly as the pipeline fed them, written once that layer's
 calibration pass is over (before it is solved; atomically, without fsync: a lost or damaged file
-only costs the slow path). Beside the tensors the file records:
+only costs the slow path), for the first layer after layer 0 and then whenever
+:data:`WRITE_SPACING` times the last write's duration has passed (a resumed run forwards through
+the loaded layers after the frontier). Beside the tensors the file records:
 
 - ``keys``: per batch, a SHA-256 of everything the first decoder layer was called with in that
   batch (:func:`batch_key`): the resumed run matches its batches to the stored ones by it, so a
@@ -43,12 +45,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType
 from typing import Any, Protocol
 
 import torch
@@ -63,12 +63,13 @@ from armor_modifier.core.errors import ARMORValueError
 
 from .capture import first_tensor, hidden_of
 
-__all__ = [
-    "FRONTIER", "FastForward", "batch_key", "fast_forward_blocked", "pipeline_propagates",
-    "start_fast_forward",
-]  # fmt: skip
+__all__ = ["FRONTIER", "WRITE_SPACING", "FastForward", "LayerProgress", "batch_key"]
 
 FRONTIER = "frontier.safetensors"
+#: a frontier is written again once this many times the last write's duration has passed, so the
+#: writes take at most about 1 / WRITE_SPACING of the run (every layer on SmolLM2-135M; on large
+#: calibration sets, every few layers)
+WRITE_SPACING = 50
 
 
 class LayerProgress(Protocol):
@@ -106,34 +107,6 @@ def batch_key(args: tuple, kwargs: Mapping[str, Any]) -> str:
     for item in _tensors((tuple(args), dict(kwargs))):
         digest.update(f"{_digest([item]) if isinstance(item, torch.Tensor) else item};".encode())
     return digest.hexdigest()
-
-
-def fast_forward_blocked(model: nn.Module, names: list[str], others: int, world: int,
-                         model_stream: bool, propagates: bool | None) -> str | None:  # fmt: skip
-    """Why a run cannot skip loaded layers' passes (``None``: it can).
-
-    :param names: the decoder layers holding targets (``model.layers.3``), model order
-    :param others: how many other modifiers the recipe has
-    :param model_stream: whether reconstruction fits against the dense model's stream
-    :param propagates: :func:`pipeline_propagates`
-    """
-    if propagates is None:
-        return "the sequential pipeline's propagate_error could not be read"
-    if world > 1:
-        return "torchrun: every rank would need its own frontier"
-    if others:
-        return "other modifiers in the recipe calibrate on every layer's real inputs"
-    if model_stream:
-        return "reconstruction target='model' pushes the dense stream through every layer"
-    parents = {name.rsplit(".", 1)[0] for name in names}
-    if len(names) < 2 or len(parents) != 1:
-        return "the targets do not lie in one list of decoder layers"
-    (parent,) = parents
-    layers = model.get_submodule(parent) if parent else model
-    count = len(layers) if isinstance(layers, nn.ModuleList) else 0
-    if [f"{parent}.{i}" if parent else str(i) for i in range(count)] != names:
-        return "some decoder layers hold no targets"
-    return None
 
 
 @dataclass
@@ -187,10 +160,13 @@ class FastForward:
         self._plan: _Plan | None = None
         self._by_hidden: dict[str, str] = {}
         self._replaced: dict[nn.Module, Any] = {}
+        self._due = True
+        #: when the last frontier write ended and how long it took
+        self._last_write: tuple[float, float] | None = None
         #: the last frontier written: (layer, checksum of its tensors)
         self.written: tuple[str, str] | None = None
-        #: decoder layers loaded without their calibration pass (the last of them, when the
-        #: pipeline propagates, still runs its propagation pass)
+        #: decoder layers loaded without their calibration pass (the frontier layer, when among
+        #: them, still runs its propagation pass)
         self.skipped: list[str] = []
         self._output_hook = self.layers[names[0]].register_forward_hook(self._first_output)
         for layer in self.layers.values():
@@ -211,6 +187,7 @@ class FastForward:
             self._started.append(name)
             if self._replaced and name not in self.skipped:
                 self._restore()
+            self._due = self._write_due()
         batch = int(active_session().state.current_batch_idx)
         if name == self._names[0]:
             self._key = self._keys[batch] = batch_key(args, kwargs)
@@ -223,7 +200,7 @@ class FastForward:
                 self._verified = False
                 logger.info(f"ARMOR progress: {name}'s inputs are not its predecessor's outputs; "
                             "a resumed run will forward through loaded layers")  # fmt: skip
-        if self._verified is not False:
+        if self._verified is not False and self._due:
             self._inputs[batch] = hidden.to("cpu")
 
     # ---- the skipped layers' forwards ------------------------------------------------------
@@ -293,6 +270,7 @@ class FastForward:
         batches = sorted(inputs)
         if None in chain.values() or not batches or any(b not in self._keys for b in batches):
             return
+        start = time.perf_counter()
         tensors = {f"inputs.{b}": inputs[b].contiguous() for b in batches}
         checksum = _digest([tensors[k] for k in sorted(tensors)])
         metadata = {
@@ -311,6 +289,15 @@ class FastForward:
         finally:
             temporary.unlink(missing_ok=True)
         self.written = (key, checksum)
+        self._last_write = (time.perf_counter(), time.perf_counter() - start)
+
+    def _write_due(self) -> bool:
+        """Whether the layer starting now has its inputs kept and written: the first time, then
+        once :data:`WRITE_SPACING` times the last write's duration has passed."""
+        if self._last_write is None:
+            return True
+        end, seconds = self._last_write
+        return time.perf_counter() - end >= WRITE_SPACING * seconds
 
     def release(self) -> None:
         """Give every layer its forward back and drop the hooks' state."""
@@ -402,41 +389,3 @@ class FastForward:
                 layer.forward = previous
         self._replaced = {}
         self._plan = None
-
-
-def pipeline_propagates() -> bool | None:
-    """Whether the sequential pipeline now calibrating runs each subgraph a second time after
-    compressing it (``propagate_error``; the next layer's inputs then come from that pass).
-
-    llm-compressor keeps its dataset arguments to the pipeline's own call, so they are read from
-    that call's frame; ``None`` when no such frame is found (fast-forwarding is then off).
-    """
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        arguments = frame.f_locals.get("dataset_args")
-        if frame.f_code.co_name == "__call__" and hasattr(arguments, "propagate_error"):
-            return bool(getattr(arguments, "propagate_error"))  # noqa: B009
-        frame = frame.f_back
-    return None
-
-
-def start_fast_forward(
-    progress: LayerProgress, modifier: Any, model: nn.Module, targets: list[nn.Linear]
-) -> None:
-    """Keep a frontier, and skip the loaded layers' passes, where nothing else needs those
-    passes (:mod:`.fast_forward`); then read the frontier an earlier run left."""
-    others = [m for m in active_session().lifecycle.recipe.modifiers if m is not modifier]
-    layer = modifier.reconstruction_settings
-    names = progress.layer_names
-    propagates = pipeline_propagates()
-    why = fast_forward_blocked(model, names, len(others), progress.world,
-                               layer.steps > 0 and layer.target == "model", propagates)  # fmt: skip
-    if why is not None or propagates is None:
-        logger.info(f"ARMOR progress: a resumed run forwards through loaded layers ({why})")
-        return
-    start = time.perf_counter()
-    progress.fast_forward = FastForward(progress, model, names, targets,
-                                        modifier.register_hook)  # fmt: skip
-    progress.fast_forward.plan(propagates)
-    progress.seconds += time.perf_counter() - start
-

@@ -58,7 +58,8 @@ from armor_modifier.staging import replace_file
 from .collectives import all_gather_objects, is_distributed, rank_and_world
 from .compressor import LinearCompressor
 from .digest import InputDigest
-from .fast_forward import FastForward, start_fast_forward
+from .fast_forward import FastForward
+from .fast_forward_setup import start_fast_forward
 from .memory import decoder_layer_name
 from .reconstruction import LayerReconstruction, Reconstruction
 from .report import ARMORModuleResult
