@@ -3,10 +3,9 @@
 Every Linear's solve allocates and frees a few hundred MiB of temporaries. glibc serves large
 allocations from their own mappings at first, but raises that threshold each time such a block
 is freed, after which blocks of up to 32 MiB come from the heap, where freed ones fragment and
-stay counted in the process's memory. On Qwen2.5-Coder-0.5B (one iteration, one thread) the
-resident memory after each decoder layer crept from 2.45 to 3.28 GiB over 12 layers, and the peak
-from 3.6 to 4.0 GiB; with the threshold fixed at 4 MiB it stayed at 2.4-2.7 GiB, the peak at 3.4
-to 3.6 GiB (docs/results.md, "Qwen2.5-Coder-0.5B").
+stay counted in the process's memory, so the resident memory creeps up layer after layer and
+each solve's peak starts higher (docs/results.md, "resident memory through prune", measures both
+settings on Qwen2.5-Coder-0.5B).
 
 :func:`fix_mmap_threshold` fixes the threshold through ``mallopt``; :func:`armor_modifier.prune`
 (and so ``armor prune``) calls it. Users of ``oneshot`` can set ``MALLOC_MMAP_THRESHOLD_=4194304``
