@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -196,12 +197,60 @@ def worker(folder: Path, out: Path, others: dict[str, str]) -> None:
         dist.destroy_process_group()
 
 
-def run_torchrun(folder: Path, out: Path, others: dict[str, Path]) -> None:
+def progress_worker(folder: Path, out: Path, progress: Path, stall: str | None) -> None:
+    """One torchrun rank of a run with the shared ``progress`` folder ("sequential-refined"),
+    saved as ``progress-resumed-rank{R}.pt``; with ``stall``, rank 0 stops for good once that
+    layer's file is written (the test kills the launch there)."""
+    import time
+
+    import torch.distributed as dist
+
+    from armor_modifier.modifier.progress import LayerProgress
+
+    torch.set_num_threads(1)
+    if stall is not None:
+        save = LayerProgress.save
+
+        def stalled(self, key, *args, **kwargs):
+            save(self, key, *args, **kwargs)
+            if key == stall:
+                time.sleep(300)
+
+        LayerProgress.save = stalled  # type: ignore[method-assign]
+    dist.init_process_group("gloo")
+    try:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        shard = calibration_dataset().shard(world, rank, contiguous=True)
+        snapshot = compress(folder, "sequential-refined", shard, progress)
+        torch.save(snapshot, out / f"progress-resumed-rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from ``/proc``)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:  # ended meanwhile
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def run_torchrun(folder: Path, out: Path, others: dict[str, Path], *extra: str,
+                 kill_when: Path | None = None) -> None:  # fmt: skip
+    """One ``torchrun --nproc-per-node 2`` launch of this file; with ``kill_when``, SIGKILL to
+    the whole launch as soon as that file exists."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(THIS.parent)}
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
         "--standalone", str(THIS), "--folder", str(folder), "--out", str(out),
-        *(f"--other={arch}={path}" for arch, path in others.items()),
+        *(f"--other={arch}={path}" for arch, path in others.items()), *extra,
     ]  # fmt: skip
     # own process group, so a hang cannot leave orphaned workers behind
     proc = subprocess.Popen(
@@ -209,6 +258,16 @@ def run_torchrun(folder: Path, out: Path, others: dict[str, Path]) -> None:
         start_new_session=True,
     )  # fmt: skip
     try:
+        if kill_when is not None:
+            deadline = time.monotonic() + 300
+            while not kill_when.exists():
+                assert proc.poll() is None, proc.communicate()[1][-4000:]
+                assert time.monotonic() < deadline, f"{kill_when} never appeared"
+                time.sleep(0.1)
+            for pid in [proc.pid, *_children(proc.pid)]:  # torchrun starts each rank in its
+                os.killpg(pid, signal.SIGKILL)  # own session: kill every group
+            proc.communicate()
+            return
         _, stderr = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -341,6 +400,27 @@ def test_two_ranks_write_progress_once_and_resume_from_it(two_ranks):
 
 
 @pytest.mark.integration
+def test_two_ranks_killed_after_layer_0_resume_bit_for_bit(two_ranks, tiny_llama_folder,
+                                                           tmp_path):  # fmt: skip
+    """A torchrun launch killed (SIGKILL to the whole launch) once rank 0 has written layer 0:
+    a second launch on the folder loads layer 0 on both ranks, solves layer 1, and both end with
+    the model of the run without progress, bit for bit."""
+    progress = tmp_path / "progress"
+    run_torchrun(tiny_llama_folder, tmp_path, {}, f"--progress={progress}",
+                 "--stall=model.layers.0", kill_when=progress / "model.layers.0.safetensors")
+    assert not (progress / "model.layers.1.safetensors").exists()
+    run_torchrun(tiny_llama_folder, tmp_path, {}, f"--progress={progress}")
+    plain = two_ranks["sequential-refined"]
+    for rank in range(2):
+        resumed = torch.load(tmp_path / f"progress-resumed-rank{rank}.pt")
+        assert resumed["progress"] == (["model.layers.0"], ["model.layers.1"])
+        assert torch.equal(resumed["logits"], plain[rank]["logits"])
+        for name in target_names():
+            for a, b in zip(resumed["tensors"][name], plain[rank]["tensors"][name], strict=True):
+                assert torch.equal(a, b), name
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_two_ranks_match_one_process_on_other_architectures(two_ranks, arch):
     """Qwen2 and Gemma-3 (``tiny_models.py``) under torchrun with within-layer propagation and
@@ -365,5 +445,11 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--other", action="append", default=[], metavar="ARCH=FOLDER",
                         help="another architecture's tiny model, refined as the Llama")
+    parser.add_argument("--progress", type=Path, default=None,
+                        help="only the run with this progress folder (progress_worker)")
+    parser.add_argument("--stall", default=None, help="with --progress: stall after this layer")
     args = parser.parse_args()
-    worker(args.folder, args.out, dict(pair.split("=", 1) for pair in args.other))
+    if args.progress is not None:
+        progress_worker(args.folder, args.out, args.progress, args.stall)
+    else:
+        worker(args.folder, args.out, dict(pair.split("=", 1) for pair in args.other))
