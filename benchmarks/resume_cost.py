@@ -36,7 +36,7 @@ from pathlib import Path
 
 SOLVE_LINE = re.compile(r"ARMOR (model\.layers\.(\d+)\.\S+) .*, ([\d.]+) s$")
 PROGRESS_LINE = re.compile(
-    r"ARMOR progress .*: (\d+) layers loaded(?: \((\d+) without a forward pass\))?, (\d+) solved, "
+    r"ARMOR progress .*: (\d+) layers loaded(?: \((\d+) fast-forwarded\))?, (\d+) solved, "
     r"([\d.]+) s"
 )
 

@@ -153,7 +153,7 @@ class LayerProgress:
         self._previous_loaded = False
         #: each unit's stored checksum, once written or read here
         self.checksums: dict[str, str] = {}
-        #: layers loaded without a forward pass, and their dense weights' digest (checked)
+        #: layers fast-forwarded (no calibration pass), and their dense weights' digest (checked)
         self._skipped: dict[str, str] = {}
         self.fast_forward: FastForward | None = None
 
@@ -340,8 +340,8 @@ class LayerProgress:
             skipped = len(self.fast_forward.skipped)
             self.fast_forward.release()
         return (
-            f"ARMOR progress ({self.folder}): {len(self.loaded)} layers loaded ({skipped} without "
-            f"a forward pass), {len(self.solved)} solved, {self.seconds:.2f} s fingerprinting, "
+            f"ARMOR progress ({self.folder}): {len(self.loaded)} layers loaded ({skipped} "
+            f"fast-forwarded), {len(self.solved)} solved, {self.seconds:.2f} s fingerprinting, "
             "reading and writing"
         )
 
