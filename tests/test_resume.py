@@ -501,3 +501,18 @@ def test_the_armor_command_on_smollm2_resumes_bit_for_bit(tmp_path):
     assert result["killed"]["killed"] and result["first"]["returncode"] == 0
     assert (result["resumed"]["loaded"], result["resumed"]["solved"]) == (4, 26)
     assert result["identical_armor_ct"]
+
+
+def test_propagate_error_is_read_only_inside_the_sequential_pipeline():
+    """Outside llm-compressor's sequential pipeline (here, or under another pipeline) there is
+    no ``propagate_error`` to read, so fast-forwarding stays off; the skip tests above show it
+    read inside."""
+    from armor_modifier.modifier.fast_forward_setup import pipeline_propagates
+
+    dataset_args = type("DatasetArguments", (), {"propagate_error": True})()
+
+    def __call__():  # an unrelated __call__ holding dataset_args, as BasicPipeline's does
+        assert dataset_args.propagate_error
+        return pipeline_propagates()
+
+    assert pipeline_propagates() is None and __call__() is None

@@ -15,6 +15,9 @@ from .fast_forward import FastForward, LayerProgress
 
 __all__ = ["fast_forward_blocked", "pipeline_propagates", "start_fast_forward"]
 
+#: where llm-compressor's sequential pipeline lives (its ``__call__`` holds ``dataset_args``)
+SEQUENTIAL_PIPELINE = "llmcompressor/pipelines/sequential/"
+
 
 def fast_forward_blocked(model: nn.Module, names: list[str], others: int, world: int,
                          model_stream: bool, propagates: bool | None) -> str | None:  # fmt: skip
@@ -49,13 +52,16 @@ def pipeline_propagates() -> bool | None:
     compressing it (``propagate_error``; the next layer's inputs then come from that pass).
 
     llm-compressor keeps its dataset arguments to the pipeline's own call, so they are read from
-    that call's frame; ``None`` when no such frame is found (fast-forwarding is then off).
+    that call's frame (``SequentialPipeline.__call__``, in ``pipelines/sequential``); ``None``
+    when no such frame is found, e.g. under another pipeline (fast-forwarding is then off).
     """
     frame: FrameType | None = sys._getframe(1)
     while frame is not None:
-        arguments = frame.f_locals.get("dataset_args")
-        if frame.f_code.co_name == "__call__" and hasattr(arguments, "propagate_error"):
-            return bool(getattr(arguments, "propagate_error"))  # noqa: B009
+        code, path = frame.f_code, frame.f_code.co_filename.replace("\\", "/")
+        if code.co_name == "__call__" and SEQUENTIAL_PIPELINE in path:
+            arguments = frame.f_locals.get("dataset_args")
+            if hasattr(arguments, "propagate_error"):
+                return bool(getattr(arguments, "propagate_error"))  # noqa: B009
         frame = frame.f_back
     return None
 
