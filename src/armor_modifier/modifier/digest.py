@@ -22,10 +22,11 @@ llm-compressor shuffles the calibration batches by default).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 
 import torch
 
-__all__ = ["InputDigest", "batch_checksum", "position_weights"]
+__all__ = ["InputDigest", "batch_checksum", "position_weights", "tensors_sha256"]
 
 _P = 2**31 - 1
 #: multipliers and offsets of the two position weights w_k(i) = (a_k * i + c_k) mod (P - 1) + 1
@@ -60,6 +61,17 @@ def batch_checksum(x: torch.Tensor, weights: torch.Tensor | None = None) -> tupl
     sums = (bits * weights).remainder(_P).sum(-1)
     first, second = sums.remainder(_P).tolist()
     return int(first), int(second)
+
+
+def tensors_sha256(tensors: Iterable[torch.Tensor]) -> str:
+    """SHA-256 of each tensor's dtype, shape and bytes in turn (read on the CPU), for files and
+    fingerprints that must match exactly (:mod:`.progress`, :mod:`.fast_forward`)."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy().data)
+    return digest.hexdigest()
 
 
 class InputDigest:

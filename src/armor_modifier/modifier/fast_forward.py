@@ -62,6 +62,7 @@ from torch import nn
 from armor_modifier.core.errors import ARMORValueError
 
 from .capture import first_tensor, hidden_of
+from .digest import tensors_sha256 as _digest
 
 __all__ = ["FRONTIER", "WRITE_SPACING", "FastForward", "LayerProgress", "batch_key"]
 
@@ -114,20 +115,10 @@ class _Plan:
     """A frontier that checked out: what it feeds and which layers it skips."""
 
     layer: str
-    checksum: str
     keys: list[str]
     inputs: dict[str, torch.Tensor]
     #: the layers loaded without their forward, and their dense weights' digests (checked)
     weights: dict[str, str]
-
-
-def _digest(tensors: list[torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(flat.view(torch.uint8).numpy().data)
-    return digest.hexdigest()
 
 
 class FastForward:
@@ -139,11 +130,14 @@ class FastForward:
     :param targets: every target Linear (their parameters are left out of ``others``)
     :param register_hook: the hook owner's ``register_hook`` (llm-compressor's ``HooksMixin``:
         silent in the propagation pass and in replays)
+    :param propagates: whether the pipeline runs a propagation pass (``propagate_error``)
     """
 
     def __init__(self, progress: LayerProgress, model: nn.Module, names: list[str],
-                 targets: list[nn.Linear], register_hook: Callable[..., Any]) -> None:  # fmt: skip
+                 targets: list[nn.Linear], register_hook: Callable[..., Any],
+                 propagates: bool) -> None:  # fmt: skip
         self.progress = progress
+        self._propagates = propagates
         self.path = progress.folder / FRONTIER
         self.layers = {name: model.get_submodule(name) for name in names}
         self._names = names
@@ -307,11 +301,10 @@ class FastForward:
 
     # ---- the stored frontier ---------------------------------------------------------------
 
-    def plan(self, propagates: bool) -> None:
+    def plan(self) -> None:
         """Read and check the frontier an earlier run left, if any; when it checks out, skip
         the layers before it (and the frontier layer's calibration pass when its file was
         solved from these inputs and the pipeline propagates)."""
-        self._propagates = propagates
         if not self.path.exists():
             return
         plan, why = self._read()
@@ -356,7 +349,7 @@ class FastForward:
             if digest is not None:
                 weights[layer] = digest
         inputs = {key: tensors[f"inputs.{i}"] for i, key in enumerate(keys)}
-        return _Plan(layer, metadata["checksum"], keys, inputs, weights), None
+        return _Plan(layer, keys, inputs, weights), None
 
     def frontier_of(self, key: str) -> str:
         """The checksum of the frontier layer ``key`` was solved from ("" if none)."""

@@ -82,6 +82,6 @@ def start_fast_forward(
         return
     start = time.perf_counter()
     progress.fast_forward = FastForward(progress, model, names, targets,
-                                        modifier.register_hook)  # fmt: skip
-    progress.fast_forward.plan(propagates)
+                                        modifier.register_hook, propagates)  # fmt: skip
+    progress.fast_forward.plan()
     progress.seconds += time.perf_counter() - start

@@ -39,7 +39,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +58,7 @@ from armor_modifier.staging import replace_file
 from .collectives import all_gather_objects, is_distributed, rank_and_world
 from .compressor import LinearCompressor
 from .digest import InputDigest
+from .digest import tensors_sha256 as _digest
 from .fast_forward import FastForward
 from .fast_forward_setup import start_fast_forward
 from .memory import decoder_layer_name
@@ -98,17 +99,9 @@ def layer_key(names: Sequence[str]) -> str:
     return "targets-" + hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
 
 
-def _bytes(tensor: torch.Tensor) -> bytes:
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes()
-
-
-def _digest(tensors: Sequence[torch.Tensor]) -> str:
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        digest.update(f"{tensor.dtype}{tuple(tensor.shape)}".encode())
-        digest.update(_bytes(tensor))
-    return digest.hexdigest()
+def _weights_digest(modules: Iterable[nn.Linear]) -> str:
+    """SHA-256 of the modules' weights and biases, in order (the ``weights`` fingerprint)."""
+    return _digest([t for m in modules for t in (m.weight, m.bias) if t is not None])
 
 
 class LayerProgress:
@@ -219,17 +212,15 @@ class LayerProgress:
         if unit is None and key in self._layer_targets:  # this rank got no calibration batch
             unit = self._open_unit(key)
         self._done.add(key)
-        weights: list[torch.Tensor] = []
         stats: list[torch.Tensor] = []
         for module in modules:
-            weights.extend([module.weight] + ([] if module.bias is None else [module.bias]))
             if module in statistics:  # what the solver reads: float32, the same in any order
                 stat = statistics[module]
                 hessian = stat.hessian()
                 stats.extend([stat.mean(), stat.count] + ([] if hessian is None else [hessian]))
         # taken again here, not at the skip decision: a modifier before ARMOR in the same
         # sequential pass (SmoothQuant, AWQ) may change the weights at the end of the epoch
-        mine = {"weights": _digest(weights)}
+        mine = {"weights": _weights_digest(modules)}
         if not (unit and unit.skips_statistics):
             mine["statistics"] = _digest(stats)
         if unit is not None:
@@ -252,7 +243,7 @@ class LayerProgress:
         ``expect``'s metadata (``checksum``, ``frontier``): ``(digest of its dense weights,
         None)``, or ``(None, why not)``."""
         modules = self._layer_targets[key]
-        weights = _digest([t for m in modules for t in (m.weight, m.bias) if t is not None])
+        weights = _weights_digest(modules)
         _stored, why = self._read(key, {"weights": weights, **expect}, modules.values())
         return (weights, None) if why is None else (None, why)
 
@@ -271,7 +262,7 @@ class LayerProgress:
             return _Unit()
         start = time.perf_counter()
         modules = self._layer_targets[layer]
-        weights = _digest([t for m in modules for t in (m.weight, m.bias) if t is not None])
+        weights = _weights_digest(modules)
         stored, _why = self._read(layer, {"weights": weights}, modules.values())
         self.seconds += time.perf_counter() - start
         return _Unit(skips_statistics=stored is not None)
