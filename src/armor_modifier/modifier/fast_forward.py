@@ -68,8 +68,8 @@ __all__ = ["FRONTIER", "WRITE_SPACING", "FastForward", "LayerProgress", "batch_k
 
 FRONTIER = "frontier.safetensors"
 #: a frontier is written again once this many times the last write's duration has passed, so the
-#: writes take at most about 1 / WRITE_SPACING of the run (every layer on SmolLM2-135M; on large
-#: calibration sets, every few layers)
+#: writes take at most about 1 / WRITE_SPACING of the run; the frontier lags by more than a layer
+#: only where one write takes more than 1 / WRITE_SPACING of a layer's time
 WRITE_SPACING = 50
 
 
