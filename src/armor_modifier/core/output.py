@@ -66,9 +66,10 @@ def _dot_by_rows(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def _row_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """``[r]`` dot products of the rows of ``x`` and ``y`` (first index; the rest flattened), in
-    their dtype, without forming ``x * y``."""
+    their dtype, without forming ``x * y`` (``vecdot``: about 4x faster on CPU than the einsum
+    it replaced, which ran as ``r`` one-row matrix products)."""
     rows = x.shape[0]
-    return torch.einsum("ij,ij->i", x.reshape(rows, -1), y.reshape(rows, -1))
+    return torch.linalg.vecdot(x.reshape(rows, -1), y.reshape(rows, -1))
 
 
 @dataclass
@@ -129,6 +130,7 @@ class OutputObjective:
             self.H.reshape(q, b, q, b).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
         )  # [q, b, b] H_KK
         self._cache: _Cache | None = None
+        self._mask: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------------------- evaluation
     def initial_iterate(self, core: torch.Tensor, mask: torch.Tensor) -> Iterate:
@@ -156,7 +158,18 @@ class OutputObjective:
 
     def residual(self, it: Iterate) -> torch.Tensor:
         """``A S B - W`` in H-diagonal units, ``[m, n]``."""
-        return reconstruct(it.A, it.S, it.B) - self.W
+        return reconstruct(it.A, self._core(it), it.B) - self.W
+
+    def _float_mask(self, M: torch.Tensor) -> torch.Tensor:
+        """``M`` as 0/1 in ``W``'s dtype, kept while ``it.M`` is the same tensor (a product with
+        a float mask is about 3.5x faster on CPU than with the bool one)."""
+        if self._mask is None or self._mask[0] is not M:
+            self._mask = (M, M.to(self.W.dtype))
+        return self._mask[1]
+
+    def _core(self, it: Iterate) -> torch.Tensor:
+        """``S = W' * M``, ``[m, n]`` (:attr:`Iterate.S` through the kept float mask)."""
+        return it.Wp * self._float_mask(it.M)
 
     def _state(self, it: Iterate) -> tuple[torch.Tensor, torch.Tensor]:
         """``(E, EH)`` of ``it`` (cached; the cache owns both tensors and updates them in place)."""
@@ -215,7 +228,7 @@ class OutputObjective:
         :return: number of singular block systems
         """
         p, b, n = self.p, self.b, self.n
-        P = right_blockdiag(it.S, it.B)
+        P = right_blockdiag(self._core(it), it.B)
         PH = self._cached_PH(it)
         if PH is None:
             PH = P @ self.H
@@ -248,7 +261,8 @@ class OutputObjective:
         m, q, b = self.m, self.q, self.b
         PH = self._cached_PH(it)
         E, EH = self._state(it)
-        Q = left_blockdiag(it.A, it.S)
+        S = self._core(it)
+        Q = left_blockdiag(it.A, S)
         Qk = Q.reshape(m, q, b).transpose(0, 1)  # [q, m, b]
         QQ = torch.bmm(Qk.transpose(1, 2), Qk)
 
@@ -265,7 +279,7 @@ class OutputObjective:
         direction, rz = -z, _dot_by_rows(r, z)
         B = it.B
         for step in range(self.b_steps):
-            D_P = right_blockdiag(it.S, direction)  # P's change per unit step
+            D_P = right_blockdiag(S, direction)  # P's change per unit step
             D_PH = self._times_H(D_P)
             D, DH = left_blockdiag(it.A, D_P), left_blockdiag(it.A, D_PH)
             curvature = _dot_by_rows(D, DH)
@@ -292,16 +306,19 @@ class OutputObjective:
         as :func:`_dot_by_rows`)."""
         return _row_dots(x, y).reshape(self.p, self.b).sum(-1, dtype=torch.float64)
 
-    def _core_jacobi(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        """Inverse diagonal of the core's curvature, ``1 / (diag(A^T A)_i diag(B H B^T)_j)``.
+    def _core_jacobi(self, A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Inverse diagonal of the core's curvature, ``1 / (diag(A^T A)_i diag(B H B^T)_j)``, on
+        the mask.
 
-        :return: ``[m, n]`` (zero where the curvature is zero)
+        :param mask: ``[m, n]`` float 0/1
+        :return: ``[m, n]`` (zero off the mask and where the curvature is zero)
         """
         a = A.square().sum(1).reshape(-1)  # [m]
         BH = torch.bmm(B, self.H_blocks)
         c = (BH * B).sum(-1).reshape(-1)  # [n]  diag(B_K H_KK B_K^T)
-        curvature = a[:, None] * c[None, :]
-        return torch.where(curvature > 0, 1 / curvature, torch.zeros_like(curvature))
+        inv_a = torch.where(a > 0, 1 / a, torch.zeros_like(a))
+        inv_c = torch.where(c > 0, 1 / c, torch.zeros_like(c))
+        return torch.outer(inv_a, inv_c) * mask
 
     def update_core(self, it: Iterate, steps: int) -> None:
         """``steps`` Jacobi-preconditioned CG (Polak-Ribiere+) steps on the masked core.
@@ -313,9 +330,11 @@ class OutputObjective:
         b = self.b
         PH = self._cached_PH(it)
         E, EH = self._state(it)
-        A, B, M = it.A, it.B, it.M
-        jacobi = self._core_jacobi(A, B) * M
-        grad = self.gradient_S(EH, A, B) * M
+        A, B = it.A, it.B
+        # the preconditioner carries the mask, so z and every direction are masked; the gradient
+        # needs no mask of its own: its products below are all with masked tensors
+        jacobi = self._core_jacobi(A, B, self._float_mask(it.M))
+        grad = self.gradient_S(EH, A, B)
         z = grad * jacobi
         direction, rz = -z, self._block_dot(grad, z)
         Wp = it.Wp
@@ -336,11 +355,13 @@ class OutputObjective:
                 PH.addcmul_(per_row, D_PH)
             if step + 1 == steps:
                 break
-            new = self.gradient_S(EH, A, B) * M
+            new = self.gradient_S(EH, A, B)
             z_new = new * jacobi
-            beta = self._block_dot(new, z_new - z) / torch.where(rz > 0, rz, 1.0)
+            rz_new = self._block_dot(new, z_new)  # Polak-Ribiere: <new, z_new - z> / rz
+            beta = (rz_new - self._block_dot(new, z)) / torch.where(rz > 0, rz, 1.0)
             beta = beta.clamp_min(0).to(Wp.dtype).repeat_interleave(b)[:, None]
-            direction, z, rz = -z_new + beta * direction, z_new, self._block_dot(new, z_new)
+            direction = direction.mul_(beta).sub_(z_new)
+            z, rz = z_new, rz_new
         it.Wp = Wp
         self._remember(it, E, EH, PH)
 
@@ -361,7 +382,7 @@ class OutputObjective:
         T, gpt = p * q, b // 4
         PH = self._cached_PH(it)
         E, EH = self._state(it)
-        S = it.S
+        S = self._core(it)
         score = self.gradient_S(EH, it.A, it.B).abs().reshape(p, b, q, gpt, 4).sum(-1)
         score = score.permute(0, 2, 1, 3).reshape(T, b * gpt)
         empty = ~(score.sum(-1) > 0) | ~torch.isfinite(score).all(-1)
@@ -421,12 +442,12 @@ class OutputObjective:
         p, q, b, m, n = self.p, self.q, self.b, self.m, self.n
         E, EH = self._state(it)
         scale = 2.0 / self.denom if self.denom > 0 else 0.0
-        S = it.S
+        S = self._core(it)
         P = right_blockdiag(S, it.B)
         Q = left_blockdiag(it.A, S)
         gA = torch.bmm(EH.reshape(p, b, n), P.reshape(p, b, n).transpose(1, 2)) * scale
         Qk = Q.reshape(m, q, b).transpose(0, 1)
         gB = torch.bmm(Qk.transpose(1, 2), EH.reshape(m, q, b).transpose(0, 1)) * scale
-        gW = self.gradient_S(EH, it.A, it.B) * it.M * scale
+        gW = self.gradient_S(EH, it.A, it.B) * self._float_mask(it.M) * scale
         return gA, gB, gW, self.loss_of_residual(E, EH)
 
