@@ -41,15 +41,19 @@ from dataclasses import dataclass
 import torch
 
 from .blockdiag import left_blockdiag, right_blockdiag
-from .discrete import best_two_of_four, joint_or_best
 from .iterate import Iterate, reconstruct
 from .linalg import damped_block_solve
+from .output_discrete import discrete_step
 from .problem import normalize
 
 __all__ = ["OUTPUT_B_STEPS", "OutputObjective"]
 
 #: Preconditioned CG steps on ``B`` per iteration of the output objective.
 OUTPUT_B_STEPS = 1
+
+#: Entries per row chunk of the core's CG steps (:meth:`OutputObjective.update_core`): a chunk's
+#: tensors stay in the CPU's caches across the steps (docs/results.md, layer scaling).
+CHUNK_ELEMENTS = 1 << 21
 
 
 def _dot(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -59,8 +63,8 @@ def _dot(x: torch.Tensor, y: torch.Tensor) -> float:
 
 def _dot_by_rows(x: torch.Tensor, y: torch.Tensor) -> float:
     """``<x, y>``: each row (first index) summed in the tensors' dtype, the row sums in float64
-    (a sum over one row of a layer is accurate in float32, and several times faster: the line
-    searches use it; the loss uses :func:`_dot` unless ``matmul_precision`` is bfloat16)."""
+    (a sum over one row of a layer is accurate in float32, and several times faster: the loss
+    and the line searches use it)."""
     return float(_row_dots(x, y).sum(dtype=torch.float64))
 
 
@@ -70,6 +74,12 @@ def _row_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     it replaced, which ran as ``r`` one-row matrix products)."""
     rows = x.shape[0]
     return torch.linalg.vecdot(x.reshape(rows, -1), y.reshape(rows, -1))
+
+
+def _block_loss(A: torch.Tensor, G: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
+    """``tr(E_I H E_I^T)`` minus a constant per row slab, ``[p]``, for ``A [p, b, b]``,
+    ``G = P_I H P_I^T`` and ``C = W_I H P_I^T`` (both ``[p, b, b]``)."""
+    return (torch.bmm(A, G) * A).sum((1, 2)) - 2 * (A * C).sum((1, 2))
 
 
 @dataclass
@@ -97,8 +107,8 @@ class OutputObjective:
     :param b: wrapper block size (``b | m``, ``b | n``, ``4 | b``)
     :param b_steps: preconditioned conjugate-gradient steps per :meth:`update_B`
     :param matmul_precision: ``"float32"``, or ``"bfloat16"``: the ``D H`` products of the
-        conjugate-gradient steps on ``B`` and on the core take bfloat16 inputs, and the loss sums
-        each row in float32 (the line searches do in both modes). In bfloat16 mode ``P H`` is not
+        conjugate-gradient steps on ``B`` and on the core take bfloat16 inputs (the loss and the
+        line searches sum each row in float32 in both modes). In bfloat16 mode ``P H`` is not
         kept: :meth:`update_A` forms it in float32 and recomputes ``E H`` from it once per
         iteration (in bfloat16 it would cost the descent ~2 % of its loss), so :meth:`loss` is off
         only by the drift of one iteration's steps, and :meth:`exact_loss` gives the float32
@@ -123,7 +133,6 @@ class OutputObjective:
         self.H = H / self.d[:, None] / self.d[None, :]
         self.WH = self.W @ self.H
         self.H_low = self.H.bfloat16() if matmul_precision == "bfloat16" else None
-        self._dot = _dot if self.H_low is None else _dot_by_rows
         self.denom = _dot(self.W, self.WH)
         q = self.q
         self.H_blocks = (
@@ -196,7 +205,7 @@ class OutputObjective:
         return cache.PH
 
     def loss_of_residual(self, E: torch.Tensor, EH: torch.Tensor) -> float:
-        return self._dot(E, EH) / self.denom if self.denom > 0 else 0.0
+        return _dot_by_rows(E, EH) / self.denom if self.denom > 0 else 0.0
 
     def loss(self, it: Iterate) -> float:
         return self.loss_of_residual(*self._state(it))
@@ -227,26 +236,31 @@ class OutputObjective:
 
         :return: number of singular block systems
         """
-        p, b, n = self.p, self.b, self.n
-        P = right_blockdiag(self._core(it), it.B)
-        PH = self._cached_PH(it)
-        if PH is None:
-            PH = P @ self.H
-        Pb = P.reshape(p, b, n)
-        G = torch.bmm(PH.reshape(p, b, n), Pb.transpose(1, 2))
-        G = (G + G.transpose(1, 2)) / 2  # [p, b, b]  P_I H P_I^T
-        C = torch.bmm(self.WH.reshape(p, b, n), Pb.transpose(1, 2))  # [p, b, b]  W_I H P_I^T
-        X, ok = damped_block_solve(G, C.transpose(1, 2))
-        A_new = X.transpose(1, 2)
-
-        def block_loss(A: torch.Tensor) -> torch.Tensor:  # tr(E_I H E_I^T) - const, [p]
-            return (torch.bmm(A, G) * A).sum((1, 2)) - 2 * (A * C).sum((1, 2))
-
-        better = ok & (block_loss(A_new) < block_loss(it.A))
-        it.A = torch.where(better[:, None, None], A_new, it.A)
-        E = left_blockdiag(it.A, P) - self.W
-        self._remember(it, E, left_blockdiag(it.A, PH) - self.WH, PH)
-        return int((~ok).sum())
+        b, n = self.b, self.n
+        kept = self._cached_PH(it)
+        PH = torch.empty_like(self.W) if kept is None else kept
+        E, EH, A = torch.empty_like(self.W), torch.empty_like(self.W), torch.empty_like(it.A)
+        mask = self._float_mask(it.M)
+        failed = 0
+        for rows in self._row_chunks():  # a chunk of row slabs at a time, as update_core
+            slabs = slice(rows.start // b, rows.stop // b)
+            P = right_blockdiag(it.Wp[rows] * mask[rows], it.B)
+            if kept is None:
+                torch.mm(P, self.H, out=PH[rows])
+            Pb = P.reshape(-1, b, n)
+            G = torch.bmm(PH[rows].reshape(-1, b, n), Pb.transpose(1, 2))
+            G = (G + G.transpose(1, 2)) / 2  # [p, b, b]  P_I H P_I^T
+            C = torch.bmm(self.WH[rows].reshape(-1, b, n), Pb.transpose(1, 2))  # W_I H P_I^T
+            X, ok = damped_block_solve(G, C.transpose(1, 2))
+            A_new, A_old = X.transpose(1, 2), it.A[slabs]
+            better = ok & (_block_loss(A_new, G, C) < _block_loss(A_old, G, C))
+            A[slabs] = torch.where(better[:, None, None], A_new, A_old)
+            torch.sub(left_blockdiag(A[slabs], P), self.W[rows], out=E[rows])
+            torch.sub(left_blockdiag(A[slabs], PH[rows]), self.WH[rows], out=EH[rows])
+            failed += int((~ok).sum())
+        it.A = A
+        self._remember(it, E, EH, PH)
+        return failed
 
     def update_B(self, it: Iterate) -> int:
         """Block-Jacobi preconditioned conjugate gradient on ``B`` with exact steps.
@@ -302,42 +316,72 @@ class OutputObjective:
         return int((~ok).sum())
 
     def _block_dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """``<x_I, y_I>`` per row slab, float64 ``[p]`` (each row summed in the tensors' dtype,
-        as :func:`_dot_by_rows`)."""
-        return _row_dots(x, y).reshape(self.p, self.b).sum(-1, dtype=torch.float64)
+        """``<x_I, y_I>`` per row slab, float64 ``[rows / b]`` (each row summed in the tensors'
+        dtype, as :func:`_dot_by_rows`)."""
+        return _row_dots(x, y).reshape(-1, self.b).sum(-1, dtype=torch.float64)
 
-    def _core_jacobi(self, A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Inverse diagonal of the core's curvature, ``1 / (diag(A^T A)_i diag(B H B^T)_j)``, on
-        the mask.
+    def _core_jacobi(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverse diagonal of the core's curvature, ``1 / (diag(A^T A)_i diag(B H B^T)_j)``, as
+        its two factors (zero where a factor is zero).
 
-        :param mask: ``[m, n]`` float 0/1
-        :return: ``[m, n]`` (zero off the mask and where the curvature is zero)
+        :return: (``[m]``, ``[n]``)
         """
         a = A.square().sum(1).reshape(-1)  # [m]
         BH = torch.bmm(B, self.H_blocks)
         c = (BH * B).sum(-1).reshape(-1)  # [n]  diag(B_K H_KK B_K^T)
         inv_a = torch.where(a > 0, 1 / a, torch.zeros_like(a))
-        inv_c = torch.where(c > 0, 1 / c, torch.zeros_like(c))
-        return torch.outer(inv_a, inv_c) * mask
+        return inv_a, torch.where(c > 0, 1 / c, torch.zeros_like(c))
+
+    def _row_chunks(self) -> list[slice]:
+        """Row ranges of whole row slabs, about :data:`CHUNK_ELEMENTS` entries each."""
+        rows = max(1, CHUNK_ELEMENTS // (self.n * self.b)) * self.b
+        return [slice(start, min(start + rows, self.m)) for start in range(0, self.m, rows)]
 
     def update_core(self, it: Iterate, steps: int) -> None:
         """``steps`` Jacobi-preconditioned CG (Polak-Ribiere+) steps on the masked core.
 
         The core of row slab ``I`` only moves ``E_I`` and the loss is a sum over row slabs, so
-        every slab runs its own CG (own ``alpha_I``, ``beta_I``), batched. Along a masked direction
-        ``Delta``: ``D = A Delta B`` and ``alpha_I = -<(E H)_I, D_I> / <(D H)_I, D_I>`` (exact).
+        every slab runs its own CG (own ``alpha_I``, ``beta_I``), batched, a chunk of row slabs
+        at a time (:meth:`_core_steps`: the chunk's tensors stay in the CPU's caches across the
+        steps). Along a masked direction ``Delta``: ``D = A Delta B`` and
+        ``alpha_I = -<(E H)_I, D_I> / <(D H)_I, D_I>`` (exact).
         """
-        b = self.b
         PH = self._cached_PH(it)
         E, EH = self._state(it)
-        A, B = it.A, it.B
-        # the preconditioner carries the mask, so z and every direction are masked; the gradient
-        # needs no mask of its own: its products below are all with masked tensors
-        jacobi = self._core_jacobi(A, B, self._float_mask(it.M))
+        inv_a, inv_c = self._core_jacobi(it.A, it.B)
+        mask = self._float_mask(it.M)
+        Wp = it.Wp.clone()
+        b = self.b
+        for rows in self._row_chunks():
+            slabs = slice(rows.start // b, rows.stop // b)
+            jacobi = torch.outer(inv_a[rows], inv_c).mul_(mask[rows])
+            part = None if PH is None else PH[rows]
+            self._core_steps(it.A[slabs], it.B, jacobi, Wp[rows], E[rows], EH[rows], part, steps)
+        it.Wp = Wp
+        self._remember(it, E, EH, PH)
+
+    def _core_steps(
+        self,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        jacobi: torch.Tensor,
+        Wp: torch.Tensor,
+        E: torch.Tensor,
+        EH: torch.Tensor,
+        PH: torch.Tensor | None,
+        steps: int,
+    ) -> None:
+        """:meth:`update_core` on one chunk of row slabs; ``Wp``, ``E``, ``EH`` and ``PH`` (views
+        ``[r, n]`` of the whole tensors) are updated in place.
+
+        :param A: the chunk's ``[r / b, b, b]`` blocks of ``A``
+        :param jacobi: ``[r, n]`` the preconditioner on the mask (zero off it), so ``z`` and every
+            direction are masked and the gradient needs no mask of its own
+        """
+        b = self.b
         grad = self.gradient_S(EH, A, B)
         z = grad * jacobi
         direction, rz = -z, self._block_dot(grad, z)
-        Wp = it.Wp
         for step in range(steps):
             D_P = right_blockdiag(direction, B)  # P's change per unit step
             D_PH = self._times_H(D_P)
@@ -348,7 +392,7 @@ class OutputObjective:
                 break
             alpha = -self._block_dot(EH, D) / torch.where(usable, curvature, 1.0)
             per_row = torch.where(usable, alpha, 0.0).to(Wp.dtype).repeat_interleave(b)[:, None]
-            Wp = torch.addcmul(Wp, per_row, direction)
+            Wp.addcmul_(per_row, direction)
             E.addcmul_(per_row, D)
             EH.addcmul_(per_row, DH)
             if PH is not None:
@@ -362,79 +406,16 @@ class OutputObjective:
             beta = beta.clamp_min(0).to(Wp.dtype).repeat_interleave(b)[:, None]
             direction = direction.mul_(beta).sub_(z_new)
             z, rz = z_new, rz_new
-        it.Wp = Wp
-        self._remember(it, E, EH, PH)
+
 
     # ----------------------------------------------------------------------------- discrete
     def discrete_step(self, it: Iterate, generator: torch.Generator) -> tuple[int, torch.Tensor]:
-        """Resample one 4-group per tile and give it its best 2:4 support (section 11).
-
-        For the group in row ``rho`` of tile ``(I, K)`` with ``a = A_I[:, rho]``, ``Bt`` its 4 rows
-        of ``B_K`` and ``u = (a^T (E H)_I)_K``: ``g = Bt u - ||a||^2 G4 s_old`` and
-        ``G4 = Bt H_KK Bt^T``; :func:`best_two_of_four` gives each group's exact optimum with the
-        other groups fixed. Groups of one row block interact through ``A_I`` and ``H``, so per row
-        block the exact loss change of applying all its groups is compared with that of its single
-        best group, and the better one is applied: the loss never rises.
+        """One 4-group per tile resampled and given its best 2:4 support
+        (:func:`~armor_modifier.core.output_discrete.discrete_step`).
 
         :return: (fallback count, bool ``[m, n]`` of entries whose group changed)
         """
-        p, q, b, m, n = self.p, self.q, self.b, self.m, self.n
-        T, gpt = p * q, b // 4
-        PH = self._cached_PH(it)
-        E, EH = self._state(it)
-        S = self._core(it)
-        score = self.gradient_S(EH, it.A, it.B).abs().reshape(p, b, q, gpt, 4).sum(-1)
-        score = score.permute(0, 2, 1, 3).reshape(T, b * gpt)
-        empty = ~(score.sum(-1) > 0) | ~torch.isfinite(score).all(-1)
-        score = torch.where(empty[:, None], torch.ones_like(score), score)
-        pick = torch.multinomial(score, 1, generator=generator).squeeze(-1)  # [T]
-
-        dev = pick.device
-        tile = torch.arange(T, device=dev)
-        I, K = tile // q, tile % q
-        rho, grp = pick // gpt, pick % gpt
-        rows = I * b + rho
-        cols = (K * b + 4 * grp)[:, None] + torch.arange(4, device=dev)  # [T, 4]
-        s_old, m_old = S[rows[:, None], cols], it.M[rows[:, None], cols]
-        a = it.A[I, :, rho]  # [T, b]
-        Bt = it.B[K[:, None], (4 * grp)[:, None] + torch.arange(4, device=dev)]  # [T, 4, b]
-
-        u = torch.einsum("pkr,prkc->pkc", a.reshape(p, q, b), EH.reshape(p, b, q, b))
-        u = u.reshape(T, b)  # (a^T (E H)_I)_K
-        BtH = torch.einsum("pkcb,kbd->pkcd", Bt.reshape(p, q, 4, b), self.H_blocks)
-        G4 = torch.bmm(BtH.reshape(T, 4, b), Bt.transpose(1, 2))
-        G4 = (G4 + G4.transpose(1, 2)) / 2
-        aa = a.square().sum(-1)
-        g = torch.bmm(Bt, u[:, :, None]).squeeze(-1)
-        g = g - aa[:, None] * torch.bmm(G4, s_old[:, :, None]).squeeze(-1)
-        upd = best_two_of_four(g, G4, aa, s_old, m_old)
-
-        ds = upd.values - s_old
-        single = 2 * (ds * g).sum(-1) + aa * (
-            torch.einsum("tc,tcd,td->t", upd.values, G4, upd.values)
-            - torch.einsum("tc,tcd,td->t", s_old, G4, s_old)
-        )
-        changed = upd.changed & (single < 0)
-        delta = torch.bmm(ds[:, None, :], Bt).squeeze(1) * changed[:, None]  # [T, b] on cols K
-        deltaH = torch.einsum("pkb,kbn->pkn", delta.reshape(p, q, b), self.H.reshape(q, b, n))
-        a3 = a.reshape(p, q, b)
-        accept = joint_or_best(a3, delta.reshape(p, q, b), deltaH, u, changed, single)
-        delta = (delta * accept[:, None]).reshape(p, q, b)
-        deltaH = deltaH * accept.reshape(p, q, 1)
-        E.add_(torch.einsum("pkr,pkc->prkc", a3, delta).reshape(m, n))
-        EH.add_(torch.einsum("pkr,pkn->prn", a3, deltaH).reshape(m, n))
-        if PH is not None:  # tile (I, K) changed row I*b + rho of P by delta on columns K
-            PH.index_add_(0, rows, deltaH.reshape(T, n))
-
-        it.Wp = it.Wp.clone()
-        it.M = it.M.clone()
-        values = torch.where(accept[:, None] & upd.mask, upd.values, it.Wp[rows[:, None], cols])
-        it.Wp[rows[:, None], cols] = values
-        it.M[rows[:, None], cols] = torch.where(accept[:, None], upd.mask, m_old)
-        touched = torch.zeros(m, n, dtype=torch.bool, device=it.M.device)
-        touched[rows[accept][:, None], cols[accept]] = True
-        self._remember(it, E, EH, PH)
-        return upd.fallbacks, touched
+        return discrete_step(self, it, generator)
 
     # --------------------------------------------------------------------------------- adam
     def gradients(self, it: Iterate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]:

@@ -1,0 +1,113 @@
+"""The output objective's discrete step (docs/algorithm.md, "The output objective"): one
+4-group per tile resampled and given its best 2:4 support, kept only where the loss does not
+rise."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from .discrete import best_two_of_four, joint_or_best
+from .iterate import Iterate
+
+__all__ = ["discrete_step"]
+
+
+class OutputObjective(Protocol):
+    """What the step reads of :class:`~armor_modifier.core.output.OutputObjective` (its sizes,
+    ``H`` and its diagonal blocks, and its cache of ``E``, ``E H`` and ``P H``)."""
+
+    p: int
+    q: int
+    b: int
+    m: int
+    n: int
+    H: torch.Tensor
+    H_blocks: torch.Tensor
+
+    def _cached_PH(self, it: Iterate) -> torch.Tensor | None: ...
+    def _state(self, it: Iterate) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def _core(self, it: Iterate) -> torch.Tensor: ...
+    def _row_chunks(self) -> list[slice]: ...
+    def gradient_S(self, EH: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor: ...
+    def _remember(
+        self, it: Iterate, E: torch.Tensor, EH: torch.Tensor, PH: torch.Tensor | None = None
+    ) -> None: ...
+
+
+def discrete_step(
+    obj: OutputObjective, it: Iterate, generator: torch.Generator
+) -> tuple[int, torch.Tensor]:
+    """Resample one 4-group per tile and give it its best 2:4 support (section 11).
+
+    For the group in row ``rho`` of tile ``(I, K)`` with ``a = A_I[:, rho]``, ``Bt`` its 4 rows
+    of ``B_K`` and ``u = (a^T (E H)_I)_K``: ``g = Bt u - ||a||^2 G4 s_old`` and
+    ``G4 = Bt H_KK Bt^T``; :func:`best_two_of_four` gives each group's exact optimum with the
+    other groups fixed. Groups of one row block interact through ``A_I`` and ``H``, so per row
+    block the exact loss change of applying all its groups is compared with that of its single
+    best group, and the better one is applied: the loss never rises.
+
+    :return: (fallback count, bool ``[m, n]`` of entries whose group changed)
+    """
+    p, q, b, m, n = obj.p, obj.q, obj.b, obj.m, obj.n
+    T, gpt = p * q, b // 4
+    PH = obj._cached_PH(it)
+    E, EH = obj._state(it)
+    S = obj._core(it)
+    score = torch.cat([  # a chunk of row slabs at a time, as update_core
+        obj.gradient_S(EH[rows], it.A[rows.start // b : rows.stop // b], it.B)
+        .abs_().reshape(-1, b, q, gpt, 4).sum(-1)
+        for rows in obj._row_chunks()
+    ])
+    score = score.permute(0, 2, 1, 3).reshape(T, b * gpt)
+    empty = ~(score.sum(-1) > 0) | ~torch.isfinite(score).all(-1)
+    score = torch.where(empty[:, None], torch.ones_like(score), score)
+    pick = torch.multinomial(score, 1, generator=generator).squeeze(-1)  # [T]
+
+    dev = pick.device
+    tile = torch.arange(T, device=dev)
+    I, K = tile // q, tile % q
+    rho, grp = pick // gpt, pick % gpt
+    rows = I * b + rho
+    cols = (K * b + 4 * grp)[:, None] + torch.arange(4, device=dev)  # [T, 4]
+    s_old, m_old = S[rows[:, None], cols], it.M[rows[:, None], cols]
+    a = it.A[I, :, rho]  # [T, b]
+    Bt = it.B[K[:, None], (4 * grp)[:, None] + torch.arange(4, device=dev)]  # [T, 4, b]
+
+    u = torch.einsum("pkr,prkc->pkc", a.reshape(p, q, b), EH.reshape(p, b, q, b))
+    u = u.reshape(T, b)  # (a^T (E H)_I)_K
+    BtH = torch.einsum("pkcb,kbd->pkcd", Bt.reshape(p, q, 4, b), obj.H_blocks)
+    G4 = torch.bmm(BtH.reshape(T, 4, b), Bt.transpose(1, 2))
+    G4 = (G4 + G4.transpose(1, 2)) / 2
+    aa = a.square().sum(-1)
+    g = torch.bmm(Bt, u[:, :, None]).squeeze(-1)
+    g = g - aa[:, None] * torch.bmm(G4, s_old[:, :, None]).squeeze(-1)
+    upd = best_two_of_four(g, G4, aa, s_old, m_old)
+
+    ds = upd.values - s_old
+    single = 2 * (ds * g).sum(-1) + aa * (
+        torch.einsum("tc,tcd,td->t", upd.values, G4, upd.values)
+        - torch.einsum("tc,tcd,td->t", s_old, G4, s_old)
+    )
+    changed = upd.changed & (single < 0)
+    delta = torch.bmm(ds[:, None, :], Bt).squeeze(1) * changed[:, None]  # [T, b] on cols K
+    deltaH = torch.einsum("pkb,kbn->pkn", delta.reshape(p, q, b), obj.H.reshape(q, b, n))
+    a3 = a.reshape(p, q, b)
+    accept = joint_or_best(a3, delta.reshape(p, q, b), deltaH, u, changed, single)
+    delta = (delta * accept[:, None]).reshape(p, q, b)
+    deltaH = deltaH * accept.reshape(p, q, 1)
+    E.add_(torch.einsum("pkr,pkc->prkc", a3, delta).reshape(m, n))
+    EH.add_(torch.einsum("pkr,pkn->prn", a3, deltaH).reshape(m, n))
+    if PH is not None:  # tile (I, K) changed row I*b + rho of P by delta on columns K
+        PH.index_add_(0, rows, deltaH.reshape(T, n))
+
+    it.Wp = it.Wp.clone()
+    it.M = it.M.clone()
+    values = torch.where(accept[:, None] & upd.mask, upd.values, it.Wp[rows[:, None], cols])
+    it.Wp[rows[:, None], cols] = values
+    it.M[rows[:, None], cols] = torch.where(accept[:, None], upd.mask, m_old)
+    touched = torch.zeros(m, n, dtype=torch.bool, device=it.M.device)
+    touched[rows[accept][:, None], cols[accept]] = True
+    obj._remember(it, E, EH, PH)
+    return upd.fallbacks, touched
