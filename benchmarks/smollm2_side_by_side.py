@@ -73,6 +73,9 @@ ARMOR_METHODS = {
     # 0.10: requested b 44, i.e. q/o 36, every other Linear 32, 9.5 %)
     "armor-output-ovh10-it10": {"max_wrapper_overhead": 0.10, "num_iterations": 10,
                                 "objective": "output"},
+    # the same with the solver's n x n products in bfloat16 (matmul_precision; AMX CPUs, GPUs)
+    "armor-output-ovh10-it10-bf16": {"max_wrapper_overhead": 0.10, "num_iterations": 10,
+                                     "objective": "output", "matmul_precision": "bfloat16"},
     # issue 12: within-layer propagation and decoder-layer reconstruction on top of the default
     "armor-output-b32-it10-prop": _armor(32, 10, "output", propagate_within_layer=True),
     **{f"armor-output-b32-it10-rec{steps}": _armor(32, 10, "output", reconstruction_steps=steps)
