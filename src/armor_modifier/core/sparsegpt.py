@@ -86,7 +86,7 @@ def inverse_hessian_factor(
     """Upper Cholesky factor ``U`` of ``(H + lambda I)^-1`` with bounded damping increases.
 
     ``lambda = dampening_frac * 10^k * mean(diag H)`` for the first ``k = 0, 1, ..., max_increases``
-    at which both Cholesky factorisations succeed and ``U`` is finite.
+    at which the Cholesky factorisation succeeds and ``U`` is finite.
 
     :param H: ``[n, n]`` float32 (only its lower triangle is read)
     :return: (``U [n, n]``, ``lambda``, ``k``)
@@ -100,12 +100,16 @@ def inverse_hessian_factor(
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for k in range(max_increases + 1):
         damping = dampening_frac * DAMPING_GROWTH**k * mean_diag
-        L, info = torch.linalg.cholesky_ex(H + damping * eye)
+        # With J the reversal, J H J = L L^T gives H^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is
+        # upper triangular with a positive diagonal: the upper Cholesky factor of H^-1. One
+        # factorisation and one triangular solve, half the time of inverting H and factorising
+        # the inverse, and as accurate (docs/results.md, layer scaling).
+        # (transposed too, so the factorisation reads H's lower triangle, as documented)
+        L, info = torch.linalg.cholesky_ex((H + damping * eye).flip(0, 1).T)
         if int(info) != 0:
             continue
-        # cholesky_solve(I, L) equals cholesky_inverse(L) to rounding and is ~30x faster on CPU.
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_solve(eye, L), upper=True)
-        if int(info) == 0 and bool(torch.isfinite(U).all()):
+        U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+        if bool(torch.isfinite(U).all()):
             return U, damping, k
     raise HessianNotPositiveDefinite(
         f"H + lambda I is not positive definite for lambda up to "
