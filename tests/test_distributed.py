@@ -323,6 +323,28 @@ def test_statistics_do_not_depend_on_the_split():
     assert not torch.equal(single.hessian(), split.hessian())
 
 
+def test_blocked_lower_gram_gives_the_whole_hessian(monkeypatch):
+    """Wide inputs accumulate only the lower triangle of X^T X in column blocks; ``hessian()``
+    mirrors it: the float64 reference rounded once, bit for bit, and exactly symmetric (here the
+    blocked path from width 16, three uneven blocks of a 66-wide input)."""
+    from armor_modifier.modifier import stats
+
+    monkeypatch.setattr(stats, "GRAM_BLOCKED_WIDTH", 16)
+    monkeypatch.setattr(stats, "GRAM_BLOCKS", 3)
+    generator = torch.Generator().manual_seed(1)
+    n = 66
+    samples = [torch.randn(2, 40, n, generator=generator) * torch.logspace(-2, 1, n)
+               for _ in range(3)]  # fmt: skip
+    blocked = stats.InputStatistics.empty(n, torch.device("cpu"), True)
+    for x in samples:
+        blocked.add(x)
+    X = torch.cat([x.reshape(-1, n) for x in samples]).double()
+    reference = (X.T @ X / X.shape[0]).float()
+    H = blocked.hessian()
+    assert H is not None and torch.equal(H, H.T)
+    assert torch.equal(H, reference)
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("calibration", CALIBRATIONS)
 def test_two_ranks_match_one_process(two_ranks, tiny_llama_folder, calibration):

@@ -10,7 +10,10 @@ float32 sums depend on the order in which ranks add their terms. Every product o
 inputs is exact in float64, and float64 sums of them differ between orders far below float32's
 rounding step, so :meth:`InputStatistics.mean` and :meth:`InputStatistics.hessian`, rounded once
 to float32, are the same whatever the order (``tests/test_distributed.py``: bit for bit). Cost:
-``8 n^2`` bytes per ``X^T X`` and a float64 ``addmm`` per batch.
+``8 n^2`` bytes per ``X^T X`` and float64 products per batch: only the lower triangle's
+``GRAM_BLOCKS (GRAM_BLOCKS + 1) / 2`` column blocks for inputs of at least
+:data:`GRAM_BLOCKED_WIDTH` (about a third less work than the whole ``X^T X`` at width 4864:
+docs/results.md, layer scaling); :meth:`InputStatistics.hessian` mirrors the lower triangle.
 
 :func:`collect_dense_statistics` runs one forward pass of the unpruned model over the calibration
 set, outside llm-compressor's pipelines, for ``calibration="dense"`` (the paper's statistics).
@@ -35,6 +38,11 @@ __all__ = ["ACCUMULATOR_DTYPE", "InputStatistics", "collect_dense_statistics"]
 
 #: dtype of the running sums (see the module docstring: order-independent after rounding)
 ACCUMULATOR_DTYPE = torch.float64
+
+#: input width from which ``X^T X`` accumulates only its lower triangle, in column blocks
+GRAM_BLOCKED_WIDTH = 2048
+#: column blocks of that lower triangle
+GRAM_BLOCKS = 4
 
 
 @dataclass
@@ -65,7 +73,7 @@ class InputStatistics:
         self.sums += flat.square().sum(dim=0)
         self.count += flat.shape[0]
         if self.gram is not None:
-            self.gram.addmm_(flat.T, flat)
+            _add_lower_gram(self.gram, flat)
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors to all-reduce (sum), in a fixed order."""
@@ -85,7 +93,24 @@ class InputStatistics:
         when not collected."""
         if self.gram is None:
             return None
-        return (self.gram / self.count.clamp(min=1)).to(torch.float32)
+        full = self.gram.tril() + self.gram.tril(-1).T  # the lower triangle is the sum kept
+        return (full / self.count.clamp(min=1)).to(torch.float32)
+
+
+def _add_lower_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
+    """``gram += x^T x`` on (at least) the lower triangle of ``gram [n, n]``, ``x [N, n]``: whole
+    below :data:`GRAM_BLOCKED_WIDTH`, else only the blocks on and below the diagonal of a
+    :data:`GRAM_BLOCKS` x :data:`GRAM_BLOCKS` split (the entries above are left as they are)."""
+    n = x.shape[1]
+    if n < GRAM_BLOCKED_WIDTH:
+        gram.addmm_(x.T, x)
+        return
+    edges = [round(i * n / GRAM_BLOCKS) for i in range(GRAM_BLOCKS + 1)]
+    for i in range(GRAM_BLOCKS):
+        rows = slice(edges[i], edges[i + 1])
+        for j in range(i + 1):
+            cols = slice(edges[j], edges[j + 1])
+            gram[rows, cols].addmm_(x[:, rows].T, x[:, cols])
 
 
 def collect_dense_statistics(
