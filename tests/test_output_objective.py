@@ -657,3 +657,23 @@ def test_matmul_precision_is_checked():
     W, _, H, _ = _problem(dtype=torch.float32)
     with pytest.raises(ARMORValueError, match="matmul_precision must be one of"):
         factorize(W, None, objective="output", H=H, matmul_precision="float16")
+
+
+def test_row_chunks_change_nothing_but_rounding(monkeypatch):
+    """update_A, the core's CG steps and the discrete step's scores run a chunk of row slabs at a
+    time; one slab per chunk gives the unchunked iterates (float64, same seed: same 2:4
+    choices) and the same loss history."""
+    from armor_modifier.core import output
+
+    W, _, H, _ = _problem(m=64, n=48, N=300, seed=5)
+    common = dict(objective="output", H=H, wrapper_block_size=8, num_iterations=6,
+                  output_damping=0.0)  # fmt: skip
+    monkeypatch.setattr(output, "CHUNK_ELEMENTS", 1 << 30)
+    whole = factorize(W, None, **common)
+    monkeypatch.setattr(output, "CHUNK_ELEMENTS", 8 * 48)  # one row slab per chunk
+    assert len(OutputObjective(W, H, 8)._row_chunks()) == 8
+    chunked = factorize(W, None, **common)
+    assert torch.equal(chunked.mask, whole.mask)
+    # observed bit for bit here (0.0 apart); row-split products may round differently elsewhere
+    assert chunked.loss_history == pytest.approx(whole.loss_history, rel=1e-12)
+    torch.testing.assert_close(chunked.dense(), whole.dense(), rtol=1e-10, atol=1e-12)
