@@ -51,8 +51,9 @@ __all__ = ["OUTPUT_B_STEPS", "OutputObjective"]
 #: Preconditioned CG steps on ``B`` per iteration of the output objective.
 OUTPUT_B_STEPS = 1
 
-#: Entries per row chunk of the core's CG steps (:meth:`OutputObjective.update_core`): a chunk's
-#: tensors stay in the CPU's caches across the steps (docs/results.md, layer scaling).
+#: Entries per row chunk of ``update_A``, the core's CG steps and the discrete step's scores
+#: (whole row slabs; a chunk's tensors stay in the CPU's caches across the passes of one update:
+#: docs/results.md, layer scaling).
 CHUNK_ELEMENTS = 1 << 21
 
 
