@@ -93,8 +93,11 @@ class InputStatistics:
         when not collected."""
         if self.gram is None:
             return None
-        full = self.gram.tril() + self.gram.tril(-1).T  # the lower triangle is the sum kept
-        return (full / self.count.clamp(min=1)).to(torch.float32)
+        H = (self.gram / self.count.clamp(min=1)).to(torch.float32)
+        # the lower triangle is the sum kept: mirror it in float32, in place (no float64 copy
+        # beyond the division's, as before the blocked sums)
+        lower = H.tril(-1)
+        return H.tril_().add_(lower.T)
 
 
 def _add_lower_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
