@@ -28,7 +28,6 @@ class OutputObjective(Protocol):
 
     def _cached_PH(self, it: Iterate) -> torch.Tensor | None: ...
     def _state(self, it: Iterate) -> tuple[torch.Tensor, torch.Tensor]: ...
-    def _core(self, it: Iterate) -> torch.Tensor: ...
     def _row_chunks(self) -> list[slice]: ...
     def gradient_S(self, EH: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor: ...
     def _remember(
@@ -54,7 +53,6 @@ def discrete_step(
     T, gpt = p * q, b // 4
     PH = obj._cached_PH(it)
     E, EH = obj._state(it)
-    S = obj._core(it)
     score = torch.cat([  # a chunk of row slabs at a time, as update_core
         obj.gradient_S(EH[rows], it.A[rows.start // b : rows.stop // b], it.B)
         .abs_().reshape(-1, b, q, gpt, 4).sum(-1)
@@ -76,7 +74,8 @@ def discrete_step(
     rho, grp = pick // gpt, pick % gpt
     rows = I * b + rho
     cols = (K * b + 4 * grp)[:, None] + torch.arange(4, device=dev)  # [T, 4]
-    s_old, m_old = S[rows[:, None], cols], it.M[rows[:, None], cols]
+    m_old = it.M[rows[:, None], cols]
+    s_old = it.Wp[rows[:, None], cols] * m_old  # the core S = W' * M at the picked groups only
     a = it.A[I, :, rho]  # [T, b]
     Bt = it.B[K[:, None], (4 * grp)[:, None] + torch.arange(4, device=dev)]  # [T, 4, b]
 
