@@ -17,6 +17,7 @@ from armor_modifier.core import (
     top2_of_4_mask,
     wrapper_overhead,
 )
+from armor_modifier.core.blockdiag import right_blockdiag_no_grad
 from armor_modifier.core.discrete import best_two_of_four
 
 
@@ -36,6 +37,18 @@ def test_right_blockdiag_matches_dense(k, b, r):
     x = torch.randn(r, k * b, generator=g, dtype=torch.float64)
     # float64 defaults (rtol 1e-7, atol 1e-7); observed max |diff| 1.8e-15
     torch.testing.assert_close(right_blockdiag(x, blocks), x @ dense_blockdiag(blocks))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k,b,r", [(1, 4, 3), (3, 4, 5), (2, 8, 16), (5, 12, 1), (4, 32, 64)])
+def test_right_blockdiag_no_grad_gives_right_blockdiags_values(k, b, r, dtype):
+    """The solver's variant writes through a transposed view: the same products, bit for bit."""
+    g = torch.Generator().manual_seed(k * 10 + b)
+    blocks = torch.randn(k, b, b, generator=g, dtype=dtype)
+    x = torch.randn(r, k * b, generator=g, dtype=dtype)
+    assert torch.equal(right_blockdiag_no_grad(x, blocks), right_blockdiag(x, blocks))
+    strided = torch.randn(k * b, r, generator=g, dtype=dtype).T  # a transposed view
+    assert torch.equal(right_blockdiag_no_grad(strided, blocks), right_blockdiag(strided, blocks))
 
 
 def test_top2_of_4_mask_is_the_exhaustive_best_support():

@@ -24,7 +24,7 @@ from armor_modifier.core import (
 from armor_modifier.core.blockdiag import right_blockdiag
 from armor_modifier.core.errors import ARMORValueError
 from armor_modifier.core.iterate import Iterate
-from armor_modifier.core.output import OutputObjective
+from armor_modifier.core.output import BF16_REFRESH_ITERATIONS, OutputObjective
 from armor_modifier.core.sparsity import top2_of_4_mask
 
 
@@ -146,9 +146,10 @@ def test_the_kept_P_H_is_the_fresh_product_after_every_kind_of_step():
     assert obj.loss(it) == pytest.approx(twin.loss(other), rel=1e-12)
 
 
-def test_bfloat16_mode_forms_P_H_afresh_so_E_H_does_not_drift():
-    """In bfloat16 mode the steps' ``D H`` products are bfloat16; a kept ``P H`` would carry their
-    error from one iteration to the next, so update_A forms it in float32 every iteration."""
+def test_bfloat16_mode_keeps_P_H_and_forms_it_afresh_every_few_iterations():
+    """In bfloat16 mode the steps' ``D H`` products are bfloat16; a kept ``P H`` carries their
+    error from one iteration to the next, so update_A reuses it for BF16_REFRESH_ITERATIONS - 1
+    iterations, then forms it in float32 again."""
     g = torch.Generator().manual_seed(0)
     m = n = 128
     W = torch.randn(m, n, generator=g)
@@ -158,18 +159,27 @@ def test_bfloat16_mode_forms_P_H_afresh_so_E_H_does_not_drift():
     mask.reshape(m, -1, 4).scatter_(-1, W.abs().reshape(m, -1, 4).topk(2, -1).indices, True)
     it = obj.initial_iterate(W, mask)
     generator = torch.Generator().manual_seed(1)
-    for _ in range(40):
+
+    def drift() -> float:
+        E, EH = obj._state(it)
+        fresh = E @ obj.H
+        return float((EH - fresh).norm() / fresh.norm())
+
+    for k in range(40):
+        before = obj._cached_PH(it)
         obj.update_A(it)
-        assert obj._cached_PH(it) is None
+        refreshed = k % BF16_REFRESH_ITERATIONS == 0
+        assert (obj._cached_PH(it) is before) == (not refreshed and before is not None)
+        if refreshed:  # E H from a float32 P H: observed 5e-7 .. 2.4e-6
+            assert drift() <= 2e-5
         obj.update_B(it)
         obj.update_core(it, 2)
         obj.discrete_step(it, generator)
+    # observed 7.7e-4 of ||E H||; a P H kept all 40 iterations drifted to 9.2e-3 here
+    assert drift() <= 2e-3
     E, EH = obj._state(it)
-    fresh = E @ obj.H
-    # observed 2.1e-4 of ||E H||; a P H kept across iterations drifted to 9.2e-3 here
-    assert float((EH - fresh).norm() / fresh.norm()) <= 2e-3
-    # observed 2.1e-6 relative
-    assert obj.loss(it) == pytest.approx(float((E * fresh).sum()) / obj.denom, rel=1e-4)
+    # observed 3.3e-6 relative
+    assert obj.loss(it) == pytest.approx(float((E * (E @ obj.H)).sum()) / obj.denom, rel=1e-4)
 
 
 def test_update_B_is_exact_when_H_is_block_diagonal():

@@ -30,8 +30,9 @@ between updates and kept current with the same corrections: every step computes 
 product with ``H`` in ``P``'s space (``D' = Delta_S B`` or ``S Delta_B``; ``D'H``) and gets ``E``'s
 by the block-diagonal ``A`` (``D H = A D'H``), so ``update_A`` reads ``PH`` instead of forming
 ``P H``: one ``m x n x n`` product per iteration fewer. ``P H`` is formed afresh when the cache
-does not match the iterate (the first iteration, after Adam steps), and every iteration in
-bfloat16 mode (``matmul_precision``), whose steps' products would make a kept one drift.
+does not match the iterate (the first iteration, after Adam steps), and in bfloat16 mode
+(``matmul_precision``) every :data:`BF16_REFRESH_ITERATIONS` iterations, in float32: the
+steps' bfloat16 products make a kept one drift slowly.
 """
 
 from __future__ import annotations
@@ -40,16 +41,20 @@ from dataclasses import dataclass
 
 import torch
 
-from .blockdiag import left_blockdiag, right_blockdiag
+from .blockdiag import left_blockdiag, right_blockdiag_no_grad
 from .iterate import Iterate, reconstruct
 from .linalg import damped_block_solve
 from .output_discrete import discrete_step
 from .problem import normalize
 
-__all__ = ["OUTPUT_B_STEPS", "OutputObjective"]
+__all__ = ["BF16_REFRESH_ITERATIONS", "OUTPUT_B_STEPS", "OutputObjective"]
 
 #: Preconditioned CG steps on ``B`` per iteration of the output objective.
 OUTPUT_B_STEPS = 1
+
+#: In bfloat16 mode, iterations between float32 refreshes of the kept ``P H`` (and so of ``E H``);
+#: the drift this bounds and the cost of one refresh: docs/results.md, layer scaling.
+BF16_REFRESH_ITERATIONS = 8
 
 #: Entries per row chunk of ``update_A``, the core's CG steps and the discrete step's scores
 #: (whole row slabs; a chunk's tensors stay in the CPU's caches across the passes of one update:
@@ -109,11 +114,11 @@ class OutputObjective:
     :param b_steps: preconditioned conjugate-gradient steps per :meth:`update_B`
     :param matmul_precision: ``"float32"``, or ``"bfloat16"``: the ``D H`` products of the
         conjugate-gradient steps on ``B`` and on the core take bfloat16 inputs (the loss and the
-        line searches sum each row in float32 in both modes). In bfloat16 mode ``P H`` is not
-        kept: :meth:`update_A` forms it in float32 and recomputes ``E H`` from it once per
-        iteration (in bfloat16 it would cost the descent ~2 % of its loss), so :meth:`loss` is off
-        only by the drift of one iteration's steps, and :meth:`exact_loss` gives the float32
-        value the solver returns
+        line searches sum each row in float32 in both modes). In bfloat16 mode :meth:`update_A`
+        forms ``P H`` in float32 (in bfloat16 it would cost the descent ~2 % of its loss) and
+        recomputes ``E H`` from it every :data:`BF16_REFRESH_ITERATIONS` iterations, so
+        :meth:`loss` is off only by the drift of that many iterations' steps, and
+        :meth:`exact_loss` gives the float32 value the solver returns
     """
 
     def __init__(
@@ -140,6 +145,7 @@ class OutputObjective:
             self.H.reshape(q, b, q, b).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
         )  # [q, b, b] H_KK
         self._cache: _Cache | None = None
+        self._PH_reuses = 0  # update_A calls since P H was last formed in float32
         self._mask: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ----------------------------------------------------------------------------- evaluation
@@ -196,14 +202,22 @@ class OutputObjective:
         self._cache = _Cache((it.A, it.B, it.Wp, it.M), E, EH, PH)
 
     def _cached_PH(self, it: Iterate) -> torch.Tensor | None:
-        """The cache's ``PH`` when the cache is ``it``'s, else ``None``; always ``None`` in
-        bfloat16 mode, where the steps' bfloat16 ``D H`` products would make a kept ``P H``
-        drift from one iteration to the next (about 1 % of ``E H`` after 100 iterations at
-        128 x 128), so :meth:`update_A` forms it afresh in float32 every iteration."""
+        """The cache's ``PH`` when the cache is ``it``'s, else ``None``."""
         cache = self._cache
-        if self.H_low is not None or cache is None or not cache.matches(it):
+        if cache is None or not cache.matches(it):
             return None
         return cache.PH
+
+    def _reusable_PH(self, it: Iterate) -> torch.Tensor | None:
+        """:meth:`_cached_PH` for :meth:`update_A`, except in bfloat16 mode after
+        :data:`BF16_REFRESH_ITERATIONS` reuses: the steps' bfloat16 ``D H`` products make a kept
+        ``P H`` drift (0.9 % of ``E H`` after 40 iterations at 128 x 128 if never formed
+        afresh; 0.08 % with a refresh every 8), so it is formed afresh in float32 then."""
+        kept = self._cached_PH(it)
+        if self.H_low is not None and self._PH_reuses >= BF16_REFRESH_ITERATIONS - 1:
+            kept = None
+        self._PH_reuses = 0 if kept is None else self._PH_reuses + 1
+        return kept
 
     def loss_of_residual(self, E: torch.Tensor, EH: torch.Tensor) -> float:
         return _dot_by_rows(E, EH) / self.denom if self.denom > 0 else 0.0
@@ -226,7 +240,7 @@ class OutputObjective:
 
     def gradient_S(self, EH: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """``A^T (E H) B^T`` (``dL/dS`` up to the factor ``2 / denom``), dense ``[m, n]``."""
-        return right_blockdiag(left_blockdiag(A.transpose(1, 2), EH), B.transpose(1, 2))
+        return right_blockdiag_no_grad(left_blockdiag(A.transpose(1, 2), EH), B.transpose(1, 2))
 
     # ----------------------------------------------------------------------- continuous steps
     def update_A(self, it: Iterate) -> int:
@@ -238,14 +252,14 @@ class OutputObjective:
         :return: number of singular block systems
         """
         b, n = self.b, self.n
-        kept = self._cached_PH(it)
+        kept = self._reusable_PH(it)
         PH = torch.empty_like(self.W) if kept is None else kept
         E, EH, A = torch.empty_like(self.W), torch.empty_like(self.W), torch.empty_like(it.A)
         mask = self._float_mask(it.M)
         failed = 0
         for rows in self._row_chunks():  # a chunk of row slabs at a time, as update_core
             slabs = slice(rows.start // b, rows.stop // b)
-            P = right_blockdiag(it.Wp[rows] * mask[rows], it.B)
+            P = right_blockdiag_no_grad(it.Wp[rows] * mask[rows], it.B)
             if kept is None:
                 torch.mm(P, self.H, out=PH[rows])
             Pb = P.reshape(-1, b, n)
@@ -294,7 +308,7 @@ class OutputObjective:
         direction, rz = -z, _dot_by_rows(r, z)
         B = it.B
         for step in range(self.b_steps):
-            D_P = right_blockdiag(S, direction)  # P's change per unit step
+            D_P = right_blockdiag_no_grad(S, direction)  # P's change per unit step
             D_PH = self._times_H(D_P)
             D, DH = left_blockdiag(it.A, D_P), left_blockdiag(it.A, D_PH)
             curvature = _dot_by_rows(D, DH)
@@ -384,7 +398,7 @@ class OutputObjective:
         z = grad * jacobi
         direction, rz = -z, self._block_dot(grad, z)
         for step in range(steps):
-            D_P = right_blockdiag(direction, B)  # P's change per unit step
+            D_P = right_blockdiag_no_grad(direction, B)  # P's change per unit step
             D_PH = self._times_H(D_P)
             D, DH = left_blockdiag(A, D_P), left_blockdiag(A, D_PH)
             curvature = self._block_dot(D, DH)
@@ -425,7 +439,7 @@ class OutputObjective:
         E, EH = self._state(it)
         scale = 2.0 / self.denom if self.denom > 0 else 0.0
         S = self._core(it)
-        P = right_blockdiag(S, it.B)
+        P = right_blockdiag_no_grad(S, it.B)
         Q = left_blockdiag(it.A, S)
         gA = torch.bmm(EH.reshape(p, b, n), P.reshape(p, b, n).transpose(1, 2)) * scale
         Qk = Q.reshape(m, q, b).transpose(0, 1)
