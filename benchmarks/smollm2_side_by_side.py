@@ -76,6 +76,9 @@ ARMOR_METHODS = {
     # the same with the solver's n x n products in bfloat16 (matmul_precision; AMX CPUs, GPUs)
     "armor-output-ovh10-it10-bf16": {"max_wrapper_overhead": 0.10, "num_iterations": 10,
                                      "objective": "output", "matmul_precision": "bfloat16"},
+    # the budget default with 20 decoder-layer reconstruction steps (the scale issue's Qwen table)
+    "armor-output-ovh10-it10-rec20": {"max_wrapper_overhead": 0.10, "num_iterations": 10,
+                                      "objective": "output", "reconstruction_steps": 20},
     # issue 12: within-layer propagation and decoder-layer reconstruction on top of the default
     "armor-output-b32-it10-prop": _armor(32, 10, "output", propagate_within_layer=True),
     **{f"armor-output-b32-it10-rec{steps}": _armor(32, 10, "output", reconstruction_steps=steps)
@@ -107,7 +110,11 @@ MIXED_METHODS = {
         "re:.*mlp\\..*_proj$": _armor(48, 10, "output"),
     },
 }
-METHODS = ("dense", "magnitude", "wanda", "sparsegpt", *ARMOR_METHODS, *MIXED_METHODS)
+#: method name -> (the ARMOR method it builds on, the preset of the ARMORGPTQModifier appended
+#: after it: armor_modifier.pruning.gptq_modifier, W4A16 in groups of 64 as quantize="w4a16-gptq")
+GPTQ_METHODS = {"armor-output-ovh10-it10-w4a16-gptq": ("armor-output-ovh10-it10", "W4A16")}
+METHODS = ("dense", "magnitude", "wanda", "sparsegpt", *ARMOR_METHODS, *MIXED_METHODS,
+           *GPTQ_METHODS)
 
 
 def magnitude_2of4(model: torch.nn.Module) -> None:
@@ -133,6 +140,11 @@ def recipe_for(method: str, seed: int) -> list:
     if method in MIXED_METHODS:
         return [ARMORModifier(seed=seed, targets=[target], ignore=common["ignore"], **fields)
                 for target, fields in MIXED_METHODS[method].items()]
+    if method in GPTQ_METHODS:
+        from armor_modifier.pruning import gptq_modifier
+
+        base, preset = GPTQ_METHODS[method]
+        return [*recipe_for(base, seed), gptq_modifier(preset)]
     return [ARMORModifier(seed=seed, **common, **ARMOR_METHODS[method])]
 
 
@@ -182,16 +194,22 @@ def run_method(method: str, calibration, texts, args) -> dict:
     # the issue-12 runs, so it is that method's peak
     row["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     row["overhead"] = 0.0
-    is_armor = method in ARMOR_METHODS or method in MIXED_METHODS
+    is_armor = method in ARMOR_METHODS or method in MIXED_METHODS or method in GPTQ_METHODS
     if is_armor:
-        results = [r for modifier in recipe for r in modifier.results.values()]
+        from armor_modifier import ARMORModifier
+
+        armor = [modifier for modifier in recipe if isinstance(modifier, ARMORModifier)]
+        fields = ARMOR_METHODS.get(GPTQ_METHODS.get(method, (method,))[0])
+        results = [r for modifier in armor for r in modifier.results.values()]
         dense_params = sum(r.shape[0] * r.shape[1] for r in results)
         wrapper_params = sum((r.shape[0] + r.shape[1]) * r.wrapper_block_size for r in results)
-        row["overhead"] = 0.0 if ARMOR_METHODS.get(method, {}).get("num_iterations") == 0 else \
+        row["overhead"] = 0.0 if (fields or {}).get("num_iterations") == 0 else \
             wrapper_params / dense_params
         row["mean_loss_ratio"] = sum(r.loss_ratio for r in results) / len(results)
-        row["fields"] = ARMOR_METHODS.get(method) or MIXED_METHODS[method]
-        refinements = [r.result for modifier in recipe for r in modifier.reconstructions]
+        row["fields"] = fields or MIXED_METHODS[method]
+        if method in GPTQ_METHODS:
+            row["quantization"] = GPTQ_METHODS[method][1]
+        refinements = [r.result for modifier in armor for r in modifier.reconstructions]
         if refinements:
             row["reconstruction"] = {
                 "layers": len(refinements),
