@@ -51,6 +51,11 @@ def _armor(block: int, iterations: int, objective: str = "proxy", **extra) -> di
             **extra}
 
 
+def _budget10(**extra) -> dict:
+    """The output objective at the 10 % wrapper budget, 10 iterations, with ``extra`` fields."""
+    return {"max_wrapper_overhead": 0.10, "num_iterations": 10, "objective": "output", **extra}
+
+
 #: method name -> ARMORModifier fields (None: not an ARMOR method)
 ARMOR_METHODS = {
     "nowag-p": _armor(32, 0),
@@ -71,14 +76,11 @@ ARMOR_METHODS = {
     "armor-output-b32-it10-damp03": _armor(32, 10, "output", output_damping=0.3),
     # wrapper size from an overhead budget over all targets (max_wrapper_overhead; SmolLM2 at
     # 0.10: requested b 44, i.e. q/o 36, every other Linear 32, 9.5 %)
-    "armor-output-ovh10-it10": {"max_wrapper_overhead": 0.10, "num_iterations": 10,
-                                "objective": "output"},
+    "armor-output-ovh10-it10": _budget10(),
     # the same with the solver's n x n products in bfloat16 (matmul_precision; AMX CPUs, GPUs)
-    "armor-output-ovh10-it10-bf16": {"max_wrapper_overhead": 0.10, "num_iterations": 10,
-                                     "objective": "output", "matmul_precision": "bfloat16"},
+    "armor-output-ovh10-it10-bf16": _budget10(matmul_precision="bfloat16"),
     # the budget default with 20 decoder-layer reconstruction steps (the scale issue's Qwen table)
-    "armor-output-ovh10-it10-rec20": {"max_wrapper_overhead": 0.10, "num_iterations": 10,
-                                      "objective": "output", "reconstruction_steps": 20},
+    "armor-output-ovh10-it10-rec20": _budget10(reconstruction_steps=20),
     # issue 12: within-layer propagation and decoder-layer reconstruction on top of the default
     "armor-output-b32-it10-prop": _armor(32, 10, "output", propagate_within_layer=True),
     **{f"armor-output-b32-it10-rec{steps}": _armor(32, 10, "output", reconstruction_steps=steps)
