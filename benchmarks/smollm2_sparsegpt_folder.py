@@ -1,7 +1,8 @@
-"""Write llm-compressor's SparseGPT 2:4 of SmolLM2-135M-Instruct (Q4_1) as a plain checkpoint.
+"""Write llm-compressor's SparseGPT 2:4 of a benchmark model as a plain checkpoint.
 
 The baseline row of the zero-shot table (``docs/results.md#zeroshot``): the same calibration as
-``armor prune smollm2`` (``--num-samples`` windows of ``--seq-len`` WikiVital-train tokens, seed 0),
+``armor prune MODEL`` (``--model``: ``smollm2``, SmolLM2-135M-Instruct, the default, or
+``qwen2.5-coder-0.5b``; ``--num-samples`` windows of ``--seq-len`` WikiVital-train tokens, seed 0),
 ``SparseGPTModifier(sparsity=0.5, mask_structure="2:4")`` on every Linear but ``lm_head``, saved
 dense (zeros stored as zeros) so that any tool loads it, then evaluated like the other folders with
 ``armor eval``.
@@ -9,6 +10,7 @@ dense (zeros stored as zeros) so that any tool loads it, then evaluated like the
 Usage::
 
     python benchmarks/smollm2_sparsegpt_folder.py --output out/smollm2-sparsegpt
+    python benchmarks/smollm2_sparsegpt_folder.py --model qwen2.5-coder-0.5b --output out/qwen-sgpt
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True, help="folder to write (must not exist)")
+    parser.add_argument("--model", default="smollm2", help="benchmark model name (default smollm2)")
     parser.add_argument("--num-samples", type=int, default=16, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     parser.add_argument("--seed", type=int, default=0, help="window sampling seed")
@@ -32,10 +35,11 @@ def main() -> None:
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import SparseGPTModifier
 
-    from armor_harness import calibration_samples, load_default_model, load_text
+    from armor_harness import calibration_samples, load_text
+    from armor_harness.models import load_benchmark_model
     from armor_modifier.staging import staged_replace
 
-    model, tokenizer, _ = load_default_model()
+    model, tokenizer, _ = load_benchmark_model(args.model)
     text = load_text("wikivital", "train")
     dataset = calibration_samples(tokenizer, text, args.num_samples, args.seq_len, seed=args.seed)
     start = time.perf_counter()
