@@ -20,11 +20,14 @@ import time
 
 import torch
 
+from armor_modifier.calibration import BENCHMARK_MODELS
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", required=True, help="folder to write (must not exist)")
-    parser.add_argument("--model", default="smollm2", help="benchmark model name (default smollm2)")
+    parser.add_argument("--model", default="smollm2", choices=BENCHMARK_MODELS,
+                        help="benchmark model (default smollm2)")  # fmt: skip
     parser.add_argument("--num-samples", type=int, default=16, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     parser.add_argument("--seed", type=int, default=0, help="window sampling seed")
