@@ -25,19 +25,23 @@ scale-invariant). On return (:meth:`OutputObjective.to_original`) the core is No
 and its scales are moved into the wrappers.
 
 Every update is exact or an exact line search on a quadratic, and is kept only where it does not
-raise the loss, so the loss is non-increasing. ``E``, ``EH`` and ``PH = (S B) H`` are cached
-between updates and kept current with the same corrections: every step computes its direction's
-product with ``H`` in ``P``'s space (``D' = Delta_S B`` or ``S Delta_B``; ``D'H``) and gets ``E``'s
-by the block-diagonal ``A`` (``D H = A D'H``), so ``update_A`` reads ``PH`` instead of forming
-``P H``: one ``m x n x n`` product per iteration fewer. ``P H`` is formed afresh when the cache
-does not match the iterate (the first iteration, after Adam steps), and in bfloat16 mode
-(``matmul_precision``) every :data:`BF16_REFRESH_ITERATIONS` iterations, in float32: the
-steps' bfloat16 products make a kept one drift slowly.
+raise the loss, so the loss is non-increasing.
+
+State in ``P``'s space. Between updates the objective keeps ``P = S B``, ``PH = P H`` and
+``R = A^T (E H)`` (``E = A P - W``, so ``E H = A PH - W H``); every quantity a step needs comes
+from them: the core's gradient is ``R B^T``, ``B``'s gradient block ``S_K^T R_K``, and along a
+direction with ``D' = Delta_S B`` or ``S Delta_B`` (``D = A D'``) the line search's terms are
+``<E H, D> = <R, D'>`` and ``<D H, D> = <D', (A^T A) D'H>``. A step therefore forms ``D'``,
+``D'H`` and ``(A^T A) D'H``, and corrects ``P``, ``PH`` and ``R`` by them: two block products per
+direction instead of three, and the gradients one instead of two (docs/results.md, layer
+scaling). :meth:`update_A` reads ``P`` and ``PH`` and forms ``R`` for the new ``A``; the loss is
+``<P, R> - <W, E H>``. ``P`` and ``P H`` are formed afresh when the cache does not match the
+iterate (the first iteration, after Adam steps), and in bfloat16 mode (``matmul_precision``)
+every :data:`BF16_REFRESH_ITERATIONS` iterations, in float32: the steps' bfloat16 products make
+kept ones drift slowly.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
@@ -45,6 +49,7 @@ from .blockdiag import left_blockdiag, right_blockdiag_no_grad
 from .iterate import Iterate, reconstruct
 from .linalg import damped_block_solve
 from .output_discrete import discrete_step
+from .output_state import KeptState, dot, dot_by_rows, gram, row_dots
 from .problem import normalize
 
 __all__ = ["BF16_REFRESH_ITERATIONS", "OUTPUT_B_STEPS", "OutputObjective"]
@@ -62,44 +67,10 @@ BF16_REFRESH_ITERATIONS = 8
 CHUNK_ELEMENTS = 1 << 21
 
 
-def _dot(x: torch.Tensor, y: torch.Tensor) -> float:
-    """``<x, y>`` accumulated in float64."""
-    return float((x * y).sum(dtype=torch.float64))
-
-
-def _dot_by_rows(x: torch.Tensor, y: torch.Tensor) -> float:
-    """``<x, y>``: each row (first index) summed in the tensors' dtype, the row sums in float64
-    (a sum over one row of a layer is accurate in float32, and several times faster: the loss
-    and the line searches use it)."""
-    return float(_row_dots(x, y).sum(dtype=torch.float64))
-
-
-def _row_dots(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``[r]`` dot products of the rows of ``x`` and ``y`` (first index; the rest flattened), in
-    their dtype, without forming ``x * y`` (``vecdot``: about 4x faster on CPU than the einsum
-    it replaced, which ran as ``r`` one-row matrix products)."""
-    rows = x.shape[0]
-    return torch.linalg.vecdot(x.reshape(rows, -1), y.reshape(rows, -1))
-
-
 def _block_loss(A: torch.Tensor, G: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
     """``tr(E_I H E_I^T)`` minus a constant per row slab, ``[p]``, for ``A [p, b, b]``,
     ``G = P_I H P_I^T`` and ``C = W_I H P_I^T`` (both ``[p, b, b]``)."""
     return (torch.bmm(A, G) * A).sum((1, 2)) - 2 * (A * C).sum((1, 2))
-
-
-@dataclass
-class _Cache:
-    """``E``, ``EH`` and, when known, ``PH = (S B) H`` of the iterate whose tensors are ``key``
-    (compared by identity)."""
-
-    key: tuple[torch.Tensor, ...]
-    E: torch.Tensor
-    EH: torch.Tensor
-    PH: torch.Tensor | None = None
-
-    def matches(self, it: Iterate) -> bool:
-        return all(a is b for a, b in zip(self.key, (it.A, it.B, it.Wp, it.M), strict=True))
 
 
 class OutputObjective:
@@ -139,12 +110,12 @@ class OutputObjective:
         self.H = H / self.d[:, None] / self.d[None, :]
         self.WH = self.W @ self.H
         self.H_low = self.H.bfloat16() if matmul_precision == "bfloat16" else None
-        self.denom = _dot(self.W, self.WH)
+        self.denom = dot(self.W, self.WH)
         q = self.q
         self.H_blocks = (
             self.H.reshape(q, b, q, b).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
         )  # [q, b, b] H_KK
-        self._cache: _Cache | None = None
+        self._kept: KeptState | None = None
         self._PH_reuses = 0  # update_A calls since P H was last formed in float32
         self._mask: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -187,49 +158,63 @@ class OutputObjective:
         """``S = W' * M``, ``[m, n]`` (:attr:`Iterate.S` through the kept float mask)."""
         return it.Wp * self._float_mask(it.M)
 
-    def _state(self, it: Iterate) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(E, EH)`` of ``it`` (cached; the cache owns both tensors and updates them in place)."""
-        cache = self._cache
-        if cache is None or not cache.matches(it):
-            E = self.residual(it)
-            cache = _Cache((it.A, it.B, it.Wp, it.M), E, E @ self.H)
-            self._cache = cache
-        return cache.E, cache.EH
+    def _fresh(self, it: Iterate) -> KeptState:
+        """``P``, ``P H`` (float32) and ``R`` of ``it`` formed afresh, and kept."""
+        P = right_blockdiag_no_grad(self._core(it), it.B)
+        PH = P @ self.H
+        kept = KeptState((it.A, it.B, it.Wp, it.M), P, PH, self._R(it.A, PH))
+        self._kept = kept
+        return kept
 
-    def _remember(
-        self, it: Iterate, E: torch.Tensor, EH: torch.Tensor, PH: torch.Tensor | None = None
-    ) -> None:
-        self._cache = _Cache((it.A, it.B, it.Wp, it.M), E, EH, PH)
+    def _R(self, A: torch.Tensor, PH: torch.Tensor) -> torch.Tensor:
+        """``R = A^T (A PH - W H)``, ``[m, n]``."""
+        return left_blockdiag(A.transpose(1, 2), left_blockdiag(A, PH).sub_(self.WH))
+
+    def _state_of(self, it: Iterate) -> KeptState:
+        """The kept state of ``it`` (formed afresh when the kept one is another iterate's)."""
+        kept = self._kept
+        return kept if kept is not None and kept.matches(it) else self._fresh(it)
+
+    def _remember(self, it: Iterate, kept: KeptState) -> None:
+        kept.key = (it.A, it.B, it.Wp, it.M)
+        self._kept = kept
+
+    def _state(self, it: Iterate) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(E, E H)`` of ``it`` from the kept ``P`` and ``P H`` (two block products)."""
+        kept = self._state_of(it)
+        return left_blockdiag(it.A, kept.P) - self.W, left_blockdiag(it.A, kept.PH) - self.WH
 
     def _cached_PH(self, it: Iterate) -> torch.Tensor | None:
-        """The cache's ``PH`` when the cache is ``it``'s, else ``None``."""
-        cache = self._cache
-        if cache is None or not cache.matches(it):
-            return None
-        return cache.PH
+        """The kept ``PH`` when it is ``it``'s, else ``None``."""
+        kept = self._kept
+        return kept.PH if kept is not None and kept.matches(it) else None
 
-    def _reusable_PH(self, it: Iterate) -> torch.Tensor | None:
-        """:meth:`_cached_PH` for :meth:`update_A`, except in bfloat16 mode after
+    def _reusable(self, it: Iterate) -> KeptState | None:
+        """The kept state for :meth:`update_A`, except in bfloat16 mode after
         :data:`BF16_REFRESH_ITERATIONS` reuses: the steps' bfloat16 ``D H`` products make a kept
         ``P H`` drift (0.9 % of ``E H`` after 40 iterations at 128 x 128 if never formed
         afresh; 0.08 % with a refresh every 8), so it is formed afresh in float32 then."""
-        kept = self._cached_PH(it)
+        kept = self._kept if self._kept is not None and self._kept.matches(it) else None
         if self.H_low is not None and self._PH_reuses >= BF16_REFRESH_ITERATIONS - 1:
             kept = None
         self._PH_reuses = 0 if kept is None else self._PH_reuses + 1
         return kept
 
     def loss_of_residual(self, E: torch.Tensor, EH: torch.Tensor) -> float:
-        return _dot_by_rows(E, EH) / self.denom if self.denom > 0 else 0.0
+        return dot_by_rows(E, EH) / self.denom if self.denom > 0 else 0.0
 
     def loss(self, it: Iterate) -> float:
-        return self.loss_of_residual(*self._state(it))
+        """``<E, E H> / denom = (<P, R> - <W, E H>) / denom`` (one block product)."""
+        if not self.denom > 0:
+            return 0.0
+        kept = self._state_of(it)
+        EH = left_blockdiag(it.A, kept.PH) - self.WH
+        return (dot_by_rows(kept.P, kept.R) - dot_by_rows(self.W, EH)) / self.denom
 
     def exact_loss(self, it: Iterate) -> float:
-        """:meth:`loss` with ``E`` and ``E H`` recomputed in float32 (``matmul_precision``)."""
+        """:meth:`loss` with the kept state formed afresh in float32 (``matmul_precision``)."""
         if self.H_low is not None:
-            E = self.residual(it)
-            self._remember(it, E, E @ self.H)
+            self._fresh(it)
         return self.loss(it)
 
     def _times_H(self, X: torch.Tensor) -> torch.Tensor:
@@ -252,17 +237,18 @@ class OutputObjective:
         :return: number of singular block systems
         """
         b, n = self.b, self.n
-        kept = self._reusable_PH(it)
-        PH = torch.empty_like(self.W) if kept is None else kept
-        E, EH, A = torch.empty_like(self.W), torch.empty_like(self.W), torch.empty_like(it.A)
+        kept = self._reusable(it)
+        P = torch.empty_like(self.W) if kept is None else kept.P
+        PH = torch.empty_like(self.W) if kept is None else kept.PH
+        R, A = torch.empty_like(self.W), torch.empty_like(it.A)
         mask = self._float_mask(it.M)
         failed = 0
         for rows in self._row_chunks():  # a chunk of row slabs at a time, as update_core
             slabs = slice(rows.start // b, rows.stop // b)
-            P = right_blockdiag_no_grad(it.Wp[rows] * mask[rows], it.B)
             if kept is None:
-                torch.mm(P, self.H, out=PH[rows])
-            Pb = P.reshape(-1, b, n)
+                P[rows] = right_blockdiag_no_grad(it.Wp[rows] * mask[rows], it.B)
+                torch.mm(P[rows], self.H, out=PH[rows])
+            Pb = P[rows].reshape(-1, b, n)
             G = torch.bmm(PH[rows].reshape(-1, b, n), Pb.transpose(1, 2))
             G = (G + G.transpose(1, 2)) / 2  # [p, b, b]  P_I H P_I^T
             C = torch.bmm(self.WH[rows].reshape(-1, b, n), Pb.transpose(1, 2))  # W_I H P_I^T
@@ -270,33 +256,33 @@ class OutputObjective:
             A_new, A_old = X.transpose(1, 2), it.A[slabs]
             better = ok & (_block_loss(A_new, G, C) < _block_loss(A_old, G, C))
             A[slabs] = torch.where(better[:, None, None], A_new, A_old)
-            torch.sub(left_blockdiag(A[slabs], P), self.W[rows], out=E[rows])
-            torch.sub(left_blockdiag(A[slabs], PH[rows]), self.WH[rows], out=EH[rows])
+            EH = left_blockdiag(A[slabs], PH[rows]).sub_(self.WH[rows])
+            torch.bmm(A[slabs].transpose(1, 2), EH.reshape(-1, b, n), out=R[rows].view(-1, b, n))
             failed += int((~ok).sum())
         it.A = A
-        self._remember(it, E, EH, PH)
+        self._remember(it, KeptState((), P, PH, R))
         return failed
 
     def update_B(self, it: Iterate) -> int:
         """Block-Jacobi preconditioned conjugate gradient on ``B`` with exact steps.
 
         With ``Q = A S`` and ``Q_K`` its ``K``-th column slab, the gradient block is
-        ``Q_K^T (E H)_K`` and the preconditioner ``Delta_K = (Q_K^T Q_K)^-1 Q_K^T (E H)_K H_KK^-1``
-        (the exact block solve if ``H`` were block-diagonal). Along a direction ``Delta`` the loss
-        is quadratic with ``D = Q Delta``: ``alpha = -<E H, D> / <D H, D>``.
+        ``Q_K^T (E H)_K = S_K^T R_K`` and the preconditioner
+        ``Delta_K = (Q_K^T Q_K)^-1 Q_K^T (E H)_K H_KK^-1`` (the exact block solve if ``H`` were
+        block-diagonal), ``Q_K^T Q_K = S_K^T (A^T A S)_K``. Along a direction ``Delta`` the loss
+        is quadratic with ``D' = S Delta``: ``alpha = -<R, D'> / <D', (A^T A) D' H>``.
 
         :return: number of singular ``Q_K^T Q_K`` or ``H_KK`` blocks (those blocks do not move)
         """
         m, q, b = self.m, self.q, self.b
-        PH = self._cached_PH(it)
-        E, EH = self._state(it)
-        S = self._core(it)
-        Q = left_blockdiag(it.A, S)
-        Qk = Q.reshape(m, q, b).transpose(0, 1)  # [q, m, b]
-        QQ = torch.bmm(Qk.transpose(1, 2), Qk)
+        kept = self._state_of(it)
+        S, GA = self._core(it), gram(it.A)
+        Sk = S.reshape(m, q, b).transpose(0, 1)  # [q, m, b]
+        QQ = torch.bmm(Sk.transpose(1, 2), left_blockdiag(GA, S).reshape(m, q, b).transpose(0, 1))
+        QQ = (QQ + QQ.transpose(1, 2)) / 2
 
         def gradient() -> torch.Tensor:  # [q, b, b]
-            return torch.bmm(Qk.transpose(1, 2), EH.reshape(m, q, b).transpose(0, 1))
+            return torch.bmm(Sk.transpose(1, 2), kept.R.reshape(m, q, b).transpose(0, 1))
 
         def precondition(r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             left, ok_q = damped_block_solve(QQ, r)
@@ -305,35 +291,34 @@ class OutputObjective:
 
         r = gradient()
         z, ok = precondition(r)
-        direction, rz = -z, _dot_by_rows(r, z)
+        direction, rz = -z, dot_by_rows(r, z)
         B = it.B
         for step in range(self.b_steps):
             D_P = right_blockdiag_no_grad(S, direction)  # P's change per unit step
             D_PH = self._times_H(D_P)
-            D, DH = left_blockdiag(it.A, D_P), left_blockdiag(it.A, D_PH)
-            curvature = _dot_by_rows(D, DH)
+            D_R = left_blockdiag(GA, D_PH)  # R's change per unit step
+            curvature = dot_by_rows(D_P, D_R)
             if not curvature > 0.0:
                 break
-            alpha = -_dot_by_rows(EH, D) / curvature
+            alpha = -dot_by_rows(kept.R, D_P) / curvature
             B = B + alpha * direction
-            E.add_(D, alpha=alpha)
-            EH.add_(DH, alpha=alpha)
-            if PH is not None:
-                PH.add_(D_PH, alpha=alpha)
+            kept.P.add_(D_P, alpha=alpha)
+            kept.PH.add_(D_PH, alpha=alpha)
+            kept.R.add_(D_R, alpha=alpha)
             if step + 1 == self.b_steps:
                 break
             r_new = gradient()
             z_new, _ = precondition(r_new)
-            beta = max(0.0, _dot_by_rows(r_new, z_new - z) / rz) if rz > 0 else 0.0
-            direction, z, rz = -z_new + beta * direction, z_new, _dot_by_rows(r_new, z_new)
+            beta = max(0.0, dot_by_rows(r_new, z_new - z) / rz) if rz > 0 else 0.0
+            direction, z, rz = -z_new + beta * direction, z_new, dot_by_rows(r_new, z_new)
         it.B = B
-        self._remember(it, E, EH, PH)
+        self._remember(it, kept)
         return int((~ok).sum())
 
     def _block_dot(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``<x_I, y_I>`` per row slab, float64 ``[rows / b]`` (each row summed in the tensors'
-        dtype, as :func:`_dot_by_rows`)."""
-        return _row_dots(x, y).reshape(-1, self.b).sum(-1, dtype=torch.float64)
+        dtype, as :func:`~.output_state.dot_by_rows`)."""
+        return row_dots(x, y).reshape(-1, self.b).sum(-1, dtype=torch.float64)
 
     def _core_jacobi(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Inverse diagonal of the core's curvature, ``1 / (diag(A^T A)_i diag(B H B^T)_j)``, as
@@ -358,70 +343,70 @@ class OutputObjective:
         The core of row slab ``I`` only moves ``E_I`` and the loss is a sum over row slabs, so
         every slab runs its own CG (own ``alpha_I``, ``beta_I``), batched, a chunk of row slabs
         at a time (:meth:`_core_steps`: the chunk's tensors stay in the CPU's caches across the
-        steps). Along a masked direction ``Delta``: ``D = A Delta B`` and
-        ``alpha_I = -<(E H)_I, D_I> / <(D H)_I, D_I>`` (exact).
+        steps). The gradient is ``R B^T``; along a masked direction ``Delta`` with
+        ``D' = Delta B``: ``alpha_I = -<R_I, D'_I> / <D'_I, (A_I^T A_I) (D' H)_I>`` (exact).
         """
-        PH = self._cached_PH(it)
-        E, EH = self._state(it)
+        kept = self._state_of(it)
         inv_a, inv_c = self._core_jacobi(it.A, it.B)
         mask = self._float_mask(it.M)
+        GA, Bt = gram(it.A), it.B.transpose(1, 2).contiguous()
         Wp = it.Wp.clone()
         b = self.b
         for rows in self._row_chunks():
             slabs = slice(rows.start // b, rows.stop // b)
             jacobi = torch.outer(inv_a[rows], inv_c).mul_(mask[rows])
-            part = None if PH is None else PH[rows]
-            self._core_steps(it.A[slabs], it.B, jacobi, Wp[rows], E[rows], EH[rows], part, steps)
+            views = (Wp[rows], kept.P[rows], kept.PH[rows], kept.R[rows])
+            self._core_steps(GA[slabs], it.B, Bt, jacobi, *views, steps)
         it.Wp = Wp
-        self._remember(it, E, EH, PH)
+        self._remember(it, kept)
 
     def _core_steps(
         self,
-        A: torch.Tensor,
+        GA: torch.Tensor,
         B: torch.Tensor,
+        Bt: torch.Tensor,
         jacobi: torch.Tensor,
         Wp: torch.Tensor,
-        E: torch.Tensor,
-        EH: torch.Tensor,
-        PH: torch.Tensor | None,
+        P: torch.Tensor,
+        PH: torch.Tensor,
+        R: torch.Tensor,
         steps: int,
     ) -> None:
-        """:meth:`update_core` on one chunk of row slabs; ``Wp``, ``E``, ``EH`` and ``PH`` (views
+        """:meth:`update_core` on one chunk of row slabs; ``Wp``, ``P``, ``PH`` and ``R`` (views
         ``[r, n]`` of the whole tensors) are updated in place.
 
-        :param A: the chunk's ``[r / b, b, b]`` blocks of ``A``
+        :param GA: the chunk's ``[r / b, b, b]`` blocks of ``A^T A``
+        :param Bt: ``B`` with each block transposed, ``[q, b, b]``
         :param jacobi: ``[r, n]`` the preconditioner on the mask (zero off it), so ``z`` and every
             direction are masked and the gradient needs no mask of its own
         """
         b = self.b
-        grad = self.gradient_S(EH, A, B)
+        grad = right_blockdiag_no_grad(R, Bt)
         z = grad * jacobi
         direction, rz = -z, self._block_dot(grad, z)
         for step in range(steps):
             D_P = right_blockdiag_no_grad(direction, B)  # P's change per unit step
             D_PH = self._times_H(D_P)
-            D, DH = left_blockdiag(A, D_P), left_blockdiag(A, D_PH)
-            curvature = self._block_dot(D, DH)
+            D_R = left_blockdiag(GA, D_PH)  # R's change per unit step
+            curvature = self._block_dot(D_P, D_R)
             usable = (curvature > 0) & (rz > 0)
             if not bool(usable.any()):
                 break
-            alpha = -self._block_dot(EH, D) / torch.where(usable, curvature, 1.0)
+            alpha = -self._block_dot(R, D_P) / torch.where(usable, curvature, 1.0)
             per_row = torch.where(usable, alpha, 0.0).to(Wp.dtype).repeat_interleave(b)[:, None]
             Wp.addcmul_(per_row, direction)
-            E.addcmul_(per_row, D)
-            EH.addcmul_(per_row, DH)
-            if PH is not None:
-                PH.addcmul_(per_row, D_PH)
+            P.addcmul_(per_row, D_P)
+            PH.addcmul_(per_row, D_PH)
+            R.addcmul_(per_row, D_R)
             if step + 1 == steps:
                 break
-            new = self.gradient_S(EH, A, B)
+            new = right_blockdiag_no_grad(R, Bt)
             z_new = new * jacobi
             rz_new = self._block_dot(new, z_new)  # Polak-Ribiere: <new, z_new - z> / rz
             beta = (rz_new - self._block_dot(new, z)) / torch.where(rz > 0, rz, 1.0)
             beta = beta.clamp_min(0).to(Wp.dtype).repeat_interleave(b)[:, None]
             direction = direction.mul_(beta).sub_(z_new)
             z, rz = z_new, rz_new
-
 
     # ----------------------------------------------------------------------------- discrete
     def discrete_step(self, it: Iterate, generator: torch.Generator) -> tuple[int, torch.Tensor]:

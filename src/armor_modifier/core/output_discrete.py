@@ -8,15 +8,17 @@ from typing import Protocol
 
 import torch
 
+from .blockdiag import right_blockdiag_no_grad
 from .discrete import best_two_of_four, joint_or_best
 from .iterate import Iterate
+from .output_state import KeptState, gram
 
 __all__ = ["discrete_step"]
 
 
 class OutputObjective(Protocol):
     """What the step reads of :class:`~armor_modifier.core.output.OutputObjective` (its sizes,
-    ``H`` and its diagonal blocks, and its cache of ``E``, ``E H`` and ``P H``)."""
+    ``H`` and its diagonal blocks, and its kept ``P``, ``P H`` and ``R = A^T E H``)."""
 
     p: int
     q: int
@@ -26,13 +28,9 @@ class OutputObjective(Protocol):
     H: torch.Tensor
     H_blocks: torch.Tensor
 
-    def _cached_PH(self, it: Iterate) -> torch.Tensor | None: ...
-    def _state(self, it: Iterate) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def _state_of(self, it: Iterate) -> KeptState: ...
     def _row_chunks(self) -> list[slice]: ...
-    def gradient_S(self, EH: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor: ...
-    def _remember(
-        self, it: Iterate, E: torch.Tensor, EH: torch.Tensor, PH: torch.Tensor | None = None
-    ) -> None: ...
+    def _remember(self, it: Iterate, kept: KeptState) -> None: ...
 
 
 def discrete_step(
@@ -41,21 +39,21 @@ def discrete_step(
     """Resample one 4-group per tile and give it its best 2:4 support (section 11).
 
     For the group in row ``rho`` of tile ``(I, K)`` with ``a = A_I[:, rho]``, ``Bt`` its 4 rows
-    of ``B_K`` and ``u = (a^T (E H)_I)_K``: ``g = Bt u - ||a||^2 G4 s_old`` and
-    ``G4 = Bt H_KK Bt^T``; :func:`best_two_of_four` gives each group's exact optimum with the
-    other groups fixed. Groups of one row block interact through ``A_I`` and ``H``, so per row
-    block the exact loss change of applying all its groups is compared with that of its single
-    best group, and the better one is applied: the loss never rises.
+    of ``B_K`` and ``u = (a^T (E H)_I)_K`` (row ``rho`` of ``R_I = A_I^T (E H)_I`` on ``K``):
+    ``g = Bt u - ||a||^2 G4 s_old`` and ``G4 = Bt H_KK Bt^T``; :func:`best_two_of_four` gives
+    each group's exact optimum with the other groups fixed. Groups of one row block interact
+    through ``A_I`` and ``H``, so per row block the exact loss change of applying all its groups
+    is compared with that of its single best group, and the better one is applied: the loss
+    never rises.
 
     :return: (fallback count, bool ``[m, n]`` of entries whose group changed)
     """
     p, q, b, m, n = obj.p, obj.q, obj.b, obj.m, obj.n
     T, gpt = p * q, b // 4
-    PH = obj._cached_PH(it)
-    E, EH = obj._state(it)
-    score = torch.cat([  # a chunk of row slabs at a time, as update_core
-        obj.gradient_S(EH[rows], it.A[rows.start // b : rows.stop // b], it.B)
-        .abs_().reshape(-1, b, q, gpt, 4).sum(-1)
+    kept = obj._state_of(it)
+    Bt = it.B.transpose(1, 2).contiguous()
+    score = torch.cat([  # |R B^T| (the core's gradient), a chunk of row slabs at a time
+        right_blockdiag_no_grad(kept.R[rows], Bt).abs_().reshape(-1, b, q, gpt, 4).sum(-1)
         for rows in obj._row_chunks()
     ])
     score = score.permute(0, 2, 1, 3).reshape(T, b * gpt)
@@ -79,8 +77,7 @@ def discrete_step(
     a = it.A[I, :, rho]  # [T, b]
     Bt = it.B[K[:, None], (4 * grp)[:, None] + torch.arange(4, device=dev)]  # [T, 4, b]
 
-    u = torch.einsum("pkr,prkc->pkc", a.reshape(p, q, b), EH.reshape(p, b, q, b))
-    u = u.reshape(T, b)  # (a^T (E H)_I)_K
+    u = kept.R.reshape(p, b, q, b)[I, rho, K]  # [T, b]  (a^T (E H)_I)_K
     BtH = torch.einsum("pkcb,kbd->pkcd", Bt.reshape(p, q, 4, b), obj.H_blocks)
     G4 = torch.bmm(BtH.reshape(T, 4, b), Bt.transpose(1, 2))
     G4 = (G4 + G4.transpose(1, 2)) / 2
@@ -101,10 +98,12 @@ def discrete_step(
     accept = joint_or_best(a3, delta.reshape(p, q, b), deltaH, u, changed, single)
     delta = (delta * accept[:, None]).reshape(p, q, b)
     deltaH = deltaH * accept.reshape(p, q, 1)
-    E.add_(torch.einsum("pkr,pkc->prkc", a3, delta).reshape(m, n))
-    EH.add_(torch.einsum("pkr,pkn->prn", a3, deltaH).reshape(m, n))
-    if PH is not None:  # tile (I, K) changed row I*b + rho of P by delta on columns K
-        PH.index_add_(0, rows, deltaH.reshape(T, n))
+    # tile (I, K) changed row I*b + rho of P by delta on columns K, so R_I = A_I^T (A_I PH_I -
+    # W_I H) by column rho of A_I^T A_I times delta H
+    kept.P.view(p, b, q, b).index_put_((I, rho, K), delta.reshape(T, b), accumulate=True)
+    kept.PH.index_add_(0, rows, deltaH.reshape(T, n))
+    g3 = gram(it.A)[I, :, rho].reshape(p, q, b)
+    kept.R.add_(torch.einsum("pkr,pkn->prn", g3, deltaH).reshape(m, n))
 
     it.Wp = it.Wp.clone()
     it.M = it.M.clone()
@@ -113,5 +112,5 @@ def discrete_step(
     it.M[rows[:, None], cols] = torch.where(accept[:, None], upd.mask, m_old)
     touched = torch.zeros(m, n, dtype=torch.bool, device=it.M.device)
     touched[rows[accept][:, None], cols[accept]] = True
-    obj._remember(it, E, EH, PH)
+    obj._remember(it, kept)
     return upd.fallbacks, touched
