@@ -57,7 +57,7 @@ __all__ = ["BF16_REFRESH_ITERATIONS", "OUTPUT_B_STEPS", "OutputObjective"]
 #: Preconditioned CG steps on ``B`` per iteration of the output objective.
 OUTPUT_B_STEPS = 1
 
-#: In bfloat16 mode, iterations between float32 refreshes of the kept ``P H`` (and so of ``E H``);
+#: In bfloat16 mode, iterations between float32 refreshes of the kept ``P H`` (and so of ``R``);
 #: the drift this bounds and the cost of one refresh: docs/results.md, layer scaling.
 BF16_REFRESH_ITERATIONS = 8
 
@@ -86,9 +86,9 @@ class OutputObjective:
     :param matmul_precision: ``"float32"``, or ``"bfloat16"``: the ``D H`` products of the
         conjugate-gradient steps on ``B`` and on the core take bfloat16 inputs (the loss and the
         line searches sum each row in float32 in both modes). In bfloat16 mode :meth:`update_A`
-        forms ``P H`` in float32 (in bfloat16 it would cost the descent ~2 % of its loss) and
-        recomputes ``E H`` from it every :data:`BF16_REFRESH_ITERATIONS` iterations, so
-        :meth:`loss` is off only by the drift of that many iterations' steps, and
+        forms ``P`` and ``P H`` afresh in float32 (``P H`` in bfloat16 would cost the descent ~2 %
+        of its loss) every :data:`BF16_REFRESH_ITERATIONS` iterations, so :meth:`loss` is off only
+        by the drift of that many iterations' steps, and
         :meth:`exact_loss` gives the float32 value the solver returns
     """
 
