@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 
 from .blockdiag import left_blockdiag, right_blockdiag_no_grad
-from .iterate import Iterate, reconstruct
+from .iterate import Iterate
 from .linalg import damped_block_solve
 from .output_discrete import discrete_step
 from .output_state import KeptState, dot, dot_by_rows, gram, row_dots
@@ -142,10 +142,6 @@ class OutputObjective:
         A = it.A * nw.r.reshape(p, 1, b)
         B = it.B * nw.c.reshape(q, b, 1) / self.d.reshape(q, 1, b)
         return A, B, nw.Wbar * it.M
-
-    def residual(self, it: Iterate) -> torch.Tensor:
-        """``A S B - W`` in H-diagonal units, ``[m, n]``."""
-        return reconstruct(it.A, self._core(it), it.B) - self.W
 
     def _float_mask(self, M: torch.Tensor) -> torch.Tensor:
         """``M`` as 0/1 in ``W``'s dtype, kept while ``it.M`` is the same tensor (a product with
