@@ -51,9 +51,9 @@ def discrete_step(
     p, q, b, m, n = obj.p, obj.q, obj.b, obj.m, obj.n
     T, gpt = p * q, b // 4
     kept = obj._state_of(it)
-    Bt = it.B.transpose(1, 2).contiguous()
+    B_transposed = it.B.transpose(1, 2).contiguous()
     score = torch.cat([  # |R B^T| (the core's gradient), a chunk of row slabs at a time
-        right_blockdiag_no_grad(kept.R[rows], Bt).abs_().reshape(-1, b, q, gpt, 4).sum(-1)
+        right_blockdiag_no_grad(kept.R[rows], B_transposed).abs_().reshape(-1, b, q, gpt, 4).sum(-1)
         for rows in obj._row_chunks()
     ])
     score = score.permute(0, 2, 1, 3).reshape(T, b * gpt)
