@@ -166,10 +166,14 @@ class OutputObjective:
         """``R = A^T (A PH - W H)``, ``[m, n]``."""
         return left_blockdiag(A.transpose(1, 2), left_blockdiag(A, PH).sub_(self.WH))
 
+    def _kept_of(self, it: Iterate) -> KeptState | None:
+        """The kept state when it is ``it``'s, else ``None``."""
+        kept = self._kept
+        return kept if kept is not None and kept.matches(it) else None
+
     def _state_of(self, it: Iterate) -> KeptState:
         """The kept state of ``it`` (formed afresh when the kept one is another iterate's)."""
-        kept = self._kept
-        return kept if kept is not None and kept.matches(it) else self._fresh(it)
+        return self._kept_of(it) or self._fresh(it)
 
     def _remember(self, it: Iterate, kept: KeptState) -> None:
         kept.key = (it.A, it.B, it.Wp, it.M)
@@ -182,15 +186,15 @@ class OutputObjective:
 
     def _cached_PH(self, it: Iterate) -> torch.Tensor | None:
         """The kept ``PH`` when it is ``it``'s, else ``None``."""
-        kept = self._kept
-        return kept.PH if kept is not None and kept.matches(it) else None
+        kept = self._kept_of(it)
+        return None if kept is None else kept.PH
 
     def _reusable(self, it: Iterate) -> KeptState | None:
         """The kept state for :meth:`update_A`, except in bfloat16 mode after
         :data:`BF16_REFRESH_ITERATIONS` reuses: the steps' bfloat16 ``D H`` products make a kept
         ``P H`` drift (0.9 % of ``E H`` after 40 iterations at 128 x 128 if never formed
         afresh; 0.08 % with a refresh every 8), so it is formed afresh in float32 then."""
-        kept = self._kept if self._kept is not None and self._kept.matches(it) else None
+        kept = self._kept_of(it)
         if self.H_low is not None and self._PH_reuses >= BF16_REFRESH_ITERATIONS - 1:
             kept = None
         self._PH_reuses = 0 if kept is None else self._PH_reuses + 1
@@ -419,8 +423,7 @@ class OutputObjective:
         p, q, b, m, n = self.p, self.q, self.b, self.m, self.n
         E, EH = self._state(it)
         scale = 2.0 / self.denom if self.denom > 0 else 0.0
-        S = self._core(it)
-        P = right_blockdiag_no_grad(S, it.B)
+        S, P = self._core(it), self._state_of(it).P
         Q = left_blockdiag(it.A, S)
         gA = torch.bmm(EH.reshape(p, b, n), P.reshape(p, b, n).transpose(1, 2)) * scale
         Qk = Q.reshape(m, q, b).transpose(0, 1)
