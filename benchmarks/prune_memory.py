@@ -1,5 +1,9 @@
-"""Resident memory of ``armor_modifier.prune`` layer by layer, with glibc's mmap threshold fixed
-(as ``prune`` does: ``armor_modifier/allocator.py``) or left dynamic.
+"""Resident memory of ``armor_modifier.prune`` layer by layer, under three ways of handling the
+solves' freed memory (``armor_modifier/allocator.py``):
+
+- ``trim`` (the library's): glibc's dynamic mmap threshold, ``malloc_trim`` after each Linear;
+- ``fixed``: the threshold fixed at 4 MiB through ``mallopt``, no trim (``prune``'s way before);
+- ``dynamic``: glibc's defaults alone, no trim.
 
 One process per run: ``prune(MODEL, num_iterations=N)`` (16 x 512 WikiVital-train windows, 10 %
 wrapper budget, nothing saved), with a note after every decoder layer's compression of the
@@ -8,12 +12,14 @@ process's resident memory (``/proc/self/statm``) and its peak so far (``ru_maxrs
 Usage::
 
     python benchmarks/prune_memory.py --model qwen2.5-coder-0.5b --iterations 1 \\
-        --allocator fixed --json fixed.json      # and --allocator dynamic
+        --allocator trim --json trim.json      # and --allocator fixed, dynamic
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import resource
 import time
@@ -34,8 +40,9 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2", help="a name armor prune accepts")
     ap.add_argument("--iterations", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--allocator", choices=["fixed", "dynamic"], default="fixed",
-                    help="dynamic: prune() does not fix the mmap threshold")
+    ap.add_argument("--allocator", choices=["trim", "fixed", "dynamic"], default="trim",
+                    help="trim: the library's; fixed: 4 MiB mmap threshold, no trim; "
+                    "dynamic: glibc's defaults, no trim")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -43,10 +50,13 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from armor_modifier import pruning
-    from armor_modifier.modifier import base
+    from armor_modifier.modifier import base, compressor
 
-    if args.allocator == "dynamic":
-        pruning.fix_mmap_threshold = lambda *a, **k: False
+    if args.allocator != "trim":
+        compressor.release_free_memory = lambda: False
+    if args.allocator == "fixed":
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        assert libc.mallopt(-3, 4 << 20), "mallopt(M_MMAP_THRESHOLD, 4 MiB) refused"
     layers: list[dict[str, float]] = []
     epoch_end = base.ARMORModifier.on_sequential_epoch_end
 

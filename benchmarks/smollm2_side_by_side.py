@@ -254,8 +254,6 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--save-reload", action="store_true")
-    ap.add_argument("--default-allocator", action="store_true",
-                    help="leave glibc's mmap threshold dynamic (armor_modifier/allocator.py)")
     ap.add_argument("--results", type=Path, default=Path("benchmarks/results/smollm2.jsonl"))
     ap.add_argument("--report", type=Path, default=None,
                     help="write REPORT.md and REPORT.png from --results and exit")
@@ -268,10 +266,6 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import armor_modifier  # noqa: F401  (registers ARMORModifier and armor-ct)
-    from armor_modifier.allocator import fix_mmap_threshold
-
-    if not args.default_allocator:  # every method alike, as armor prune does for ARMOR
-        fix_mmap_threshold()
     from armor_harness import calibration_samples, load_text
     from armor_harness.models import load_benchmark_model
 

@@ -1,4 +1,4 @@
-"""glibc's mmap threshold fixed for the solves (``armor_modifier/allocator.py``)."""
+"""The solves' freed memory handed back to the system (``armor_modifier/allocator.py``)."""
 
 from __future__ import annotations
 
@@ -8,26 +8,22 @@ import sys
 
 import pytest
 
-from armor_modifier.allocator import fix_mmap_threshold
-
 GLIBC = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
 
 
-@pytest.mark.skipif(not GLIBC, reason="mallopt's M_MMAP_THRESHOLD is glibc's")
-def test_the_threshold_is_set_and_large_blocks_go_back_to_the_system():
-    """In a fresh interpreter: after freeing a 24 MiB block, glibc's dynamic threshold would
-    serve the next 16 MiB blocks from the heap; fixed at 4 MiB, freeing them lowers the
-    resident memory again."""
+@pytest.mark.skipif(not GLIBC, reason="malloc_trim is glibc's")
+def test_freed_heap_blocks_go_back_to_the_system_only_when_released():
+    """In a fresh interpreter: after freeing a 24 MiB block, glibc's dynamic threshold serves the
+    next 16 MiB blocks from the heap, and freeing them leaves the resident memory where it was;
+    ``release_free_memory`` then hands them back."""
     code = """
 import ctypes, ctypes.util, sys
-from armor_modifier.allocator import fix_mmap_threshold
+from armor_modifier.allocator import release_free_memory
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096
-if sys.argv[1] == "fixed":
-    assert fix_mmap_threshold()
 libc.free(libc.malloc(24 << 20))
 blocks = [libc.malloc(16 << 20) for _ in range(8)]
 for block in blocks:
@@ -35,6 +31,8 @@ for block in blocks:
 held = rss()
 for block in blocks[:-1]:
     libc.free(block)
+if sys.argv[1] == "release":
+    assert release_free_memory()
 print((held - rss()) >> 20)
 """
 
@@ -43,10 +41,29 @@ print((held - rss()) >> 20)
                              check=True).stdout  # fmt: skip
         return int(out)
 
-    assert released("fixed") >= 100  # 112 MiB freed back (observed 112)
-    assert released("dynamic") < 100  # the heap keeps them (observed 0)
+    assert released("release") >= 100  # 112 MiB freed back (observed 112)
+    assert released("keep") < 100  # the heap keeps them (observed 0)
 
 
-def test_the_environment_setting_wins(monkeypatch):
-    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
-    assert fix_mmap_threshold() is False
+def test_every_solve_is_followed_by_a_release(monkeypatch):
+    """``LinearCompressor.compress`` releases once per solved Linear, after writing it back."""
+    import torch
+    from torch import nn
+
+    from armor_modifier.core import SolverSettings
+    from armor_modifier.modifier import compressor
+
+    calls: list[int] = []
+    linears = [nn.Linear(16, 8, bias=False), nn.Linear(16, 16, bias=False)]
+    engine = compressor.LinearCompressor(
+        {m: f"layer.{i}" for i, m in enumerate(linears)},
+        SolverSettings(wrapper_block_size=4, num_iterations=1),
+        from_budget=False,
+    )
+    monkeypatch.setattr(
+        compressor, "release_free_memory", lambda: calls.append(len(engine.results)) or True
+    )
+    for module in linears:
+        engine.add_input(module, torch.randn(64, 16))
+    engine.compress()
+    assert calls == [1, 2]

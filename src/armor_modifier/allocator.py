@@ -1,39 +1,42 @@
-"""Keep freed solver memory from piling up in the heap (glibc only).
+"""Hand the solves' freed memory back to the system after each Linear (glibc only).
 
-Every Linear's solve allocates and frees a few hundred MiB of temporaries. glibc serves large
-allocations from their own mappings at first, but raises that threshold each time such a block
-is freed, after which blocks of up to 32 MiB come from the heap, where freed ones fragment and
-stay counted in the process's memory, so the resident memory creeps up layer after layer and
-each solve's peak starts higher (docs/results.md, "resident memory through prune", measures both
-settings on Qwen2.5-Coder-0.5B).
+Every Linear's solve allocates and frees a few hundred MiB of temporaries. glibc serves blocks
+of up to 32 MiB from its heap once such a block has been freed (its dynamic mmap threshold);
+freed heap blocks stay counted in the process's resident memory, so without help it creeps up
+layer after layer and each solve's peak starts higher. Fixing the threshold low (4 MiB, this
+project's earlier answer) keeps the memory down but maps fresh pages for every large temporary
+of every iteration: on Qwen2.5-Coder-0.5B that cost a fifth of ARMOR's prune time in page faults.
 
-:func:`fix_mmap_threshold` fixes the threshold through ``mallopt``; :func:`armor_modifier.prune`
-(and so ``armor prune``) calls it. Users of ``oneshot`` can set ``MALLOC_MMAP_THRESHOLD_=4194304``
-in the environment for the same effect.
+:func:`release_free_memory` (``malloc_trim``) after each Linear's solve keeps the heap's reuse
+within a solve and returns what is free between solves (``LinearCompressor`` calls it);
+``docs/results.md#prune_memory`` measures the settings side by side.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import os
 import sys
+from functools import cache
 
-__all__ = ["MMAP_THRESHOLD", "fix_mmap_threshold"]
-
-#: bytes from which an allocation gets its own mapping
-MMAP_THRESHOLD = 4 << 20
-_M_MMAP_THRESHOLD = -3
+__all__ = ["release_free_memory"]
 
 
-def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Fix glibc's mmap threshold at ``threshold`` bytes; whether it was set (not on other C
-    libraries or systems, nor when ``MALLOC_MMAP_THRESHOLD_`` already sets it)."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    name = ctypes.util.find_library("c")
+@cache
+def _libc() -> ctypes.CDLL | None:
+    """glibc, or ``None`` on other systems and C libraries (musl has no ``malloc_trim``)."""
+    if not sys.platform.startswith("linux"):
+        return None
     try:
-        libc = ctypes.CDLL(name)
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, int(threshold)))
-    except (OSError, AttributeError):  # no libc found, or one without mallopt (musl)
-        return False
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> bool:
+    """Return the heap's free pages to the system; whether glibc did (``False`` where it is not
+    glibc, or nothing could be returned)."""
+    libc = _libc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False

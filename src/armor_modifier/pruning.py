@@ -23,7 +23,6 @@ from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import Any
 
-from .allocator import fix_mmap_threshold
 from .calibration import (
     BENCHMARK_MODELS,
     calibration_samples,
@@ -326,7 +325,6 @@ def prune(
             assert distillation is not None
             check_shares(distillation.num_samples, len(sources))
         texts = [load_text(part, "train") for part in sources]
-    fix_mmap_threshold()  # freed solver memory goes back to the system (allocator.py)
     loaded, tokenizer = load_model_and_tokenizer(model, tokenizer)
     limit = getattr(getattr(loaded, "config", None), "max_position_embeddings", None)
     if limit is not None and seq_len > limit:

@@ -20,6 +20,7 @@ from loguru import logger
 from torch import nn
 from tqdm import tqdm
 
+from armor_modifier.allocator import release_free_memory
 from armor_modifier.core import ARMORFactors, SolverSettings, factorize
 from armor_modifier.core.errors import ARMORCompressionError, ARMORValueError
 from armor_modifier.core.settings import derived_seed
@@ -121,7 +122,8 @@ class LinearCompressor:
                     ) from err
                 apply_factors(module, factors.A, factors.B, factors.core)
                 self._record(self._result(module, factors))
-                del self.statistics[module]
+                del self.statistics[module], factors
+                release_free_memory()  # the solve's freed temporaries (allocator.py)
         except BaseException:
             self.close()
             raise
@@ -213,6 +215,7 @@ class LinearCompressor:
             except SOLVER_ERRORS as err:
                 failure = (self.names[module], repr(err))
                 break
+            release_free_memory()
         failures = [f for f in all_gather_objects(failure) if f is not None]
         if failures:
             name, cause = failures[0]
