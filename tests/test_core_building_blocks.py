@@ -215,3 +215,21 @@ def test_inverse_hessian_factor_is_the_upper_cholesky_factor_of_the_damped_inver
     assert float((U.double().T @ U.double() - reference).norm() / reference.norm()) < 1e-5
     garbage = H.tril() + torch.full_like(H, 7.0).triu(1)
     torch.testing.assert_close(inverse_hessian_factor(garbage, 0.01)[0], U, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n", [5, 256, 300, 700])
+def test_lower_triangular_inverse_matches_the_triangular_solve(n):
+    """The blocked inverse (halves down to TRIANGULAR_LEAF, uneven splits at 300 and 700) against
+    a float64 solve with the identity; lower triangular, the upper triangle of L unread."""
+    from armor_modifier.core.linalg import lower_triangular_inverse
+
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(2 * n, n, generator=g) * torch.logspace(-1, 1, n)
+    L = torch.linalg.cholesky(X.T @ X / (2 * n) + 0.01 * torch.eye(n))
+    reference = torch.linalg.solve_triangular(
+        L.double(), torch.eye(n, dtype=torch.float64), upper=False
+    )
+    inverse = lower_triangular_inverse(L + torch.full_like(L, 3.0).triu(1))
+    assert inverse.dtype == L.dtype and torch.equal(inverse, inverse.tril())
+    # observed at most 9.2e-8 of the largest entry (n = 300; a float32 solve: 9.6e-8)
+    assert float((inverse.double() - reference).abs().max() / reference.abs().max()) < 1e-5

@@ -5,7 +5,7 @@ of up to 32 MiB from its heap once such a block has been freed (its dynamic mmap
 freed heap blocks stay counted in the process's resident memory, so without help it creeps up
 layer after layer and each solve's peak starts higher. Fixing the threshold low (4 MiB, this
 project's earlier answer) keeps the memory down but maps fresh pages for every large temporary
-of every iteration: on Qwen2.5-Coder-0.5B that cost a fifth of ARMOR's prune time in page faults.
+of every iteration, and the page faults cost time.
 
 :func:`release_free_memory` (``malloc_trim``) after each Linear's solve keeps the heap's reuse
 within a solve and returns what is free between solves (``LinearCompressor`` calls it);

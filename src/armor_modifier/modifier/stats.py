@@ -5,15 +5,19 @@ objective also needs the layer Hessian ``H = X^T X / N`` (docs/algorithm.md, "Ca
 statistics"). Both are kept as running float64 sums and an int64 token count, so ranks can
 all-reduce them and divide once (the mean of the union, independent of how tokens were split).
 
-Why float64: the solver's discrete decisions flip on last-bit changes of ``h`` and ``H``, and
-float32 sums depend on the order in which ranks add their terms. Every product of two float32
-inputs is exact in float64, and float64 sums of them differ between orders far below float32's
-rounding step, so :meth:`InputStatistics.mean` and :meth:`InputStatistics.hessian`, rounded once
-to float32, are the same whatever the order (``tests/test_distributed.py``: bit for bit). Cost:
-``8 n^2`` bytes per ``X^T X`` and float64 products per batch: only the lower triangle's
-``GRAM_BLOCKS (GRAM_BLOCKS + 1) / 2`` column blocks for inputs of at least
-:data:`GRAM_BLOCKED_WIDTH` (about a third less work than the whole ``X^T X`` at width 4864:
-docs/results.md, layer scaling); :meth:`InputStatistics.hessian` mirrors the lower triangle.
+Why float64 sums: the solver's discrete decisions flip on last-bit changes of ``h`` and ``H``,
+and float32 sums depend on the order in which ranks add their terms. Each batch's terms are
+formed once, the same way whichever rank sees the batch (``x_j^2`` exactly in float64; the
+batch's ``x^T x`` as a float32 matrix product, a deterministic function of the batch), and
+float64 sums of them differ between orders far below float32's rounding step, so
+:meth:`InputStatistics.mean` and :meth:`InputStatistics.hessian`, rounded once to float32, are
+the same whatever the order (``tests/test_distributed.py``: bit for bit). The batch products
+are float32 because float64 ones cost twice as much and made the calibration forwards the
+slower part of ARMOR's overhead on Qwen2.5-Coder-0.5B (docs/results.md, Qwen side by side).
+Cost: ``8 n^2`` bytes per ``X^T X``; for inputs of at least :data:`GRAM_BLOCKED_WIDTH` only the
+lower triangle's ``GRAM_BLOCKS (GRAM_BLOCKS + 1) / 2`` column blocks are formed (about a third
+less work than the whole ``X^T X`` at width 4864: docs/results.md, layer scaling);
+:meth:`InputStatistics.hessian` mirrors the lower triangle.
 
 :func:`collect_dense_statistics` runs one forward pass of the unpruned model over the calibration
 set, outside llm-compressor's pipelines, for ``calibration="dense"`` (the paper's statistics).
@@ -68,9 +72,10 @@ class InputStatistics:
         )
 
     def add(self, x: torch.Tensor) -> None:
-        """Accumulate inputs ``x [..., n]`` (any float dtype) in the sums' dtype (float64)."""
-        flat = x.detach().reshape(-1, x.shape[-1]).to(self.sums.device, self.sums.dtype)
-        self.sums += flat.square().sum(dim=0)
+        """Accumulate inputs ``x [..., n]`` (any float dtype, taken as float32) into the sums'
+        dtype (float64): ``x_j^2`` exactly, ``x^T x`` as one float32 product per call."""
+        flat = x.detach().reshape(-1, x.shape[-1]).to(self.sums.device, torch.float32)
+        self.sums += flat.to(self.sums.dtype).square().sum(dim=0)
         self.count += flat.shape[0]
         if self.gram is not None:
             _add_lower_gram(self.gram, flat)
@@ -101,19 +106,20 @@ class InputStatistics:
 
 
 def _add_lower_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
-    """``gram += x^T x`` on (at least) the lower triangle of ``gram [n, n]``, ``x [N, n]``: whole
-    below :data:`GRAM_BLOCKED_WIDTH`, else only the blocks on and below the diagonal of a
-    :data:`GRAM_BLOCKS` x :data:`GRAM_BLOCKS` split (the entries above are left as they are)."""
+    """``gram += x^T x`` on (at least) the lower triangle of ``gram [n, n]``, ``x [N, n]``, the
+    product in ``x``'s dtype and the sum in ``gram``'s: whole below :data:`GRAM_BLOCKED_WIDTH`,
+    else only the blocks on and below the diagonal of a :data:`GRAM_BLOCKS` x
+    :data:`GRAM_BLOCKS` split (the entries above are left as they are)."""
     n = x.shape[1]
     if n < GRAM_BLOCKED_WIDTH:
-        gram.addmm_(x.T, x)
+        gram += x.T @ x
         return
     edges = [round(i * n / GRAM_BLOCKS) for i in range(GRAM_BLOCKS + 1)]
     for i in range(GRAM_BLOCKS):
         rows = slice(edges[i], edges[i + 1])
         for j in range(i + 1):
             cols = slice(edges[j], edges[j + 1])
-            gram[rows, cols].addmm_(x[:, rows].T, x[:, cols])
+            gram[rows, cols] += x[:, rows].T @ x[:, cols]
 
 
 def collect_dense_statistics(
