@@ -76,9 +76,11 @@ ARMOR_METHODS = {
     "armor-output-b32-it10-damp03": _armor(32, 10, "output", output_damping=0.3),
     # wrapper size from an overhead budget over all targets (max_wrapper_overhead; SmolLM2 at
     # 0.10: requested b 44, i.e. q/o 36, every other Linear 32, 9.5 %)
+    # (matmul_precision "auto": the solver's n x n products in bfloat16 where the device has
+    # bfloat16 units, float32 elsewhere; the two below force one)
     "armor-output-ovh10-it10": _budget10(),
-    # the same with the solver's n x n products in bfloat16 (matmul_precision; AMX CPUs, GPUs)
     "armor-output-ovh10-it10-bf16": _budget10(matmul_precision="bfloat16"),
+    "armor-output-ovh10-it10-fp32": _budget10(matmul_precision="float32"),
     # the budget default with 20 decoder-layer reconstruction steps (the scale issue's Qwen table)
     "armor-output-ovh10-it10-rec20": _budget10(reconstruction_steps=20),
     # issue 12: within-layer propagation and decoder-layer reconstruction on top of the default

@@ -644,7 +644,7 @@ def test_bfloat16_products_return_an_exact_loss_and_a_close_result():
     W, X, H, _ = _problem(m=64, n=128, N=400, seed=3, dtype=torch.float32)
     common = dict(objective="output", H=H, wrapper_block_size=16, num_iterations=10,
                   output_damping=0.0)  # fmt: skip
-    f32 = factorize(W, None, **common)
+    f32 = factorize(W, None, **common, matmul_precision="float32")
     seen: list[float] = []
     low = factorize(W, None, **common, matmul_precision="bfloat16",
                     callback=lambda _k, loss: seen.append(loss))  # fmt: skip

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from .errors import ARMORTypeError, ARMORValueError
+from .precision import MATMUL_PRECISIONS
 from .problem import check_wrapper_block_size, choose_wrapper_block_size, wrapper_overhead
 from .scoring import DAMPING_KINDS
 
@@ -29,7 +30,6 @@ __all__ = [
 ]
 
 MODES = ("exact", "adam")
-MATMUL_PRECISIONS = ("float32", "bfloat16")
 OBJECTIVES = ("proxy", "output")
 INITS = ("nowag", "sparsegpt")
 
@@ -57,9 +57,10 @@ FIELD_HELP: dict[str, str] = {
     "output_damping": "objective='output': ridge output_damping * mean(diag H) added to H "
     "(pulls the result towards W; 0 = exact calibration error)",
     "output_damping_kind": "'identity' (the ridge above) or 'diagonal' (output_damping * diag(H))",
-    "matmul_precision": "objective='output': 'float32', or 'bfloat16' for the n x n products of "
-    "the conjugate-gradient steps with H (several times faster where bfloat16 matrix units exist: "
-    "AMX CPUs, GPUs; slower elsewhere); the returned loss is rechecked in float32",
+    "matmul_precision": "objective='output': 'float32' or 'bfloat16' inputs for the n x n "
+    "products of the conjugate-gradient steps with H, or 'auto': bfloat16 where the device "
+    "multiplies it natively (CUDA; CPUs with AVX-512 BF16 or AMX), float32 elsewhere (emulated "
+    "bfloat16 is slower); the returned loss is rechecked in float32",
 }
 
 
@@ -112,7 +113,7 @@ class SolverSettings:
     dampening_frac: float = 0.01
     output_damping: float = 0.1
     output_damping_kind: Literal["identity", "diagonal"] = "identity"
-    matmul_precision: Literal["float32", "bfloat16"] = "float32"
+    matmul_precision: Literal["auto", "float32", "bfloat16"] = "auto"
 
     def __post_init__(self) -> None:
         _number(

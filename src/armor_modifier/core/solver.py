@@ -22,6 +22,7 @@ from .adam import AdamState
 from .errors import ARMORValueError
 from .iterate import Iterate, Objective, reconstruct
 from .output_start import output_start
+from .precision import resolve_matmul_precision
 from .problem import check_weight, sanitize_h, wrapper_overhead
 from .proxy import nowag_p, proxy_start
 from .scoring import output_loss, proxy_loss
@@ -55,6 +56,9 @@ class ARMORFactors:
     :ivar num_damping_increases: times the Hessian damping was multiplied by 10 to factorise it
     :ivar num_h_failures: 1 when ``H`` was not positive definite after every damping increase: no
         SparseGPT and no output-aware descent; the result is NoWag-P's (identity wrappers)
+    :ivar matmul_precision: the inputs of the descent's products with ``H``: ``"bfloat16"``
+        (``matmul_precision`` asked for it, or ``"auto"`` found native bfloat16 on the weight's
+        device) or ``"float32"`` (also when there was no output-aware descent)
     """
 
     A: torch.Tensor
@@ -72,6 +76,7 @@ class ARMORFactors:
     init: str = "nowag"
     num_damping_increases: int = 0
     num_h_failures: int = 0
+    matmul_precision: str = "float32"
 
     @property
     def initial_loss(self) -> float:
@@ -204,17 +209,19 @@ def factorize(
     h = h.to(W.device)
     b = settings.block_size_for(m, n)
     H = H.to(W.device) if isinstance(H, torch.Tensor) else H
+    precision = "float32"  # of the products with H; the proxy objective has none
     if settings.objective == "proxy":
         start = proxy_start(W, h, b, H, init, settings.dampening_frac, settings.groups_per_tile)
     else:
         assert H is not None  # _check_data: the output objective always has H
+        precision = resolve_matmul_precision(settings.matmul_precision, W.device)
         start = output_start(
             W, h, b, H, init, settings.dampening_frac, settings.output_damping,
-            settings.output_damping_kind, settings.matmul_precision,
+            settings.output_damping_kind, precision,
         )  # fmt: skip
 
     history, best, best_index, fallbacks = [start.loss], start.iterate, 0, 0
-    low_precision = start.objective is not None and settings.matmul_precision != "float32"
+    low_precision = start.objective is not None and precision != "float32"
     initial = start.iterate.clone() if low_precision else start.iterate
     if start.objective is not None:
         history, best, best_index, fallbacks = _descend(
@@ -253,4 +260,5 @@ def factorize(
         init=start.init,
         num_damping_increases=start.num_damping_increases,
         num_h_failures=start.num_h_failures,
+        matmul_precision=precision if start.objective is not None else "float32",
     )

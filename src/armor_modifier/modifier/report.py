@@ -41,6 +41,8 @@ class ARMORModuleResult:
     :ivar num_h_failures: 1 if the Hessian stayed singular (the result is then NoWag-P's)
     :ivar seconds: solver wall time
     :ivar rank: the rank that solved it (0 when not distributed)
+    :ivar matmul_precision: the inputs of the descent's products with ``H`` (``"float32"`` or
+        ``"bfloat16"``: what ``matmul_precision`` resolved to on the solving device)
     """
 
     name: str
@@ -61,6 +63,7 @@ class ARMORModuleResult:
     seconds: float
     rank: int = 0
     from_budget: bool = False
+    matmul_precision: str = "float32"
 
     @classmethod
     def from_factors(
@@ -92,6 +95,7 @@ class ARMORModuleResult:
             seconds=factors.seconds,
             rank=rank,
             from_budget=from_budget,
+            matmul_precision=factors.matmul_precision,
         )
 
     @property
@@ -109,6 +113,8 @@ class ARMORModuleResult:
             block += " (from max_wrapper_overhead)"
         start = "NoWag-P" if self.init == "nowag" else "SparseGPT"
         failed = " (singular Hessian: NoWag-P kept)" if self.num_h_failures else ""
+        if self.matmul_precision != "float32":
+            failed += f", {self.matmul_precision} products"
         return (
             f"ARMOR {self.name} {m}x{n} {block}: {self.objective} loss {start} "
             f"{self.initial_loss:.5f} -> ARMOR {self.final_loss:.5f} ({self.loss_ratio:.1%}), "
