@@ -5,7 +5,8 @@
 #   pytest_gpu.log      pytest -m gpu (the test files that carry the gpu marker)
 #   gpu_speed.log/json  benchmarks/gpu_speed.py (Llama-3-8B shapes: dense vs 2:4 vs ARMOR)
 #   layer_scaling.log/json  benchmarks/layer_scaling.py --device cuda on its 7 shapes, 576x576
-#                           to 14336x4096 (SparseGPT vs one ARMOR iteration)
+#                           to 14336x4096 (SparseGPT vs one ARMOR iteration, float32 products
+#                           and bfloat16 ones, which matmul_precision="auto" takes on a GPU)
 #   gpu_oneshot.log/json    benchmarks/gpu_oneshot.py (oneshot on a SmolLM2-135M-shaped model)
 # Each step runs under its own `timeout`, capped by what is left of GPU_CHECK_BUDGET seconds
 # (default 450), so one hang cannot eat the rest. GPU_CHECK_STEPS picks steps (default: all of
@@ -120,7 +121,7 @@ step pytest_gpu 90 "$PYTHON" -m pytest -q -m gpu -rs -p no:cacheprovider "${GPU_
 step gpu_speed 75 "$PYTHON" benchmarks/gpu_speed.py --json "$OUT/gpu_speed.json"
 step layer_scaling 100 "$PYTHON" benchmarks/layer_scaling.py --device cuda \
     --shapes 576x576 896x4864 4864x896 2048x2048 4096x4096 4096x14336 14336x4096 \
-    --iterations 10 --json "$OUT/layer_scaling.json"
+    --iterations 10 --precisions float32 bfloat16 --json "$OUT/layer_scaling.json"
 step gpu_oneshot 170 "$PYTHON" benchmarks/gpu_oneshot.py --device cuda --layers 30 \
     --samples 32 --seq-len 256 --variants "${VARIANTS[@]}" --json "$OUT/gpu_oneshot.json"
 note "gpu_check done in ${SECONDS} s"
