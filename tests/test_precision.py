@@ -74,3 +74,16 @@ def test_the_log_line_names_bfloat16_products(monkeypatch):
     f32 = factorize(W, None, objective="output", H=H, wrapper_block_size=16, num_iterations=2,
                     matmul_precision="float32")  # fmt: skip
     assert "bfloat16" not in ARMORModuleResult.from_factors("x", f32, 16, 300).log_line()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_on_cuda_follows_the_devices_compute_capability():
+    """bfloat16 tensor cores from compute capability 8.0 (Ampere) on; a solve there records it."""
+    device = torch.device("cuda", 0)
+    native = torch.cuda.get_device_capability(device)[0] >= 8
+    assert resolve_matmul_precision("auto", device) == ("bfloat16" if native else "float32")
+    W, H = _problem(3)
+    f = factorize(W.to(device), None, objective="output", H=H.to(device), wrapper_block_size=16,
+                  num_iterations=2)  # fmt: skip
+    assert f.matmul_precision == ("bfloat16" if native else "float32")

@@ -22,7 +22,8 @@ def native_bfloat16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bfloat16 matrices in hardware (CUDA without emulation; a
     CPU with AVX-512 BF16 or AMX tiles, as torch detects them)."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        with torch.cuda.device(device):  # that device's capability, not the current one's
+            return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(bool(getattr(torch.cpu, check, lambda: False)()) for check in checks)
