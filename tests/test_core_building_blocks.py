@@ -233,3 +233,40 @@ def test_lower_triangular_inverse_matches_the_triangular_solve(n):
     assert inverse.dtype == L.dtype and torch.equal(inverse, inverse.tril())
     # observed at most 9.2e-8 of the largest entry (n = 300; a float32 solve: 9.6e-8)
     assert float((inverse.double() - reference).abs().max() / reference.abs().max()) < 1e-5
+
+
+def test_the_starts_n_by_n_passes_equal_the_dense_formulas_bit_for_bit():
+    """Damping on the diagonal in place, the output ridge without a diagonal matrix and the
+    symmetrisation by ``* 0.5`` give exactly ``H + lambda I``'s factor, ``H + diag(r)`` and
+    ``(H + H^T) / 2`` (the formulas they replaced)."""
+    from armor_modifier.core.linalg import lower_triangular_inverse
+    from armor_modifier.core.scoring import damped, output_ridge
+    from armor_modifier.core.sparsegpt import check_hessian, inverse_hessian_factor
+
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(400, 300, generator=g) * torch.logspace(-1, 1, 300)
+    H = X.T @ X / 400
+    U, damping, _ = inverse_hessian_factor(H, 0.01)
+    L, _ = torch.linalg.cholesky_ex((H + damping * torch.eye(300)).flip(0, 1).T)
+    assert torch.equal(U, lower_triangular_inverse(L).flip(0, 1))
+    for kind in ("identity", "diagonal"):
+        assert torch.equal(damped(H, 0.1, kind, 0.0), H + torch.diag(output_ridge(H, 0.1, kind)))
+    skewed = H + 1e-3 * torch.randn(300, 300, generator=g)
+    assert torch.equal(check_hessian(skewed, 300), (skewed + skewed.T) / 2)
+    assert not torch.equal(check_hessian(skewed, 300), skewed)  # so the comparison can fail
+
+
+def test_all_finite_settles_by_the_sum_and_checks_entries_when_it_overflows():
+    from armor_modifier.core.problem import all_finite
+
+    x = torch.randn(64, 64)
+    assert all_finite(x)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[3, 5] = bad
+        assert not all_finite(y)
+    both = x.clone()
+    both[0, 0], both[1, 1] = float("inf"), -float("inf")  # the sum is NaN, not an infinity
+    assert not all_finite(both)
+    huge = torch.full((8, 8), 3e38)  # every entry finite, the float32 sum overflows
+    assert not bool(torch.isfinite(huge.sum())) and all_finite(huge)

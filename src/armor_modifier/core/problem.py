@@ -42,6 +42,13 @@ class NormalizedWeight:
     c: torch.Tensor
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry of ``x`` is finite, in one reduction where it is: a NaN or an infinity
+    makes the sum non-finite, so a finite sum settles it; the entrywise check runs only when the
+    sum is not finite (a bad entry, or finite entries whose sum overflowed)."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+
+
 def check_weight(
     weight: object, name: str = "weight", *, multiple_of_4: bool = True, purpose: str = "pruning"
 ) -> torch.Tensor:
@@ -69,7 +76,7 @@ def check_weight(
             "Leave this layer out with `ignore`."
         )
     w = weight.detach().to(torch.float32).clone()
-    if not torch.isfinite(w).all():
+    if not all_finite(w):
         bad = int((~torch.isfinite(w)).sum())
         raise ARMORValueError(f"{name} holds {bad} NaN/Inf entries; fix the model before {purpose}")
     return w

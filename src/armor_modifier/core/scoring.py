@@ -79,4 +79,6 @@ def damped(H: torch.Tensor, amount: float, kind: str, extra_ridge: float) -> tor
     ridge = output_ridge(H, amount, kind) + extra_ridge
     if not bool(ridge.any()):
         return H
-    return H + torch.diag(ridge)
+    out = H.clone()  # H + diag(ridge) without an n x n diagonal matrix
+    out.diagonal().add_(ridge)
+    return out
