@@ -1,5 +1,6 @@
-"""``matmul_precision="auto"``: bfloat16 products only where the device multiplies them natively,
-and a solve under ``"auto"`` is exactly the solve under what it resolved to."""
+"""``matmul_precision="auto"`` and ``reconstruction_precision="auto"``: bfloat16 only where the
+device multiplies it natively, and a solve or a fit under ``"auto"`` is exactly the one under what
+it resolved to."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import torch
 
 from armor_modifier.core import factorize
 from armor_modifier.core.precision import native_bfloat16, resolve_matmul_precision
+from armor_modifier.core.reconstruct import ReconstructionSettings, reconstruct_layer
+from armor_modifier.core.sparsity import top2_of_4_mask
+from armor_modifier.modifier.reconstruction import LayerReconstruction
 from armor_modifier.modifier.report import ARMORModuleResult
 
 CPU = torch.device("cpu")
@@ -74,6 +78,39 @@ def test_the_log_line_names_bfloat16_products(monkeypatch):
     f32 = factorize(W, None, objective="output", H=H, wrapper_block_size=16, num_iterations=2,
                     matmul_precision="float32")  # fmt: skip
     assert "bfloat16" not in ARMORModuleResult.from_factors("x", f32, 16, 300).log_line()
+
+
+def _fit(precision: str) -> tuple[torch.Tensor, object]:
+    """20 reconstruction steps of a residual 2:4 layer ``x + x S^T`` towards a dense one on
+    correlated inputs (so the kept weights can make up for the pruned ones)."""
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(16, 16, generator=g) / 4
+    mixing = torch.eye(16) + torch.randn(16, 16, generator=g) / 4
+    X = [torch.randn(64, 16, generator=g) @ mixing for _ in range(8)]
+    T = [x + x @ W.T for x in X]
+    M = top2_of_4_mask(W.abs()).float()
+    S = W * M
+    settings = ReconstructionSettings(steps=20, learning_rate=1e-2, guard_fraction=0.25,
+                                      eval_every=5, precision=precision)  # fmt: skip
+    result = reconstruct_layer(lambda i: X[i] + X[i] @ S.T, X, T, [S], [M], settings)
+    return S, result
+
+
+@pytest.mark.parametrize("units", [False, True])
+def test_auto_reconstructs_exactly_as_its_resolution(monkeypatch, units):
+    """The fit under ``"auto"`` is bit for bit the explicit precision's, which the result and the
+    log line record; the other precision's fit differs (so the comparison can fail)."""
+    _cpu_units(monkeypatch, units, False)
+    picked, other = ("bfloat16", "float32") if units else ("float32", "bfloat16")
+    S_auto, auto = _fit("auto")
+    S_same, same = _fit(picked)
+    S_other, different = _fit(other)
+    assert auto.precision == same.precision == picked and different.precision == other
+    assert auto.accepted  # observed: guard error 0.128 -> 0.075 in both precisions
+    assert torch.equal(S_auto, S_same) and auto.history == same.history
+    assert not torch.equal(S_auto, S_other)
+    line = LayerReconstruction("model.layers.0", auto, 8).log_line()
+    assert line.endswith(", bfloat16 autocast") == units
 
 
 @pytest.mark.gpu

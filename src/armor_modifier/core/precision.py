@@ -1,6 +1,7 @@
-"""The precision of the output objective's ``n x n`` products with ``H`` (``matmul_precision``).
+"""The precision of the output objective's ``n x n`` products with ``H`` (``matmul_precision``)
+and of the reconstruction's fit steps (``reconstruction_precision``).
 
-``"auto"`` (the default) takes bfloat16 inputs where the hardware multiplies bfloat16 natively
+``"auto"`` takes bfloat16 inputs where the hardware multiplies bfloat16 natively
 and float32 elsewhere: on a CUDA device that supports bfloat16 without emulation, and on a CPU
 with AVX-512 BF16 or AMX instructions. Without them a bfloat16 product is emulated and slower
 than float32's. Either way the loss and the line searches sum in float32 and the returned loss

@@ -33,11 +33,13 @@ from typing import Any, Literal, Protocol
 import torch
 
 from .errors import ARMORValueError
+from .precision import resolve_matmul_precision
 
 __all__ = [
     "PARAMETER_SETS",
     "PRECISIONS",
     "RECONSTRUCTION_FIELDS",
+    "RECONSTRUCTION_PRECISIONS",
     "TARGETS",
     "UNITS",
     "FitSettings",
@@ -56,7 +58,11 @@ PARAMETER_SETS = ("all", "wrappers", "core")
 TARGETS = ("layer", "model")
 #: What is fitted as one unit: the whole decoder layer, or each of its blocks in turn.
 UNITS = ("layer", "block")
+#: Autocast dtypes of a guarded fit's forward and backward.
 PRECISIONS = ("float32", "bfloat16")
+#: ``reconstruction_precision`` values: ``"auto"`` takes bfloat16 where the layer's device
+#: multiplies it natively (:func:`~armor_modifier.core.precision.native_bfloat16`).
+RECONSTRUCTION_PRECISIONS = ("auto", *PRECISIONS)
 
 
 def _help(text: str) -> dict[str, str]:
@@ -100,10 +106,10 @@ class ReconstructionSettings:
         "'layer' (all the layer's ARMOR Linears fitted at once to its output) or 'block' (each "
         "child block holding targets, e.g. attention then MLP, fitted alone in call order: "
         "every block but the last to the dense block's output, the last to the layer's)"))
-    precision: Literal["float32", "bfloat16"] = field(default="float32", metadata=_help(
+    precision: Literal["auto", "float32", "bfloat16"] = field(default="float32", metadata=_help(
         "autocast dtype of the fit steps' forward and backward ('bfloat16': faster where "
-        "bfloat16 matrix units exist, AMX CPUs and GPUs); parameters, loss and guard stay "
-        "float32"))
+        "bfloat16 matrix units exist, AMX or AVX-512 BF16 CPUs and GPUs; 'auto': bfloat16 "
+        "there, float32 elsewhere); parameters, loss and guard stay float32"))
     seed: int = field(default=0, metadata=_help(
         "seed of the order in which fit windows are visited (each layer adds crc32 of its name)"))
 
@@ -116,7 +122,7 @@ class ReconstructionSettings:
             self, "reconstruction_",
             {"steps": 0, "windows_per_step": 1, "eval_every": 1, "patience": 0, "seed": 0},
             {"parameters": PARAMETER_SETS, "target": TARGETS, "unit": UNITS,
-             "precision": PRECISIONS},
+             "precision": RECONSTRUCTION_PRECISIONS},
         )  # fmt: skip
 
     @property
@@ -198,6 +204,8 @@ class ReconstructionResult:
     :ivar rolled_back: the loss became non-finite and the run was stopped
     :ivar history: ``(step, guard R)`` at every guard evaluation, step 0 first
     :ivar seconds: wall time
+    :ivar precision: autocast dtype the fit steps ran in (``"float32"`` or ``"bfloat16"``: what
+        ``precision`` resolved to on the layer's device)
     """
 
     initial_error: float
@@ -208,6 +216,7 @@ class ReconstructionResult:
     rolled_back: bool
     history: tuple[tuple[int, float], ...]
     seconds: float
+    precision: str = "float32"
 
     @property
     def gain(self) -> float:
@@ -260,7 +269,8 @@ def reconstruct_layer(
         float((t.double() - x.double()).pow(2).sum()) for x, t in zip(inputs, targets, strict=True)
     ]
     guard_scale = sum(scale[i] for i in guard) or 1.0
-    low_precision = settings.precision == "bfloat16"
+    precision = resolve_matmul_precision(settings.precision, targets[0].device)
+    low_precision = precision == "bfloat16"
 
     def guard_error() -> float:
         with torch.no_grad():
@@ -280,7 +290,8 @@ def reconstruct_layer(
             total += float(loss.detach())
         return total
 
-    return fit_guarded(batch_backward, guard_error, fit, params, masks, settings, progress)
+    result = fit_guarded(batch_backward, guard_error, fit, params, masks, settings, progress)
+    return dataclasses.replace(result, precision=precision)
 
 
 class FitSettings(Protocol):

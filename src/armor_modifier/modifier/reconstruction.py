@@ -79,7 +79,7 @@ class LayerReconstruction:
         return (
             f"ARMOR reconstruction {self.layer}: guard error {r.initial_error:.5f} -> "
             f"{r.final_error:.5f}, {what}, {r.steps_run} steps on {self.num_windows} windows, "
-            f"{r.seconds:.1f} s"
+            f"{r.seconds:.1f} s" + (f", {r.precision} autocast" if r.precision != "float32" else "")
         )
 
 
