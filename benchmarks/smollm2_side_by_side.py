@@ -56,6 +56,10 @@ def _budget10(**extra) -> dict:
     return {"max_wrapper_overhead": 0.10, "num_iterations": 10, "objective": "output", **extra}
 
 
+#: the reconstruction defaults before 2026-12-07 (4 windows per step, float32 fit steps), kept by
+#: the methods measured with them so their names keep meaning what docs/results.md ran
+REC_BEFORE = {"reconstruction_windows_per_step": 4, "reconstruction_precision": "float32"}
+
 #: method name -> ARMORModifier fields (None: not an ARMOR method)
 ARMOR_METHODS = {
     "nowag-p": _armor(32, 0),
@@ -82,26 +86,34 @@ ARMOR_METHODS = {
     "armor-output-ovh10-it10-bf16": _budget10(matmul_precision="bfloat16"),
     "armor-output-ovh10-it10-fp32": _budget10(matmul_precision="float32"),
     # the budget default with 20 decoder-layer reconstruction steps (the scale issue's Qwen table)
-    "armor-output-ovh10-it10-rec20": _budget10(reconstruction_steps=20),
+    "armor-output-ovh10-it10-rec20": _budget10(reconstruction_steps=20, **REC_BEFORE),
+    # 20 steps with the reconstruction defaults of 2026-12-07 (2 windows per step, 'auto')
+    "armor-output-ovh10-it10-rec20-w2": _budget10(
+        reconstruction_steps=20, reconstruction_windows_per_step=2,
+        reconstruction_precision="auto"),
     # issue 12: within-layer propagation and decoder-layer reconstruction on top of the default
     "armor-output-b32-it10-prop": _armor(32, 10, "output", propagate_within_layer=True),
-    **{f"armor-output-b32-it10-rec{steps}": _armor(32, 10, "output", reconstruction_steps=steps)
+    **{f"armor-output-b32-it10-rec{steps}": _armor(
+        32, 10, "output", reconstruction_steps=steps, **REC_BEFORE)
        for steps in (20, 60, 120, 240)},
     **{f"armor-output-b32-it10-rec{steps}-model": _armor(
-        32, 10, "output", reconstruction_steps=steps, reconstruction_target="model")
+        32, 10, "output", reconstruction_steps=steps, reconstruction_target="model",
+        **REC_BEFORE)
        for steps in (20, 60, 120)},
     **{f"armor-output-b32-it10-rec{steps}-bf16": _armor(
-        32, 10, "output", reconstruction_steps=steps, reconstruction_precision="bfloat16")
+        32, 10, "output", reconstruction_steps=steps,
+        **{**REC_BEFORE, "reconstruction_precision": "bfloat16"})
        for steps in (20, 60, 120)},
     "armor-output-b32-it10-rec120-wrappers": _armor(32, 10, "output", reconstruction_steps=120,
-                                                    reconstruction_parameters="wrappers"),
+                                                    reconstruction_parameters="wrappers",
+                                                    **REC_BEFORE),
     "armor-output-b32-it10-prop-rec120": _armor(32, 10, "output", propagate_within_layer=True,
-                                                reconstruction_steps=120),
+                                                reconstruction_steps=120, **REC_BEFORE),
     # SparseGPT through ARMOR's own solver (0 iterations: identity wrappers of block 4, counted
     # as no overhead), alone and with its core values refined (wrappers frozen)
     "sparsegpt-ours": _armor(4, 0, "output"),
     "sparsegpt-ours-rec120": _armor(4, 0, "output", reconstruction_steps=120,
-                                    reconstruction_parameters="core"),
+                                    reconstruction_parameters="core", **REC_BEFORE),
 }
 #: method name -> one ARMORModifier's fields per group of targets (wrapper size per layer type)
 MIXED_METHODS = {

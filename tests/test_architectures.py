@@ -27,6 +27,8 @@ SETTINGS = dict(wrapper_block_size=16, num_iterations=1, seq_len=SEQ_LEN)
 RECONSTRUCTION = dict(
     propagate_within_layer=True, reconstruction_steps=4,
     reconstruction_guard_fraction=0.25, reconstruction_eval_every=2,
+    # the settings its observed values were taken with (the defaults before 2026-12-07)
+    reconstruction_windows_per_step=4, reconstruction_precision="float32",
 )  # fmt: skip
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from armor_modifier.core import ARMORValueError, is_2_of_4
+from armor_modifier.core.precision import resolve_matmul_precision
 from armor_modifier.core.reconstruct import guard_split
 from armor_modifier.runtime import ARMOR_A, ARMOR_B, armor_linears
 from tiny_llama import (
@@ -22,6 +23,9 @@ from tiny_llama import (
     sample_input,
 )
 
+#: the reconstruction settings the observed values below were taken with (the defaults before
+#: 2026-12-07: 4 windows per step, float32 fit steps on every CPU)
+PINNED = {"reconstruction_windows_per_step": 4, "reconstruction_precision": "float32"}
 BLOCK = 16
 WINDOWS = 32  # calibration windows of the refinement tests (8 held out at 0.25)
 REFINE = {
@@ -29,6 +33,7 @@ REFINE = {
     "reconstruction_learning_rate": 1e-3,
     "reconstruction_guard_fraction": 0.25,
     "reconstruction_eval_every": 5,
+    **PINNED,
 }
 
 
@@ -105,7 +110,7 @@ def test_refinement_keeps_2of4_and_never_raises_the_held_out_error(
     held-out errors the modifier reports are the float32 ones (recomputed below)."""
     dataset = calibration_dataset(WINDOWS)
     plain = run_oneshot(tiny_llama_folder, [_armor()], dataset=dataset)
-    modifier = _armor(**REFINE, reconstruction_precision=precision)
+    modifier = _armor(**{**REFINE, "reconstruction_precision": precision})
     refined = run_oneshot(tiny_llama_folder, [modifier], dataset=dataset)
     for name, module in armor_linears(refined).items():
         assert is_2_of_4(module.weight != 0), name
@@ -122,6 +127,21 @@ def test_refinement_keeps_2of4_and_never_raises_the_held_out_error(
     assert before == pytest.approx(results["model.layers.0"].initial_error, rel=1e-4)
     assert after == pytest.approx(results["model.layers.0"].final_error, rel=1e-4)
     assert after <= before
+
+
+def test_the_defaults_fit_two_windows_a_step_in_the_devices_precision(
+    tiny_llama_folder: Path,
+) -> None:
+    """Without the pins: 2 windows per Adam step and ``"auto"`` precision, which every layer's
+    result records as what it resolved to on the CPU; nothing is half-written (2:4 cores)."""
+    modifier = _armor(reconstruction_steps=4, reconstruction_guard_fraction=0.25,
+                      reconstruction_eval_every=2)  # fmt: skip
+    assert modifier.reconstruction_windows_per_step == 2
+    assert modifier.reconstruction_precision == "auto"
+    refined = run_oneshot(tiny_llama_folder, [modifier], dataset=calibration_dataset(WINDOWS))
+    expected = resolve_matmul_precision("auto", torch.device("cpu"))
+    assert [r.result.precision for r in modifier.reconstructions] == [expected] * 2
+    assert all(is_2_of_4(m.weight != 0) for m in armor_linears(refined).values())
 
 
 def _layer0_attention_error(model: nn.Module, dense: nn.Module, guard: list[int]) -> float:

@@ -87,8 +87,9 @@ class ReconstructionSettings:
         "Adam steps fitting each decoder layer's ARMOR parameters jointly to the layer's output "
         "(0: off, the per-Linear result bit for bit)"))
     learning_rate: float = field(default=1e-4, metadata=_help("Adam learning rate"))
-    windows_per_step: int = field(default=4, metadata=_help(
-        "calibration windows (batches) per Adam step"))
+    windows_per_step: int = field(default=2, metadata=_help(
+        "calibration windows (batches) per Adam step (cost per step; 2 chosen on valid: "
+        "docs/results.md#reconstruction_defaults)"))
     parameters: Literal["all", "wrappers", "core"] = field(default="all", metadata=_help(
         "what moves: 'all' (A, B and the kept core values), 'wrappers' or 'core'; masks never "
         "move, so every core stays exactly 2:4"))
@@ -106,7 +107,7 @@ class ReconstructionSettings:
         "'layer' (all the layer's ARMOR Linears fitted at once to its output) or 'block' (each "
         "child block holding targets, e.g. attention then MLP, fitted alone in call order: "
         "every block but the last to the dense block's output, the last to the layer's)"))
-    precision: Literal["auto", "float32", "bfloat16"] = field(default="float32", metadata=_help(
+    precision: Literal["auto", "float32", "bfloat16"] = field(default="auto", metadata=_help(
         "autocast dtype of the fit steps' forward and backward ('bfloat16': faster where "
         "bfloat16 matrix units exist, AMX or AVX-512 BF16 CPUs and GPUs; 'auto': bfloat16 "
         "there, float32 elsewhere); parameters, loss and guard stay float32"))
