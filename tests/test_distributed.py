@@ -48,11 +48,11 @@ from tiny_models import ARCHITECTURES, save_tiny  # noqa: E402
 
 ITERATIONS = 4
 BLOCK = 32
-#: calibration modes; "sequential-refined" adds within-layer propagation and reconstruction
-#: (rank 0 refines each layer on every rank's windows, gathered in rank order, and broadcasts)
 #: the reconstruction settings the observed values below were taken with (the defaults before
 #: 2026-12-07: 4 windows per step, float32 fit steps on every CPU)
 PINNED = {"reconstruction_windows_per_step": 4, "reconstruction_precision": "float32"}
+#: calibration modes; "sequential-refined" adds within-layer propagation and reconstruction
+#: (rank 0 refines each layer on every rank's windows, gathered in rank order, and broadcasts)
 CALIBRATIONS = ("sequential", "dense", "sequential-refined")
 REFINED = {
     "propagate_within_layer": True,
