@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import torch
 from torch import nn
@@ -175,6 +175,7 @@ def distill_model(
                                  progress)  # fmt: skip
     finally:
         model.train(was_training)
+    result = replace(result, precision=settings.precision)  # what the fit steps ran in
     if result.accepted:
         write_back_factors(linears, names, params)
         write_back_scales(names, params)
