@@ -18,7 +18,13 @@ from transformers import AutoModelForCausalLM
 import armor_modifier
 from armor_modifier.runtime import armor_linears
 from checkpoint_helpers import run_python
-from tiny_llama import SEQ_LEN, build_tokenizer, calibration_dataset, sample_input
+from tiny_llama import (
+    RECONSTRUCTION_BEFORE,
+    SEQ_LEN,
+    build_tokenizer,
+    calibration_dataset,
+    sample_input,
+)
 from tiny_models import ARCHITECTURES, save_tiny, target_names
 
 pytestmark = pytest.mark.integration
@@ -27,8 +33,7 @@ SETTINGS = dict(wrapper_block_size=16, num_iterations=1, seq_len=SEQ_LEN)
 RECONSTRUCTION = dict(
     propagate_within_layer=True, reconstruction_steps=4,
     reconstruction_guard_fraction=0.25, reconstruction_eval_every=2,
-    # the settings its observed values were taken with (the defaults before 2026-12-07)
-    reconstruction_windows_per_step=4, reconstruction_precision="float32",
+    **RECONSTRUCTION_BEFORE,  # the settings its observed values were taken with
 )  # fmt: skip
 
 

@@ -36,6 +36,7 @@ from tiny_llama import (  # noqa: E402
     LAYERS,
     LINEAR_SUFFIXES,
     NUM_SAMPLES,
+    RECONSTRUCTION_BEFORE,
     SEQ_LEN,
     armor,
     calibration_dataset,
@@ -48,9 +49,6 @@ from tiny_models import ARCHITECTURES, save_tiny  # noqa: E402
 
 ITERATIONS = 4
 BLOCK = 32
-#: the reconstruction settings the observed values below were taken with (the defaults before
-#: 2026-12-07: 4 windows per step, float32 fit steps on every CPU)
-PINNED = {"reconstruction_windows_per_step": 4, "reconstruction_precision": "float32"}
 #: calibration modes; "sequential-refined" adds within-layer propagation and reconstruction
 #: (rank 0 refines each layer on every rank's windows, gathered in rank order, and broadcasts)
 CALIBRATIONS = ("sequential", "dense", "sequential-refined")
@@ -60,7 +58,7 @@ REFINED = {
     "reconstruction_learning_rate": 1e-4,  # larger rates overfit 6 windows at once (observed)
     "reconstruction_guard_fraction": 0.25,
     "reconstruction_eval_every": 1,
-    **PINNED,
+    **RECONSTRUCTION_BEFORE,
 }
 
 

@@ -15,6 +15,7 @@ from armor_modifier.core.precision import resolve_matmul_precision
 from armor_modifier.core.reconstruct import guard_split
 from armor_modifier.runtime import ARMOR_A, ARMOR_B, armor_linears
 from tiny_llama import (
+    RECONSTRUCTION_BEFORE,
     armor,
     calibration_dataset,
     input_statistics,
@@ -23,9 +24,6 @@ from tiny_llama import (
     sample_input,
 )
 
-#: the reconstruction settings the observed values below were taken with (the defaults before
-#: 2026-12-07: 4 windows per step, float32 fit steps on every CPU)
-PINNED = {"reconstruction_windows_per_step": 4, "reconstruction_precision": "float32"}
 BLOCK = 16
 WINDOWS = 32  # calibration windows of the refinement tests (8 held out at 0.25)
 REFINE = {
@@ -33,7 +31,7 @@ REFINE = {
     "reconstruction_learning_rate": 1e-3,
     "reconstruction_guard_fraction": 0.25,
     "reconstruction_eval_every": 5,
-    **PINNED,
+    **RECONSTRUCTION_BEFORE,
 }
 
 

@@ -31,6 +31,7 @@ THIS = Path(__file__).resolve()
 sys.path.insert(0, str(THIS.parent))
 
 from tiny_llama import (  # noqa: E402
+    RECONSTRUCTION_BEFORE,
     armor,
     calibration_dataset,
     load_tiny_llama,
@@ -41,9 +42,6 @@ from tiny_llama import (  # noqa: E402
 )
 
 LAYER0 = "model.layers.0.safetensors"
-#: the reconstruction settings the observed values below were taken with (the defaults before
-#: 2026-12-07: 4 windows per step, float32 fit steps on every CPU)
-PINNED = {"reconstruction_windows_per_step": 4, "reconstruction_precision": "float32"}
 VARIANTS = {
     "armor": {},
     "reconstruction": {
@@ -52,7 +50,7 @@ VARIANTS = {
         "reconstruction_learning_rate": 1e-3,
         "reconstruction_guard_fraction": 0.25,
         "reconstruction_eval_every": 2,
-        **PINNED,
+        **RECONSTRUCTION_BEFORE,
     },
     "reconstruction-model-target": {
         "reconstruction_steps": 6,
@@ -60,7 +58,7 @@ VARIANTS = {
         "reconstruction_guard_fraction": 0.25,
         "reconstruction_eval_every": 2,
         "reconstruction_target": "model",
-        **PINNED,
+        **RECONSTRUCTION_BEFORE,
     },
 }
 

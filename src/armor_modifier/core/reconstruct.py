@@ -291,8 +291,8 @@ def reconstruct_layer(
             total += float(loss.detach())
         return total
 
-    result = fit_guarded(batch_backward, guard_error, fit, params, masks, settings, progress)
-    return dataclasses.replace(result, precision=precision)
+    return fit_guarded(batch_backward, guard_error, fit, params, masks, settings, progress,
+                       precision=precision)  # fmt: skip
 
 
 class FitSettings(Protocol):
@@ -320,6 +320,8 @@ def fit_guarded(
     masks: Sequence[torch.Tensor | None],
     settings: FitSettings,
     progress: Callable[[int, float], None] | None = None,
+    *,
+    precision: str,
 ) -> ReconstructionResult:
     """The guarded Adam fit behind :func:`reconstruct_layer` and model-level distillation.
 
@@ -335,6 +337,7 @@ def fit_guarded(
     :param masks: per parameter, a 0/1 tensor of its shape (frozen zeros) or ``None``
     :param settings: steps, learning rate, windows per step, evaluation period, patience, seed
     :param progress: called as ``progress(step, loss)`` after every step
+    :param precision: the autocast dtype ``batch_backward`` runs in, recorded in the result
     """
     start = time.perf_counter()
     initial = [p.detach().clone() for p in params]
@@ -384,6 +387,7 @@ def fit_guarded(
         rolled_back=rolled_back,
         history=tuple(history),
         seconds=time.perf_counter() - start,
+        precision=precision,
     )
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import torch
 from torch import nn
@@ -172,10 +172,9 @@ def distill_model(
         with _frozen(model), torch.enable_grad(), trainable_factors(linears, names, params), \
                 trainable_scales(straight, names, params):
             result = fit_guarded(batch_backward, guard_error, fit, params, masks, settings,
-                                 progress)  # fmt: skip
+                                 progress, precision=settings.precision)  # fmt: skip
     finally:
         model.train(was_training)
-    result = replace(result, precision=settings.precision)  # what the fit steps ran in
     if result.accepted:
         write_back_factors(linears, names, params)
         write_back_scales(names, params)
