@@ -121,7 +121,8 @@ def recipe(variant: str, args: argparse.Namespace) -> list:
         return [SparseGPTModifier(sparsity=0.5, mask_structure="2:4", **common)]
     from armor_modifier.modifier import ARMORModifier
 
-    extra = {"reconstruction_steps": args.reconstruction_steps} if variant == "armor+rec" else {}
+    steps = args.reconstruction_steps if variant == "armor+rec" else 0  # `armor`: per Linear
+    extra = {"reconstruction_steps": steps}
     return [
         ARMORModifier(
             wrapper_block_size=args.wrapper_block_size,

@@ -5,7 +5,8 @@ solves' freed memory (``armor_modifier/allocator.py``):
 - ``fixed``: the threshold fixed at 4 MiB through ``mallopt``, no trim (``prune``'s way before);
 - ``dynamic``: glibc's defaults alone, no trim.
 
-One process per run: ``prune(MODEL, num_iterations=N)`` (16 x 512 WikiVital-train windows, 10 %
+One process per run: ``prune(MODEL, num_iterations=N, reconstruction_steps=0)`` (ARMOR without
+reconstruction, as the scale issue's memory target asks; 16 x 512 WikiVital-train windows, 10 %
 wrapper budget, nothing saved), with a note after every decoder layer's compression of the
 process's resident memory (``/proc/self/statm``) and its peak so far (``ru_maxrss``).
 
@@ -66,7 +67,7 @@ def main() -> None:
 
     base.ARMORModifier.on_sequential_epoch_end = noting
     start = time.perf_counter()
-    pruning.prune(args.model, None, num_iterations=args.iterations)
+    pruning.prune(args.model, None, num_iterations=args.iterations, reconstruction_steps=0)
     row = {
         "model": args.model, "iterations": args.iterations, "allocator": args.allocator,
         "seconds": round(time.perf_counter() - start, 1), "peak_mib": round(_peak_mib()),

@@ -80,7 +80,9 @@ def base_recipe(base: str, seed: int) -> list:
     common = {"targets": ["Linear"], "ignore": [LM_HEAD]}
     if base == "sparsegpt":
         return [SparseGPTModifier(sparsity=0.5, mask_structure="2:4", **common)]
-    fields = {"wrapper_block_size": 32, "num_iterations": 10, "objective": "output"}
+    # per Linear (reconstruction_steps=0), as docs/results.md#gptq measured it
+    fields = {"wrapper_block_size": 32, "num_iterations": 10, "objective": "output",
+              "reconstruction_steps": 0}  # fmt: skip
     return [ARMORModifier(seed=seed, **common, **fields)]
 
 

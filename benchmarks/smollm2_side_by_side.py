@@ -59,6 +59,9 @@ def _budget10(**extra) -> dict:
 #: the reconstruction defaults before 2026-12-07 (4 windows per step, float32 fit steps), kept by
 #: the methods measured with them so their names keep meaning what docs/results.md ran
 REC_BEFORE = {"reconstruction_windows_per_step": 4, "reconstruction_precision": "float32"}
+#: reconstruction is on by default since 2026-12-07; a method reconstructs only where its name
+#: says ``recN``, so the rest run per Linear, as docs/results.md measured them
+PER_LINEAR = {"reconstruction_steps": 0}
 
 #: method name -> ARMORModifier fields (None: not an ARMOR method)
 ARMOR_METHODS = {
@@ -87,6 +90,9 @@ ARMOR_METHODS = {
     "armor-output-ovh10-it10-fp32": _budget10(matmul_precision="float32"),
     # the budget default with 20 decoder-layer reconstruction steps (the scale issue's Qwen table)
     "armor-output-ovh10-it10-rec20": _budget10(reconstruction_steps=20, **REC_BEFORE),
+    # the library's defaults with 10 iterations: the 10 % budget, reconstruction_steps unset
+    # (20 steps, 2 windows per step, 'auto', where the run can replay decoder layers): quickstart
+    "armor-defaults-it10": {"num_iterations": 10, "reconstruction_steps": None},
     # 20 steps with the reconstruction defaults of 2026-12-07 (2 windows per step, 'auto')
     "armor-output-ovh10-it10-rec20-w2": _budget10(
         reconstruction_steps=20, reconstruction_windows_per_step=2,
@@ -154,14 +160,15 @@ def recipe_for(method: str, seed: int) -> list:
     if method == "sparsegpt":
         return [SparseGPTModifier(sparsity=0.5, mask_structure="2:4", **common)]
     if method in MIXED_METHODS:
-        return [ARMORModifier(seed=seed, targets=[target], ignore=common["ignore"], **fields)
+        return [ARMORModifier(seed=seed, targets=[target], ignore=common["ignore"],
+                              **{**PER_LINEAR, **fields})
                 for target, fields in MIXED_METHODS[method].items()]
     if method in GPTQ_METHODS:
         from armor_modifier.pruning import gptq_modifier
 
         base, preset = GPTQ_METHODS[method]
         return [*recipe_for(base, seed), gptq_modifier(preset)]
-    return [ARMORModifier(seed=seed, **common, **ARMOR_METHODS[method])]
+    return [ARMORModifier(seed=seed, **common, **{**PER_LINEAR, **ARMOR_METHODS[method]})]
 
 
 def evaluate(model, tokenizer, texts: dict[str, str], args) -> dict[str, float]:

@@ -36,6 +36,7 @@ from .errors import ARMORValueError
 from .precision import resolve_matmul_precision
 
 __all__ = [
+    "DEFAULT_STEPS",
     "PARAMETER_SETS",
     "PRECISIONS",
     "RECONSTRUCTION_FIELDS",
@@ -63,6 +64,9 @@ PRECISIONS = ("float32", "bfloat16")
 #: ``reconstruction_precision`` values: ``"auto"`` takes bfloat16 where the layer's device
 #: multiplies it natively (:func:`~armor_modifier.core.precision.native_bfloat16`).
 RECONSTRUCTION_PRECISIONS = ("auto", *PRECISIONS)
+#: Adam steps per decoder layer when ``steps`` is left unset (``None``) and the run allows them
+#: (chosen on valid: docs/results.md#reconstruction_defaults)
+DEFAULT_STEPS = 20
 
 
 def _help(text: str) -> dict[str, str]:
@@ -83,9 +87,12 @@ class ReconstructionSettings:
         "compress each decoder layer's Linears in call order, groups sharing one input (q/k/v, "
         "o, gate/up, down), re-collecting each later group's statistics through the already "
         "compressed ones"))
-    steps: int = field(default=0, metadata=_help(
-        "Adam steps fitting each decoder layer's ARMOR parameters jointly to the layer's output "
-        "(0: off, the per-Linear result bit for bit)"))
+    steps: int | None = field(default=None, metadata=_help(
+        "Adam steps fitting each decoder layer's ARMOR parameters jointly to the layer's output; "
+        "None (default): 20 where the run allows it (sequential calibration, enough windows for "
+        "a guard window: 8 at the default fraction, every target inside a decoder layer the "
+        "hooks can replay), else 0 with a warning; a number given that cannot run is an error; "
+        "0: off, the per-Linear result bit for bit"))
     learning_rate: float = field(default=1e-4, metadata=_help("Adam learning rate"))
     windows_per_step: int = field(default=2, metadata=_help(
         "calibration windows (batches) per Adam step (cost per step; 2 chosen on valid: "
@@ -121,15 +128,27 @@ class ReconstructionSettings:
             )
         check_fit_fields(
             self, "reconstruction_",
-            {"steps": 0, "windows_per_step": 1, "eval_every": 1, "patience": 0, "seed": 0},
+            {**({} if self.steps is None else {"steps": 0}),
+             "windows_per_step": 1, "eval_every": 1, "patience": 0, "seed": 0},
             {"parameters": PARAMETER_SETS, "target": TARGETS, "unit": UNITS,
              "precision": RECONSTRUCTION_PRECISIONS},
         )  # fmt: skip
 
     @property
+    def fit_steps(self) -> int:
+        """``steps``, with ``None`` (unset) read as :data:`DEFAULT_STEPS`."""
+        return DEFAULT_STEPS if self.steps is None else self.steps
+
+    @property
     def works_per_layer(self) -> bool:
         """Whether anything runs per decoder layer (propagation or reconstruction)."""
-        return self.propagate_within_layer or self.steps > 0
+        return self.propagate_within_layer or self.fit_steps > 0
+
+    @property
+    def asks_for_layer_work(self) -> bool:
+        """Whether propagation or reconstruction was asked for by a value given (an unset
+        ``steps`` may fall back to 0 where the run cannot replay decoder layers)."""
+        return self.propagate_within_layer or bool(self.steps)
 
     @classmethod
     def from_fields(cls, fields: Mapping[str, Any], seed: int = 0) -> ReconstructionSettings:
@@ -292,14 +311,12 @@ def reconstruct_layer(
         return total
 
     return fit_guarded(batch_backward, guard_error, fit, params, masks, settings, progress,
-                       precision=precision)  # fmt: skip
+                       steps=settings.fit_steps, precision=precision)  # fmt: skip
 
 
 class FitSettings(Protocol):
     """What :func:`fit_guarded` reads (``ReconstructionSettings``, ``DistillationSettings``)."""
 
-    @property
-    def steps(self) -> int: ...
     @property
     def learning_rate(self) -> float: ...
     @property
@@ -321,6 +338,7 @@ def fit_guarded(
     settings: FitSettings,
     progress: Callable[[int, float], None] | None = None,
     *,
+    steps: int,
     precision: str,
 ) -> ReconstructionResult:
     """The guarded Adam fit behind :func:`reconstruct_layer` and model-level distillation.
@@ -335,8 +353,9 @@ def fit_guarded(
     :param fit: the window indices the fit draws from (a seeded permutation per pass)
     :param params: leaf float tensors that both callables read; updated in place
     :param masks: per parameter, a 0/1 tensor of its shape (frozen zeros) or ``None``
-    :param settings: steps, learning rate, windows per step, evaluation period, patience, seed
+    :param settings: learning rate, windows per step, evaluation period, patience, seed
     :param progress: called as ``progress(step, loss)`` after every step
+    :param steps: Adam steps at most (0: the start is returned, its guard error measured)
     :param precision: the autocast dtype ``batch_backward`` runs in, recorded in the result
     """
     start = time.perf_counter()
@@ -345,12 +364,12 @@ def fit_guarded(
     best_error = initial_error = guard_error()
     best_step, steps_run, rolled_back, stale = 0, 0, False, 0
     history = [(0, initial_error)]
-    if settings.steps > 0 and math.isfinite(initial_error):
+    if steps > 0 and math.isfinite(initial_error):
         for p in params:
             p.requires_grad_(True)
         optimizer = torch.optim.Adam(params, lr=settings.learning_rate)
         order = _window_order(fit, settings)
-        for step in range(1, settings.steps + 1):
+        for step in range(1, steps + 1):
             batch = [next(order) for _ in range(min(settings.windows_per_step, len(fit)))]
             loss = _step(batch_backward, batch, optimizer, params, masks)
             steps_run = step
@@ -359,7 +378,7 @@ def fit_guarded(
                 break
             if progress is not None:
                 progress(step, loss)
-            if step % settings.eval_every == 0 or step == settings.steps:
+            if step % settings.eval_every == 0 or step == steps:
                 error = guard_error()
                 history.append((step, error))
                 if not math.isfinite(error):

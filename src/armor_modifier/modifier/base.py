@@ -32,6 +32,7 @@ from .checks import (
 )
 from .compressor import LinearCompressor
 from .fields import PROGRESS_HELP, recorded_settings, run_info, settings_fields
+from .layer_defaults import check_layer_calibration, resolve_unset_steps
 from .memory import check_memory
 from .progress import LayerProgress, process_unit, start_fast_forward
 from .reconstruction import LayerReconstruction, Reconstruction, summarize_reconstructions
@@ -76,19 +77,13 @@ class ARMORModifier(_SettingsFields):
     _budget_block: int | None = PrivateAttr(default=None)
     _compressor: LinearCompressor | None = PrivateAttr(default=None)
     _reconstruction: Reconstruction | None = PrivateAttr(default=None)
+    _layer: ReconstructionSettings | None = PrivateAttr(default=None)
     _progress: LayerProgress | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _check_settings(self) -> ARMORModifier:
         self.solver_settings  # noqa: B018  (SolverSettings checks every field on creation)
-        layer = self.reconstruction_settings
-        if layer.works_per_layer and self.effective_calibration != "sequential":
-            raise ARMORValueError(
-                f"propagate_within_layer={layer.propagate_within_layer} / reconstruction_steps="
-                f"{layer.steps} replay decoder layers on the sequential pipeline's "
-                f"inputs, but calibration is {self.effective_calibration!r}; set "
-                "calibration='sequential' (objective='output' defaults to it)"
-            )
+        check_layer_calibration(self.reconstruction_settings, self.effective_calibration)
         return self
 
     @property
@@ -103,7 +98,12 @@ class ARMORModifier(_SettingsFields):
 
     @property
     def reconstruction_settings(self) -> ReconstructionSettings:
-        """The decoder-layer fields as one checked :class:`ReconstructionSettings`."""
+        """The decoder-layer fields as one checked :class:`ReconstructionSettings`; once the
+        targets are known an unset ``reconstruction_steps`` is resolved (:mod:`.layer_defaults`),
+        to 0 where a layer turned out not replayable."""
+        if self._layer is not None:
+            off = self._reconstruction is not None and self._reconstruction.capture.unsupported
+            return dataclasses.replace(self._layer, steps=0) if off else self._layer
         fields = {name: getattr(self, name) for name in RECONSTRUCTION_FIELDS}
         return ReconstructionSettings.from_fields(fields, seed=self.seed)
 
@@ -145,6 +145,9 @@ class ARMORModifier(_SettingsFields):
         modules = checked_targets(state.model, self.targets, self.ignore)
         check_calibration_set(state.data.calib)
         check_recipe_composition(self, active_session().lifecycle.recipe.modifiers)
+        self._layer = None  # the fields' settings, resolved afresh
+        self._layer = resolve_unset_steps(self.reconstruction_settings, self.effective_calibration,
+                                          state.model, modules, state.data.calib)  # fmt: skip
         self._names = {module: name for name, module in modules.items()}
         if self.wrapper_block_size is None:
             shapes = [(module.out_features, module.in_features) for module in modules.values()]
@@ -182,14 +185,11 @@ class ARMORModifier(_SettingsFields):
         layer = self.reconstruction_settings
         if layer.works_per_layer:
             check_guard_windows(layer, state.data.calib)
+            optional = self.reconstruction_steps is None and not layer.propagate_within_layer
             self._reconstruction = Reconstruction(
-                state.model,
-                targets,
-                layer,
-                compress=compressor.compress,
-                reset_statistics=compressor.reset_statistics,
-                register_hook=self.register_hook,
-            )
+                state.model, targets, layer, compressor.compress, compressor.reset_statistics,
+                self.register_hook, optional,
+            )  # fmt: skip
             self._reconstruction.register_hooks()
 
     def calibrate_module(
@@ -225,7 +225,7 @@ class ARMORModifier(_SettingsFields):
             logger.info(self._progress.finish())
         if self._reconstruction is not None:
             self._reconstruction.release()
-            if self.reconstruction_steps > 0:
+            if self.reconstruction_settings.fit_steps > 0:
                 logger.info(summarize_reconstructions(fitted))
 
     def on_finalize(self, state: State, **kwargs: Any) -> bool:

@@ -18,11 +18,27 @@ from typing import Any
 
 import torch
 from llmcompressor.modifiers.utils.hooks import HooksMixin
+from loguru import logger
 from torch import nn
 
 from armor_modifier.core.errors import ARMORValueError
+from armor_modifier.core.reconstruct import DEFAULT_STEPS
 
-__all__ = ["Capture", "LayerCapture", "decoder_layers", "first_tensor", "hidden_of"]
+__all__ = [
+    "Capture",
+    "LayerCapture",
+    "decoder_layers",
+    "first_tensor",
+    "hidden_of",
+    "outside_decoder_layers",
+    "UNSET_STEPS_OFF",
+]
+
+#: the end of the warning when an unset ``reconstruction_steps`` turns reconstruction off
+UNSET_STEPS_OFF = (
+    f"decoder-layer reconstruction (on by default, {DEFAULT_STEPS} steps per layer) is off for "
+    "this run; set reconstruction_steps=0 to turn it off without this warning"
+)
 
 
 def decoder_layers(
@@ -33,11 +49,7 @@ def decoder_layers(
 
     :raises ARMORValueError: naming a target that lies in no such layer
     """
-    layers: dict[str, nn.Module] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList):
-            for index, child in enumerate(module):
-                layers[f"{name}.{index}" if name else str(index)] = child
+    layers = _list_elements(model)
     owner_of: dict[nn.Linear, str] = {}
     for target, module in targets.items():
         owner = max((n for n in layers if target.startswith(n + ".")), key=len, default=None)
@@ -50,6 +62,21 @@ def decoder_layers(
         owner_of[module] = owner
     owned = set(owner_of.values())
     return {name: layer for name, layer in layers.items() if name in owned}, owner_of
+
+
+def outside_decoder_layers(model: nn.Module, targets: dict[str, nn.Linear]) -> list[str]:
+    """The names of the targets that lie in no element of an ``nn.ModuleList``."""
+    layers = _list_elements(model)
+    return [t for t in targets if not any(t.startswith(name + ".") for name in layers)]
+
+
+def _list_elements(model: nn.Module) -> dict[str, nn.Module]:
+    layers: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            for index, child in enumerate(module):
+                layers[f"{name}.{index}" if name else str(index)] = child
+    return layers
 
 
 @dataclass
@@ -97,6 +124,8 @@ class LayerCapture:
     :param targets: the target Linears inside them (their call order is recorded).
     :param register_hook: the hook owner's ``register_hook(module, fn, kind, **kwargs)``
         (llm-compressor's ``HooksMixin``, so ``disable_hooks`` silences them during replays).
+    :param optional: a layer that cannot be replayed stops the capture (``unsupported`` says
+        why, logged as a warning; every later ``pop`` is empty) instead of raising.
     """
 
     def __init__(
@@ -104,6 +133,7 @@ class LayerCapture:
         layers: dict[str, nn.Module],
         targets: list[nn.Linear],
         register_hook: Callable[..., Any],
+        optional: bool = False,
     ) -> None:
         self.layers = layers
         self._targets = targets
@@ -112,6 +142,8 @@ class LayerCapture:
         self._checked: set[type] = set()
         self._recording: Capture | None = None
         self._quiet = False
+        self._optional = optional
+        self.unsupported: str | None = None
 
     def register_hooks(self) -> None:
         """Hook every decoder layer (inputs and outputs) and every target (call order)."""
@@ -134,7 +166,7 @@ class LayerCapture:
         self._recording = None
 
     def _pre_hook(self, layer: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        if self._quiet:
+        if self._quiet or self.unsupported:
             return
         capture = self._captures.setdefault(layer, Capture())
         capture.args.append(tuple(_detach(a) for a in args))
@@ -142,22 +174,23 @@ class LayerCapture:
         self._recording = capture if not capture.outputs else None
 
     def _linear_hook(self, module: nn.Linear, args: tuple) -> None:
-        if self._recording is not None and not self._quiet:
+        if self._recording is not None and not (self._quiet or self.unsupported):
             # the tensor itself, not its id: a freed input's id can be reused by the next one
             self._recording.call_order.append((module, args[0]))
 
     def _post_hook(self, layer: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any):
-        if self._quiet:
+        if self._quiet or self.unsupported:
             return
         self._recording = None
         capture = self._captures[layer]
         hidden = first_tensor(output)
         if not isinstance(hidden, torch.Tensor) or hidden.shape != hidden_of(args, kwargs).shape:
-            raise ARMORValueError(
+            self._refuse(
                 f"{type(layer).__name__} returns {type(output).__name__}, not its hidden states "
                 "(a tensor shaped like its input, or a tuple starting with one), so ARMOR cannot "
                 "replay it for propagate_within_layer / reconstruction_steps; leave both off"
             )
+            return
         capture.outputs.append(hidden.detach())
         if type(layer) not in self._checked:
             self._check_replay(layer, capture)
@@ -168,18 +201,29 @@ class LayerCapture:
         try:
             replayed = self.forward(layer, 0, capture)
         except Exception as err:  # noqa: BLE001  (any failure means: cannot replay)
-            raise ARMORValueError(
+            self._refuse(
                 f"{name} cannot be replayed from the inputs its hooks captured ({err!r}); "
-                "propagate_within_layer / reconstruction_steps do not support this architecture"
-            ) from err
+                "propagate_within_layer / reconstruction_steps do not support this architecture",
+                err,
+            )
+            return
         if not torch.allclose(replayed, capture.outputs[0], rtol=1e-4, atol=1e-5):
-            raise ARMORValueError(
+            self._refuse(
                 f"{name} gives a different output when replayed from its captured inputs (max "
                 f"difference {float((replayed - capture.outputs[0]).abs().max()):.3g}); its "
                 "forward depends on state the hooks do not see, so propagate_within_layer / "
                 "reconstruction_steps do not support it"
             )
+            return
         self._checked.add(type(layer))
+
+    def _refuse(self, message: str, cause: Exception | None = None) -> None:
+        """Raise ``message``; with ``optional``, log it and stop capturing instead."""
+        if not self._optional:
+            raise ARMORValueError(message) from cause
+        logger.warning(f"ARMOR: {message}; {UNSET_STEPS_OFF}")
+        self.unsupported = message
+        self.release()
 
     @contextmanager
     def replaying(self, keep_hooks: bool = False) -> Iterator[None]:

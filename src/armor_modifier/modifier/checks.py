@@ -284,7 +284,7 @@ def check_guard_windows(settings: Any, calib: Any) -> None:
     :param settings: the :class:`~armor_modifier.core.reconstruct.ReconstructionSettings`.
     :param calib: llm-compressor's calibration dataloader (its length counts this rank's batches).
     """
-    if settings.steps == 0 or calib is None:
+    if settings.fit_steps == 0 or calib is None:
         return
     try:
         batches = len(calib) * rank_and_world()[1]

@@ -172,7 +172,8 @@ def distill_model(
         with _frozen(model), torch.enable_grad(), trainable_factors(linears, names, params), \
                 trainable_scales(straight, names, params):
             result = fit_guarded(batch_backward, guard_error, fit, params, masks, settings,
-                                 progress, precision=settings.precision)  # fmt: skip
+                                 progress, steps=settings.steps,
+                                 precision=settings.precision)  # fmt: skip
     finally:
         model.train(was_training)
     if result.accepted:

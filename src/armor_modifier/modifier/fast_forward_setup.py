@@ -75,8 +75,8 @@ def start_fast_forward(
     layer = modifier.reconstruction_settings
     names = progress.layer_names
     propagates = pipeline_propagates()
-    why = fast_forward_blocked(model, names, len(others), progress.world,
-                               layer.steps > 0 and layer.target == "model", propagates)  # fmt: skip
+    fits_to_model = layer.fit_steps > 0 and layer.target == "model"
+    why = fast_forward_blocked(model, names, len(others), progress.world, fits_to_model, propagates)
     if why is not None or propagates is None:
         logger.info(f"ARMOR progress: a resumed run forwards through loaded layers ({why})")
         return

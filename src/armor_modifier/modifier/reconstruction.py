@@ -110,6 +110,9 @@ class Reconstruction:
     :param compress: compresses a list of target Linears (statistics to factors, written back).
     :param reset_statistics: starts the given targets' statistics afresh.
     :param register_hook: the hook owner's ``register_hook`` (llm-compressor's ``HooksMixin``).
+    :param optional: a decoder layer that cannot be replayed turns the work off (a warning;
+        every layer then compressed per Linear) instead of raising (an unset
+        ``reconstruction_steps``, :mod:`.layer_defaults`).
     """
 
     def __init__(
@@ -120,12 +123,13 @@ class Reconstruction:
         compress: Callable[[list[nn.Linear]], None],
         reset_statistics: Callable[[list[nn.Linear]], None],
         register_hook: Callable[..., Any],
+        optional: bool = False,
     ) -> None:
         self.settings = settings
         self._compress = compress
         self._reset_statistics = reset_statistics
         layers, self._owner = decoder_layers(model, targets)
-        self.capture = LayerCapture(layers, list(self._owner), register_hook)
+        self.capture = LayerCapture(layers, list(self._owner), register_hook, optional)
         self._dense_stream: list[torch.Tensor] | None = None
         self.reconstructions: list[LayerReconstruction] = []
 
@@ -157,7 +161,7 @@ class Reconstruction:
             if not capture.outputs:
                 self._compress(by_layer[name])
                 continue
-            fitting = self.settings.steps > 0
+            fitting = self.settings.fit_steps > 0
             blocks = (blocks_of(layer, by_layer[name], capture.call_order)
                       if fitting and self.settings.unit == "block" else [])  # fmt: skip
             targets, block_targets = self._targets(layer, capture, blocks) if fitting else ([], [])
@@ -173,10 +177,11 @@ class Reconstruction:
         push the dense stream (``target="model"``) through them while still dense, then run
         ``restore``."""
         owners = {self._owner[module] for module in modules}
+        fits_to_model = self.settings.fit_steps > 0 and self.settings.target == "model"
         for name, layer in self.layers.items():
             if name in owners:
                 capture = self.capture.pop(layer)
-                if capture.outputs and self.settings.steps > 0 and self.settings.target == "model":
+                if capture.outputs and fits_to_model:
                     self._targets(layer, capture, [])
         restore()
 
@@ -271,7 +276,7 @@ class Reconstruction:
         settings = self.settings
         seeded = dataclasses.replace(settings, seed=derived_seed(settings.seed, name, 31))
         rank, _ = rank_and_world()
-        bar = tqdm(total=settings.steps, desc=f"ARMOR reconstruction {name}", leave=False,
+        bar = tqdm(total=settings.fit_steps, desc=f"ARMOR reconstruction {name}", leave=False,
                    disable=rank != 0)  # fmt: skip
         try:
             with torch.enable_grad(), trainable_factors(linears, names, params):
