@@ -38,6 +38,8 @@ def add_settings_arguments(group: argparse._ArgumentGroup, which: str) -> None:
             shown = "per Linear from --max-wrapper-overhead"
         elif row.name == "init":
             shown = "by objective"
+        elif row.name == "reconstruction_steps":
+            shown = "unset: 20 where the run allows it"
         help_text = f"{row.help} (default {shown})"
         if row.scalar is bool:
             group.add_argument(
