@@ -87,6 +87,9 @@ machine. This page is generated: `python benchmarks/results_doc.py` writes it fr
 [`docs/results/`](results/) (one per benchmark: edit or add a file there, never this page), and
 `--check` fails when it is out of date. The raw files the benchmark scripts wrote were not kept;
 the first results files were transcribed from the documents this page replaced, and each says so.
+A command runs what its section's commit ran: since 15c8e84 decoder-layer reconstruction is on by
+default, so a command of an earlier commit that prunes with ARMOR needs `--reconstruction-steps 0`
+(`reconstruction_steps=0`) to run what it ran then; the side-by-side benchmark's methods pin it.
 
 Most figures come from this project's shared 2-core x86_64 CPU machines (one or two torch threads
 per process, other jobs on the same cores), the GPU sections from one NVIDIA H200. How much they

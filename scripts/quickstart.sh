@@ -4,7 +4,7 @@
 # wrapper budget, 20 decoder-layer reconstruction steps) through llm-compressor's oneshot, save it
 # as armor-ct, reload it with from_pretrained, and print WikiVital-test and PTB-test perplexity
 # next to the dense model and llm-compressor's SparseGPT 2:4 on the same calibration data, with
-# timings. Offline after set-up; ~20-40 min on 2 cores.
+# timings. Offline after set-up; 15-40 min on 2 cores, with other jobs on them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
