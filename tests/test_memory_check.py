@@ -77,3 +77,49 @@ def test_enough_memory_passes_and_unknown_memory_is_not_checked(tiny_llama_folde
     memory.check_memory(names, settings, "dense", available=lambda _device: None)
     with pytest.raises(ARMORMemoryError):
         memory.check_memory(names, settings, "dense", available=lambda _device: 1)
+
+
+def test_captures_count_once_per_decoder_layer_unit():
+    needs = memory_needs(SHAPES, with_hessian=True, calibration="sequential", captures=1000)
+    assert [need.captures for need in needs] == [1000, 1000, 0]  # lm_head: in no decoder layer
+    assert needs[0].total == needs[0].statistics + needs[0].solve + 1000
+    (dense,) = memory_needs(SHAPES, with_hessian=True, calibration="dense", captures=1000)
+    assert dense.captures == 0
+
+
+def test_capture_bytes_are_what_a_layer_capture_holds(tiny_llama_folder, monkeypatch):
+    """Brute force: the bytes of the hidden-state inputs and dense outputs the capture handed
+    over for each decoder layer, during a oneshot with reconstruction on."""
+    from types import SimpleNamespace
+
+    from armor_modifier.modifier.capture import LayerCapture
+    from tiny_llama import calibration_dataset
+
+    held: list[int] = []
+    pop = LayerCapture.pop
+
+    def measuring(self, layer):
+        capture = pop(self, layer)
+        tensors = [*capture.inputs(), *capture.outputs]
+        held.append(sum(t.numel() * t.element_size() for t in tensors))
+        return capture
+
+    monkeypatch.setattr(LayerCapture, "pop", measuring)
+    modifier = armor(num_iterations=1, ignore=["re:.*lm_head"], reconstruction_steps=1)
+    run_oneshot(tiny_llama_folder, [modifier])
+    calib = SimpleNamespace(dataset=calibration_dataset())
+    expected = memory.capture_bytes(load_tiny_llama(tiny_llama_folder), calib)
+    assert held and all(size == expected for size in held)
+    assert memory.capture_bytes(load_tiny_llama(tiny_llama_folder), object()) == 0  # unknown
+
+
+def test_captures_that_do_not_fit_stop_with_their_size_named(tiny_llama_folder):
+    model = load_tiny_llama(tiny_llama_folder)
+    names = {dict(model.named_modules())[name]: name for name in target_names()}
+    settings = armor().solver_settings
+    shapes = {name: (m.out_features, m.in_features) for m, name in names.items()}
+    without = max(need.total for need in memory_needs(shapes, True, "sequential"))
+    memory.check_memory(names, settings, "sequential", available=lambda _device: without)
+    with pytest.raises(ARMORMemoryError, match=r"captured activations \(0\.50 GiB; fewer"):
+        memory.check_memory(names, settings, "sequential", available=lambda _device: without,
+                            captures=2**29)  # fmt: skip

@@ -33,7 +33,7 @@ from .checks import (
 from .compressor import LinearCompressor
 from .fields import PROGRESS_HELP, recorded_settings, run_info, settings_fields
 from .layer_defaults import check_layer_calibration, resolve_unset_steps
-from .memory import check_memory
+from .memory import capture_bytes, check_memory
 from .progress import LayerProgress, process_unit, start_fast_forward
 from .reconstruction import LayerReconstruction, Reconstruction, summarize_reconstructions
 from .report import ARMORModuleResult, summarize
@@ -48,9 +48,8 @@ class ARMORModifier(_SettingsFields):
     """ARMOR 2:4 pruning: each Linear ``W`` becomes ``A · S · B``, a 2:4 sparse core ``S`` between
     small block-diagonal wrappers ``A``, ``B``.
 
-    Paper: https://arxiv.org/abs/2510.05528 (independent Apache-2.0 implementation). After
-    compression each Linear's ``weight`` holds the exactly-2:4 core and forward hooks apply ``B``
-    before and ``A`` after it: ``y = A (S (B x)) + bias``.
+    Paper: https://arxiv.org/abs/2510.05528 (independent Apache-2.0 implementation). Each Linear's
+    ``weight`` then holds the 2:4 core; hooks apply ``B`` before it, ``A`` after: ``A S B x + b``.
 
     Fields: ``targets``, ``ignore`` (``"re:.*lm_head"`` for the head), ``mask_structure`` (2:4),
     ``calibration`` (``"sequential"``: through the pruned layers; ``"dense"``: one pass of the
@@ -168,7 +167,9 @@ class ARMORModifier(_SettingsFields):
         compressor = self._engine()
         targets = {name: module for module, name in self._names.items()}
         check_shared_calibration_pass(self, active_session().lifecycle.recipe.modifiers, targets)
-        check_memory(self._names, compressor.settings, self.effective_calibration)
+        layer = self.reconstruction_settings
+        held = capture_bytes(state.model, state.data.calib) if layer.works_per_layer else 0
+        check_memory(self._names, compressor.settings, self.effective_calibration, captures=held)
         if self.progress_dir is not None:
             info = run_info(self, self._names.values())
             self._progress = LayerProgress(self.progress_dir, info, self._names).open()
@@ -182,7 +183,6 @@ class ARMORModifier(_SettingsFields):
             self.register_hook(module, self.calibrate_module, "forward")
         if self._progress is not None:
             start_fast_forward(self._progress, self, state.model, list(self._names))
-        layer = self.reconstruction_settings
         if layer.works_per_layer:
             check_guard_windows(layer, state.data.calib)
             optional = self.reconstruction_steps is None and not layer.propagate_within_layer

@@ -6,10 +6,11 @@ one decoder layer's targets hold theirs at once (freed when the layer is compres
 ``"dense"`` every target's are held until the end. Solving one ``[m, n]`` Linear needs about
 :data:`SOLVE_MN_VALUES` ``m n`` plus :data:`SOLVE_NN_VALUES` ``n^2`` float32 values and
 :data:`SOLVE_FIXED_BYTES` besides. The
-check compares the largest such need with the memory available on the targets' execution device
+decoder-layer work (reconstruction, on by default; propagation) adds, per decoder layer, its
+captured hidden-state inputs and dense outputs for every calibration window (:func:`capture_bytes`).
+The check compares the largest need with the memory available on the targets' execution device
 and raises :class:`~armor_modifier.core.errors.ARMORMemoryError` before any work when it does not
-fit. Not counted: the model, the pipeline's cached activations and the decoder-layer
-reconstruction's captured inputs.
+fit. Not counted: the model and the pipeline's cached activations.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from compressed_tensors.offload import get_execution_device
@@ -25,7 +27,16 @@ from torch import nn
 from armor_modifier.core import SolverSettings
 from armor_modifier.core.errors import ARMORMemoryError
 
-__all__ = ["MemoryNeed", "available_bytes", "check_memory", "decoder_layer_name", "memory_needs"]
+from .collectives import rank_and_world
+
+__all__ = [
+    "MemoryNeed",
+    "available_bytes",
+    "capture_bytes",
+    "check_memory",
+    "decoder_layer_name",
+    "memory_needs",
+]
 
 #: float32 values one solve holds per weight entry and per ``H`` entry: an upper estimate of the
 #: peak resident memory of ``factorize`` (``benchmarks/solve_memory.py`` prints both side by side;
@@ -47,6 +58,7 @@ class MemoryNeed:
     :ivar largest: name of the Linear with the costliest solve in the unit
     :ivar shape: its weight shape ``(m, n)``
     :ivar solve: bytes of that solve
+    :ivar captures: bytes of the decoder layer's captured activations (decoder-layer work)
     """
 
     unit: str
@@ -55,10 +67,11 @@ class MemoryNeed:
     largest: str
     shape: tuple[int, int]
     solve: int
+    captures: int = 0
 
     @property
     def total(self) -> int:
-        return self.statistics + self.solve
+        return self.statistics + self.solve + self.captures
 
 
 def decoder_layer_name(name: str) -> str | None:
@@ -79,8 +92,29 @@ def solve_bytes(m: int, n: int, with_hessian: bool) -> int:
     return SOLVE_FIXED_BYTES + 4 * values
 
 
+def capture_bytes(model: nn.Module, calib: Any) -> int:
+    """Bytes the decoder-layer work captures for one layer: its hidden-state inputs and dense
+    outputs for every calibration window, ``2 * tokens * hidden * element size``.
+
+    :param model: the model (``config.hidden_size``; its first floating parameter's dtype).
+    :param calib: llm-compressor's calibration dataloader (``calib.dataset["input_ids"]``: this
+        rank's windows; under torchrun every rank gathers all ranks' for the fit).
+    :return: the bytes, or 0 where the windows or the hidden width are unknown
+    """
+    try:
+        tokens = sum(len(ids) for ids in calib.dataset["input_ids"]) * rank_and_world()[1]
+    except (AttributeError, KeyError, TypeError):
+        return 0
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    floats = (p for p in model.parameters() if p.is_floating_point())
+    first = next(floats, None)
+    if not isinstance(hidden, int) or first is None:
+        return 0
+    return 2 * tokens * hidden * first.element_size()
+
+
 def memory_needs(
-    shapes: Mapping[str, tuple[int, int]], with_hessian: bool, calibration: str
+    shapes: Mapping[str, tuple[int, int]], with_hessian: bool, calibration: str, captures: int = 0
 ) -> list[MemoryNeed]:
     """One :class:`MemoryNeed` per unit of work, in first-seen order.
 
@@ -88,6 +122,7 @@ def memory_needs(
     :param with_hessian: whether ``X^T X`` is collected (``SolverSettings.needs_hessian``)
     :param calibration: ``"sequential"`` (a unit per decoder layer, the first numbered component
         of the name; a name without one is its own unit) or ``"dense"`` (one unit)
+    :param captures: :func:`capture_bytes`, added to each decoder layer's unit (sequential)
     """
     units: dict[str, list[str]] = {}
     for name in shapes:
@@ -97,8 +132,9 @@ def memory_needs(
     for unit, names in units.items():
         largest = max(names, key=lambda name: solve_bytes(*shapes[name], with_hessian))
         stats = sum(statistics_bytes(shapes[name][1], with_hessian) for name in names)
+        held = captures if calibration == "sequential" and decoder_layer_name(names[0]) else 0
         needs.append(MemoryNeed(unit, len(names), stats, largest, shapes[largest],
-                                solve_bytes(*shapes[largest], with_hessian)))  # fmt: skip
+                                solve_bytes(*shapes[largest], with_hessian), held))  # fmt: skip
     return needs
 
 
@@ -124,16 +160,17 @@ def check_memory(
     settings: SolverSettings,
     calibration: str,
     available: Callable[[torch.device], int | None] | None = None,
+    captures: int = 0,
 ) -> None:
     """Raise :class:`ARMORMemoryError` before any work if the largest need exceeds what
     ``available`` (default :func:`available_bytes`) reports for the first target's execution
-    device."""
+    device; ``captures``: :func:`capture_bytes` when decoder-layer work runs, else 0."""
     if not names:
         return
     device = get_execution_device(next(iter(names)))
     free = (available or available_bytes)(device)
     shapes = {name: (module.out_features, module.in_features) for module, name in names.items()}
-    needs = memory_needs(shapes, settings.needs_hessian, calibration)
+    needs = memory_needs(shapes, settings.needs_hessian, calibration, captures)
     worst = max(needs, key=lambda need: need.total)
     if free is None or worst.total <= free:
         return
@@ -146,9 +183,14 @@ def check_memory(
         else "free memory or use a device with more; objective='proxy' with init='nowag' keeps no "
         "n x n statistics"
     )
+    held = (
+        f", and reconstruction's captured activations ({worst.captures / GIB:.2f} GiB; fewer "
+        "calibration windows or reconstruction_steps=0 hold less)"
+        if worst.captures else ""
+    )
     raise ARMORMemoryError(
         f"ARMOR needs about {worst.total / GIB:.2f} GiB on {device} for {worst.unit}: the "
         f"calibration statistics of {worst.linears} Linears ({kind}, {worst.statistics / GIB:.2f} "
         f"GiB) and solving the largest, {worst.largest} {m}x{n} (about {worst.solve / GIB:.2f} "
-        f"GiB), but {free / GIB:.2f} GiB is available; {fix}"
+        f"GiB){held}, but {free / GIB:.2f} GiB is available; {fix}"
     )
