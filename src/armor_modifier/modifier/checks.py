@@ -23,6 +23,7 @@ from .collectives import rank_and_world
 
 __all__ = [
     "MODIFIERS_REFUSED_AFTER",
+    "calibration_batches",
     "check_calibration_set",
     "check_guard_windows",
     "check_recipe_composition",
@@ -278,17 +279,23 @@ def check_shared_calibration_pass(
             )
 
 
+def calibration_batches(calib: Any) -> int | None:
+    """The calibration batches over all ranks (this rank's dataloader length times the world
+    size), or ``None`` for no dataloader or one without a length."""
+    try:
+        return len(calib) * rank_and_world()[1]
+    except TypeError:
+        return None
+
+
 def check_guard_windows(settings: Any, calib: Any) -> None:
     """Refuse a calibration set too small to hold out a guard window (before any work).
 
     :param settings: the :class:`~armor_modifier.core.reconstruct.ReconstructionSettings`.
     :param calib: llm-compressor's calibration dataloader (its length counts this rank's batches).
     """
-    if settings.fit_steps == 0 or calib is None:
-        return
-    try:
-        batches = len(calib) * rank_and_world()[1]
-    except TypeError:
+    batches = calibration_batches(calib)
+    if settings.fit_steps == 0 or batches is None:
         return
     need = settings.min_windows()
     if batches < need:

@@ -22,7 +22,7 @@ from armor_modifier.core.errors import ARMORValueError
 from armor_modifier.core.reconstruct import DEFAULT_STEPS, ReconstructionSettings
 
 from .capture import UNSET_STEPS_OFF, outside_decoder_layers
-from .collectives import rank_and_world
+from .checks import calibration_batches
 
 __all__ = ["check_layer_calibration", "resolve_unset_steps"]
 
@@ -79,10 +79,7 @@ def _why_not(
             f"calibration={calibration!r} collects statistics from the dense model, and "
             "reconstruction replays decoder layers on the sequential pipeline's inputs"
         )
-    try:
-        batches = len(calib) * rank_and_world()[1]
-    except TypeError:  # a loader without a length: as with a number given, the run finds out
-        batches = None
+    batches = calibration_batches(calib)  # None: as with a number given, the run finds out
     need = settings.min_windows()
     if batches is not None and batches < need:
         return (
