@@ -123,3 +123,35 @@ def test_captures_that_do_not_fit_stop_with_their_size_named(tiny_llama_folder):
     with pytest.raises(ARMORMemoryError, match=r"captured activations \(0\.50 GiB; fewer"):
         memory.check_memory(names, settings, "sequential", available=lambda _device: without,
                             captures=2**29)  # fmt: skip
+
+
+def test_every_layer_at_once_is_one_unit_holding_every_layers_captures():
+    (unit,) = memory_needs(SHAPES, True, "sequential", captures=1000, at_once=True)
+    assert (unit.unit, unit.linears) == ("every target", 5)
+    assert unit.captures == 2000  # two decoder layers; lm_head captures nothing
+    assert unit.statistics == sum(statistics_bytes(n, True) for _, n in SHAPES.values())
+
+
+@pytest.mark.integration
+def test_basic_pipeline_counts_every_layer_at_once(tiny_llama_folder, monkeypatch):
+    """Memory for one decoder layer at a time (statistics, solve and captures, reconstruction at
+    its default) lets the sequential pipeline run, and stops the basic pipeline, which calibrates
+    every layer before compressing any, before any Linear is touched."""
+    from types import SimpleNamespace
+
+    from tiny_llama import calibration_dataset
+
+    model = load_tiny_llama(tiny_llama_folder)
+    shapes = {name: tuple(dict(model.named_modules())[name].weight.shape) for name in target_names()}
+    held = memory.capture_bytes(model, SimpleNamespace(dataset=calibration_dataset()))
+    one_layer = max(need.total for need in memory_needs(shapes, True, "sequential", held))
+    monkeypatch.setattr(memory, "available_bytes", lambda _device: one_layer)
+    fields = {"num_iterations": 1, "ignore": ["re:.*lm_head"], "reconstruction_steps": None}
+    basic = armor(**fields)
+    with pytest.raises(ARMORMemoryError, match="pipeline='basic' calibrates every layer") as error:
+        run_oneshot(tiny_llama_folder, [basic], pipeline="basic")
+    assert "for every target" in str(error.value) and "captured activations" in str(error.value)
+    assert basic.compressed_modules == [] and basic.results == {}
+    sequential = armor(**fields)
+    run_oneshot(tiny_llama_folder, [sequential])
+    assert len(sequential.compressed_modules) == len(shapes)

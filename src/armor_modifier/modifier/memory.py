@@ -5,17 +5,21 @@ The statistics (:mod:`.stats`) are float64: ``8 n`` bytes per Linear of input wi
 one decoder layer's targets hold theirs at once (freed when the layer is compressed); with
 ``"dense"`` every target's are held until the end. Solving one ``[m, n]`` Linear needs about
 :data:`SOLVE_MN_VALUES` ``m n`` plus :data:`SOLVE_NN_VALUES` ``n^2`` float32 values and
-:data:`SOLVE_FIXED_BYTES` besides. The
-decoder-layer work (reconstruction, on by default; propagation) adds, per decoder layer, its
-captured hidden-state inputs and dense outputs for every calibration window (:func:`capture_bytes`).
-The check compares the largest need with the memory available on the targets' execution device
-and raises :class:`~armor_modifier.core.errors.ARMORMemoryError` before any work when it does not
-fit. Not counted: the model and the pipeline's cached activations.
+:data:`SOLVE_FIXED_BYTES` besides. The decoder-layer work (reconstruction, on by default;
+propagation) adds, per decoder layer, its captured hidden-state inputs and dense outputs for every
+calibration window (:func:`capture_bytes`). Under llm-compressor's basic pipeline
+(``oneshot(pipeline="basic")``), which calibrates every layer before any is compressed, every
+target's statistics and every decoder layer's captures are held together, and the check counts
+them so (:func:`basic_pipeline_running`). The check compares the largest need with the memory
+available on the targets' execution device and raises
+:class:`~armor_modifier.core.errors.ARMORMemoryError` before any work when it does not fit. Not
+counted: the model and the pipeline's cached activations.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +36,7 @@ from .collectives import rank_and_world
 __all__ = [
     "MemoryNeed",
     "available_bytes",
+    "basic_pipeline_running",
     "capture_bytes",
     "check_memory",
     "decoder_layer_name",
@@ -45,6 +50,10 @@ SOLVE_MN_VALUES, SOLVE_NN_VALUES = 34, 3
 #: bytes one solve holds whatever its shape (the first use of the math libraries' workspaces)
 SOLVE_FIXED_BYTES = 256 * 2**20
 _LAYER = re.compile(r"^(.*?\.\d+)\.")
+#: where llm-compressor's basic pipeline lives (its ``__call__`` runs the calibration)
+BASIC_PIPELINE = "llmcompressor/pipelines/basic/"
+#: the unit that holds every target's statistics at once
+EVERY_TARGET = "every target"
 GIB = 2**30
 
 
@@ -52,13 +61,14 @@ GIB = 2**30
 class MemoryNeed:
     """What one unit of work holds at once, in bytes.
 
-    :ivar unit: the decoder layer (``"model.layers.3"``) or ``"every target"`` (dense calibration)
+    :ivar unit: the decoder layer (``"model.layers.3"``) or ``"every target"`` (dense calibration,
+        or every layer at once)
     :ivar linears: number of target Linears whose statistics the unit holds
     :ivar statistics: bytes of their statistics
     :ivar largest: name of the Linear with the costliest solve in the unit
     :ivar shape: its weight shape ``(m, n)``
     :ivar solve: bytes of that solve
-    :ivar captures: bytes of the decoder layer's captured activations (decoder-layer work)
+    :ivar captures: bytes of the captured activations the unit holds (decoder-layer work)
     """
 
     unit: str
@@ -114,7 +124,11 @@ def capture_bytes(model: nn.Module, calib: Any) -> int:
 
 
 def memory_needs(
-    shapes: Mapping[str, tuple[int, int]], with_hessian: bool, calibration: str, captures: int = 0
+    shapes: Mapping[str, tuple[int, int]],
+    with_hessian: bool,
+    calibration: str,
+    captures: int = 0,
+    at_once: bool = False,
 ) -> list[MemoryNeed]:
     """One :class:`MemoryNeed` per unit of work, in first-seen order.
 
@@ -122,20 +136,36 @@ def memory_needs(
     :param with_hessian: whether ``X^T X`` is collected (``SolverSettings.needs_hessian``)
     :param calibration: ``"sequential"`` (a unit per decoder layer, the first numbered component
         of the name; a name without one is its own unit) or ``"dense"`` (one unit)
-    :param captures: :func:`capture_bytes`, added to each decoder layer's unit (sequential)
+    :param captures: :func:`capture_bytes` of one decoder layer (sequential only)
+    :param at_once: every layer is calibrated before any is compressed (the basic pipeline): one
+        unit holding every target's statistics and every decoder layer's captures
     """
+    one_unit = calibration == "dense" or at_once
     units: dict[str, list[str]] = {}
     for name in shapes:
-        unit = "every target" if calibration == "dense" else decoder_layer_name(name) or name
+        unit = EVERY_TARGET if one_unit else decoder_layer_name(name) or name
         units.setdefault(unit, []).append(name)
     needs = []
     for unit, names in units.items():
         largest = max(names, key=lambda name: solve_bytes(*shapes[name], with_hessian))
         stats = sum(statistics_bytes(shapes[name][1], with_hessian) for name in names)
-        held = captures if calibration == "sequential" and decoder_layer_name(names[0]) else 0
+        layers = {decoder_layer_name(name) for name in names} - {None}
+        held = captures * len(layers) if calibration == "sequential" else 0
         needs.append(MemoryNeed(unit, len(names), stats, largest, shapes[largest],
                                 solve_bytes(*shapes[largest], with_hessian), held))  # fmt: skip
     return needs
+
+
+def basic_pipeline_running() -> bool:
+    """Whether llm-compressor's basic pipeline is calibrating (its ``__call__`` is on the stack):
+    it runs every calibration batch through the whole model, then compresses every layer."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "__call__" and BASIC_PIPELINE in code.co_filename.replace("\\", "/"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def available_bytes(device: torch.device) -> int | None:
@@ -161,28 +191,41 @@ def check_memory(
     calibration: str,
     available: Callable[[torch.device], int | None] | None = None,
     captures: int = 0,
+    at_once: bool | None = None,
 ) -> None:
     """Raise :class:`ARMORMemoryError` before any work if the largest need exceeds what
     ``available`` (default :func:`available_bytes`) reports for the first target's execution
-    device; ``captures``: :func:`capture_bytes` when decoder-layer work runs, else 0."""
+    device; ``captures``: :func:`capture_bytes` when decoder-layer work runs, else 0;
+    ``at_once``: every layer calibrated before any is compressed (``None``:
+    :func:`basic_pipeline_running`)."""
     if not names:
         return
     device = get_execution_device(next(iter(names)))
     free = (available or available_bytes)(device)
     shapes = {name: (module.out_features, module.in_features) for module, name in names.items()}
-    needs = memory_needs(shapes, settings.needs_hessian, calibration, captures)
+    at_once = basic_pipeline_running() if at_once is None else at_once
+    needs = memory_needs(shapes, settings.needs_hessian, calibration, captures, at_once)
     worst = max(needs, key=lambda need: need.total)
     if free is None or worst.total <= free:
         return
     kind = "float64 sums and X^T X" if settings.needs_hessian else "float64 sums"
     m, n = worst.shape
-    fix = (
-        "use calibration='sequential' (one decoder layer's statistics at a time), free memory or "
-        "use a device with more"
-        if calibration == "dense"
-        else "free memory or use a device with more; objective='proxy' with init='nowag' keeps no "
-        "n x n statistics"
-    )
+    if calibration == "dense":
+        fix = (
+            "use calibration='sequential' (one decoder layer's statistics at a time), free memory "
+            "or use a device with more"
+        )
+    elif at_once:
+        fix = (
+            "oneshot's pipeline='basic' calibrates every layer before compressing any; use "
+            "pipeline='sequential' (or the default 'independent'), which holds one decoder "
+            "layer's at a time"
+        )
+    else:
+        fix = (
+            "free memory or use a device with more; objective='proxy' with init='nowag' keeps no "
+            "n x n statistics"
+        )
     held = (
         f", and reconstruction's captured activations ({worst.captures / GIB:.2f} GiB; fewer "
         "calibration windows or reconstruction_steps=0 hold less)"
