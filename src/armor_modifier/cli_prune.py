@@ -13,7 +13,7 @@ from .core import SolverSettings
 from .core.distill_settings import DISTILLATION_OPTIONS, DistillationSettings
 from .core.options import setting_rows
 from .core.reconstruct import ReconstructionSettings
-from .pruning import QUANT_SCHEMES, SOLVER_FIELDS, one_line
+from .pruning import DEFAULT_NUM_SAMPLES, QUANT_SCHEMES, SOLVER_FIELDS, one_line
 
 __all__ = ["add_prune_arguments", "one_line", "prune_fields", "run_prune"]
 
@@ -72,7 +72,10 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
         "('wikivital+ptb'); the train split is used",
     )
     data.add_argument(
-        "--num-samples", type=int, default=16, help="calibration windows (default 16)"
+        "--num-samples",
+        type=int,
+        default=DEFAULT_NUM_SAMPLES,
+        help=f"calibration windows (default {DEFAULT_NUM_SAMPLES})",
     )
     data.add_argument(
         "--seq-len", type=int, default=512, help="tokens per calibration window (default 512)"

@@ -40,6 +40,7 @@ from .core.settings import SolverSettings
 from .staging import check_writable, staged_replace
 
 __all__ = [
+    "DEFAULT_NUM_SAMPLES",
     "LM_HEAD",
     "QUANT_SCHEMES",
     "SOLVER_FIELDS",
@@ -66,6 +67,10 @@ QUANT_SCHEMES = {
 #: from 64 up; the preset's 128 does not divide 576)
 GPTQ_GROUP_SIZE = 64
 LM_HEAD = "re:.*lm_head"
+#: calibration windows of a text when ``num_samples`` is not given: 64, chosen over 16 on the
+#: tuning half of the zero-shot tasks and on valid perplexity (docs/results.md,
+#: zeroshot_defaults_levers)
+DEFAULT_NUM_SAMPLES = 64
 
 
 @dataclass(frozen=True)
@@ -252,7 +257,7 @@ def prune(
     *,
     tokenizer: Any = None,
     dataset: Any = "wikivital",
-    num_samples: int = 16,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
     seq_len: int = 512,
     seed: int = 0,
     recipe: str | os.PathLike | list[Any] | None = None,
@@ -273,7 +278,8 @@ def prune(
         ``'hf:NAME[:CONFIG]'``, or several joined by ``+`` sharing the windows equally; the train
         split, cut into random windows) or a tokenized
         ``datasets.Dataset`` with ``input_ids`` used as it is.
-    :param num_samples: calibration windows (of a text).
+    :param num_samples: calibration windows (of a text); how the default was chosen:
+        :data:`DEFAULT_NUM_SAMPLES`.
     :param seq_len: tokens per calibration window.
     :param seed: seed of the window sampling and of the solver.
     :param recipe: an llm-compressor recipe (YAML path or list of modifiers, containing an

@@ -22,6 +22,7 @@ import re
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import torch
@@ -159,7 +160,7 @@ def memory_needs(
 def basic_pipeline_running() -> bool:
     """Whether llm-compressor's basic pipeline is calibrating (its ``__call__`` is on the stack):
     it runs every calibration batch through the whole model, then compresses every layer."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
         code = frame.f_code
         if code.co_name == "__call__" and BASIC_PIPELINE in code.co_filename.replace("\\", "/"):
