@@ -90,6 +90,8 @@ the first results files were transcribed from the documents this page replaced, 
 A command runs what its section's commit ran: since 15c8e84 decoder-layer reconstruction is on by
 default, so a command of an earlier commit that prunes with ARMOR needs `--reconstruction-steps 0`
 (`reconstruction_steps=0`) to run what it ran then; the side-by-side benchmark's methods pin it.
+Since 39031df `armor prune` and `armor_modifier.prune` calibrate on 64 windows unless told (16
+before): an earlier command without `--num-samples` needs `--num-samples 16`.
 
 Most figures come from this project's shared 2-core x86_64 CPU machines (one or two torch threads
 per process, other jobs on the same cores), the GPU sections from one NVIDIA H200. How much they

@@ -142,7 +142,8 @@ def test_basic_pipeline_counts_every_layer_at_once(tiny_llama_folder, monkeypatc
     from tiny_llama import calibration_dataset
 
     model = load_tiny_llama(tiny_llama_folder)
-    shapes = {name: tuple(dict(model.named_modules())[name].weight.shape) for name in target_names()}
+    modules = dict(model.named_modules())
+    shapes = {name: tuple(modules[name].weight.shape) for name in target_names()}
     held = memory.capture_bytes(model, SimpleNamespace(dataset=calibration_dataset()))
     one_layer = max(need.total for need in memory_needs(shapes, True, "sequential", held))
     monkeypatch.setattr(memory, "available_bytes", lambda _device: one_layer)
