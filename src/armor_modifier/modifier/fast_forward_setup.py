@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import sys
 import time
-from types import FrameType
 from typing import Any
 
 from llmcompressor.core import active_session
@@ -12,11 +10,9 @@ from loguru import logger
 from torch import nn
 
 from .fast_forward import FastForward, LayerProgress
+from .pipeline_frames import SEQUENTIAL_PIPELINE, pipeline_frames
 
 __all__ = ["fast_forward_blocked", "pipeline_propagates", "start_fast_forward"]
-
-#: where llm-compressor's sequential pipeline lives (its ``__call__`` holds ``dataset_args``)
-SEQUENTIAL_PIPELINE = "llmcompressor/pipelines/sequential/"
 
 
 def fast_forward_blocked(model: nn.Module, names: list[str], others: int, world: int,
@@ -55,14 +51,10 @@ def pipeline_propagates() -> bool | None:
     that call's frame (``SequentialPipeline.__call__``, in ``pipelines/sequential``); ``None``
     when no such frame is found, e.g. under another pipeline (fast-forwarding is then off).
     """
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        code, path = frame.f_code, frame.f_code.co_filename.replace("\\", "/")
-        if code.co_name == "__call__" and SEQUENTIAL_PIPELINE in path:
-            arguments = frame.f_locals.get("dataset_args")
-            if hasattr(arguments, "propagate_error"):
-                return bool(getattr(arguments, "propagate_error"))  # noqa: B009
-        frame = frame.f_back
+    for frame in pipeline_frames(SEQUENTIAL_PIPELINE):
+        arguments = frame.f_locals.get("dataset_args")
+        if hasattr(arguments, "propagate_error"):
+            return bool(getattr(arguments, "propagate_error"))  # noqa: B009
     return None
 
 

@@ -19,10 +19,8 @@ counted: the model and the pipeline's cached activations.
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from types import FrameType
 from typing import Any
 
 import torch
@@ -33,6 +31,7 @@ from armor_modifier.core import SolverSettings
 from armor_modifier.core.errors import ARMORMemoryError
 
 from .collectives import rank_and_world
+from .pipeline_frames import BASIC_PIPELINE, pipeline_frames
 
 __all__ = [
     "MemoryNeed",
@@ -51,8 +50,6 @@ SOLVE_MN_VALUES, SOLVE_NN_VALUES = 34, 3
 #: bytes one solve holds whatever its shape (the first use of the math libraries' workspaces)
 SOLVE_FIXED_BYTES = 256 * 2**20
 _LAYER = re.compile(r"^(.*?\.\d+)\.")
-#: where llm-compressor's basic pipeline lives (its ``__call__`` runs the calibration)
-BASIC_PIPELINE = "llmcompressor/pipelines/basic/"
 #: the unit that holds every target's statistics at once
 EVERY_TARGET = "every target"
 GIB = 2**30
@@ -160,13 +157,7 @@ def memory_needs(
 def basic_pipeline_running() -> bool:
     """Whether llm-compressor's basic pipeline is calibrating (its ``__call__`` is on the stack):
     it runs every calibration batch through the whole model, then compresses every layer."""
-    frame: FrameType | None = sys._getframe(1)
-    while frame is not None:
-        code = frame.f_code
-        if code.co_name == "__call__" and BASIC_PIPELINE in code.co_filename.replace("\\", "/"):
-            return True
-        frame = frame.f_back
-    return False
+    return next(pipeline_frames(BASIC_PIPELINE), None) is not None
 
 
 def available_bytes(device: torch.device) -> int | None:
