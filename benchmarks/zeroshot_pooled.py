@@ -14,8 +14,9 @@ results tables' "w/o BoolQ" columns do), and resamples the examples to say how s
 is: each resample draws, task by task, as many examples as the task has, with replacement, the
 same draw for every file (the comparison stays paired), and recomputes the share. The interval is
 the resamples' 5th to 95th percentile; "resamples at or above the target" is the share of
-resamples whose share reaches ``--target``. The resampling covers the examples' noise only: the
-seeds' spread shows in the per-seed shares printed beside.
+resamples whose share reaches ``--target`` (resamples in which SparseGPT loses nothing have no
+share and are left out; ``resamples_without_drop`` counts them). The resampling covers the
+examples' noise only: the seeds' spread shows in the per-seed shares printed beside.
 
 Usage::
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 from pathlib import Path
 
@@ -103,7 +105,13 @@ def summarise(
     """Per-seed and pooled shares, the pooled share's 90 % bootstrap interval, and the share of
     resamples at or above ``target``."""
     every = {task: sorted(dense[task]) for task in dense}
-    shares = [s for s in bootstrap(dense, seeds, resamples, rng_seed) if s == s]
+    drawn = bootstrap(dense, seeds, resamples, rng_seed)
+    shares = [s for s in drawn if not math.isnan(s)]
+    if math.isnan(pooled_share(dense, seeds, every)) or not shares:
+        raise SystemExit(
+            "SparseGPT's pooled accuracy is not below dense's on these examples: there is no "
+            "drop to recover a share of (evaluate more examples, or report the paired difference)"
+        )
     return {
         "tasks": sorted(dense),
         "examples": sum(len(v) for v in every.values()),
@@ -113,6 +121,7 @@ def summarise(
         "target": target,
         "resamples_at_or_above_target": round(sum(s >= target for s in shares) / len(shares), 4),
         "resamples": resamples,
+        "resamples_without_drop": len(drawn) - len(shares),
     }
 
 

@@ -72,6 +72,11 @@ def test_interval_holds_the_pooled_share_and_is_reproducible(pooled):
     assert first["per_seed"] == [0.5, 0.2]
 
 
+def test_no_drop_at_all_is_refused_by_name(pooled):
+    with pytest.raises(SystemExit, match="no drop to recover"):
+        pooled.summarise(DENSE, [(DENSE, METHOD0)], resamples=20, target=0.5)
+
+
 def test_percentile_against_sorted_values(pooled):
     assert pooled.percentile([3.0, 1.0, 2.0, 4.0, 5.0], 0.5) == 3.0
     assert pooled.percentile([1.0, 2.0], 0.25) == pytest.approx(1.25)
