@@ -73,12 +73,17 @@ def check_same_examples(dense: Scores, files: list[Scores], names: list[str]) ->
             )
 
 
+def every_example(dense: Scores) -> dict[str, list[str]]:
+    """The draw that takes each of every task's examples once (task -> sorted example ids)."""
+    return {task: sorted(dense[task]) for task in dense}
+
+
 def bootstrap(
     dense: Scores, seeds: list[tuple[Scores, Scores]], resamples: int, rng_seed: int = 0
 ) -> list[float]:
     """``resamples`` pooled shares, each on one paired resample of every task's examples."""
     rng = random.Random(rng_seed)
-    ids = {task: sorted(dense[task]) for task in dense}
+    ids = every_example(dense)
     shares = []
     for _ in range(resamples):
         draw = {task: rng.choices(keys, k=len(keys)) for task, keys in ids.items()}
@@ -104,10 +109,11 @@ def summarise(
 ) -> dict:
     """Per-seed and pooled shares, the pooled share's 90 % bootstrap interval, and the share of
     resamples at or above ``target``."""
-    every = {task: sorted(dense[task]) for task in dense}
-    drawn = bootstrap(dense, seeds, resamples, rng_seed)
+    every = every_example(dense)
+    share = pooled_share(dense, seeds, every)
+    drawn = [] if math.isnan(share) else bootstrap(dense, seeds, resamples, rng_seed)
     shares = [s for s in drawn if not math.isnan(s)]
-    if math.isnan(pooled_share(dense, seeds, every)) or not shares:
+    if not shares:
         raise SystemExit(
             "SparseGPT's pooled accuracy is not below dense's on these examples: there is no "
             "drop to recover a share of (evaluate more examples, or report the paired difference)"
@@ -116,7 +122,7 @@ def summarise(
         "tasks": sorted(dense),
         "examples": sum(len(v) for v in every.values()),
         "per_seed": [round(pooled_share(dense, [pair], every), 4) for pair in seeds],
-        "pooled": round(pooled_share(dense, seeds, every), 4),
+        "pooled": round(share, 4),
         "interval_90": [round(percentile(shares, 0.05), 4), round(percentile(shares, 0.95), 4)],
         "target": target,
         "resamples_at_or_above_target": round(sum(s >= target for s in shares) / len(shares), 4),
