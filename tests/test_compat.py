@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import armor_modifier  # noqa: F401  (registers the armor-ct loader)
+from armor_modifier.core.precision import native_bfloat16
 
 DATA = Path(__file__).parent / "data" / "pre_redesign"
 
@@ -23,5 +24,13 @@ def test_pre_redesign_checkpoint_loads_to_the_same_logits(name):
     with torch.no_grad():
         got = model(saved["ids"]).logits.float()
     assert model.config.quantization_config.armor_block.format_version == 1
-    # Same tensors, same ops in the same order: bit-identical (observed max |diff| 0.0).
-    assert torch.equal(got, saved["logits"]), (got - saved["logits"]).abs().max()
+    difference = (got - saved["logits"]).abs().max()
+    if name == "w8a8" or native_bfloat16(torch.device("cpu")):
+        # Same tensors, same ops in the same order, on a CPU that multiplies bfloat16 natively
+        # like the one that saved them: bit-identical (observed max |diff| 0.0 on Intel AMX and
+        # AMD AVX-512 BF16 machines).
+        assert torch.equal(got, saved["logits"]), difference
+    else:
+        # Without AVX-512 BF16 / AMX torch takes another bfloat16 kernel, which rounds
+        # differently: observed max |diff| 5e-4 on an AVX2-only AMD EPYC, logits of size ~0.3.
+        assert difference <= 2e-3, difference
