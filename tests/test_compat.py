@@ -31,6 +31,8 @@ def test_pre_redesign_checkpoint_loads_to_the_same_logits(name):
         # AMD AVX-512 BF16 machines).
         assert torch.equal(got, saved["logits"]), difference
     else:
-        # Without AVX-512 BF16 / AMX torch takes another bfloat16 kernel, which rounds
-        # differently: observed max |diff| 5e-4 on an AVX2-only AMD EPYC, logits of size ~0.3.
-        assert difference <= 2e-3, difference
+        # Without AVX-512 BF16 / AMX torch takes another bfloat16 kernel, which rounds a few
+        # logits differently: observed on an AVX2-only AMD EPYC max |diff| 4.9e-4 (logits up to
+        # 0.6) and mean |diff| 1.9e-7; one output wrapper loaded as the identity gives mean 4.1e-3
+        mean = (got - saved["logits"]).abs().mean()
+        assert difference <= 2e-3 and mean <= 1e-5, (difference, mean)
