@@ -297,6 +297,29 @@ def test_prune_with_mask_preserving_gptq(tiny_folder, text_file, tmp_path, capsy
     assert weights["actorder"] is None
 
 
+def test_gptq_reconstruction_without_gptq_is_refused(tiny_folder, tmp_path, capsys):
+    code = main(["prune", str(tiny_folder), "--quantize", "w4a16", "--gptq-reconstruction-steps",
+                 "3", "--output", str(tmp_path / "out")])  # fmt: skip
+    assert code == 2
+    assert (
+        "gptq_reconstruction_steps=3 fits the cores GPTQ quantized, but quantize='w4a16': choose "
+        "w4a16-gptq or w8a8-gptq"
+    ) in _error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.integration
+def test_prune_with_reconstruction_after_gptq(tiny_folder, text_file, tmp_path, capsys):
+    out = tmp_path / "armor"
+    code = main(["prune", str(tiny_folder), "--dataset", str(text_file), "--num-samples", "8",
+                 "--seq-len", str(SEQ_LEN), "--wrapper-block-size", "16", "--num-iterations", "1",
+                 "--reconstruction-steps", "0", "--quantize", "w4a16-gptq",
+                 "--gptq-reconstruction-steps", "2", "--output", str(out)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    recipe = (out / "recipe.yaml").read_text()
+    assert "ARMORGPTQModifier" in recipe and "reconstruction_steps: 2" in recipe, recipe
+
+
 def test_prune_with_propagation_and_reconstruction(tiny_folder, text_file, tmp_path, capsys):
     out = tmp_path / "armor"
     code = main(["prune", str(tiny_folder), "--dataset", str(text_file), "--num-samples", "8",

@@ -64,6 +64,8 @@ REFINED = {
 
 #: the run with ``ARMORGPTQModifier`` after ARMOR (sequential calibration)
 GPTQ = "sequential-gptq"
+#: its reconstruction steps after GPTQ (on the gathered 8 windows)
+GPTQ_REC_STEPS = 10
 
 
 #: the other architectures' refinement, in block units (attention, then MLP; the gathered
@@ -141,13 +143,14 @@ def compress(
 
 
 def compress_gptq(folder: Path, dataset) -> dict:
-    """ARMOR, then ``ARMORGPTQModifier`` (W4A16, wrappers refitted) on this process's data: the
-    quantized cores, their scales, the refitted wrappers, logits, and the modules this process
-    recorded quantizing in the last subgraph (the owners its refitted wrappers were broadcast
-    from)."""
+    """ARMOR, then ``ARMORGPTQModifier`` (W4A16, wrappers refitted, reconstruction after it) on
+    this process's data: the quantized cores, their scales, the refitted wrappers, logits, the
+    modules this process recorded quantizing in the last subgraph (the owners its refitted
+    wrappers were broadcast from) and the reconstruction's step kept per layer."""
     from armor_modifier.modifier import ARMORGPTQModifier
 
-    gptq = ARMORGPTQModifier(config_groups=w4a16_groups(32), ignore=["re:.*lm_head"])
+    gptq = ARMORGPTQModifier(config_groups=w4a16_groups(32), ignore=["re:.*lm_head"],
+                             reconstruction_steps=GPTQ_REC_STEPS)  # fmt: skip
     model = run_oneshot(folder, [armor_recipe("sequential"), gptq], dataset=dataset)
     modules = dict(model.named_modules())
     with torch.no_grad():
@@ -160,6 +163,7 @@ def compress_gptq(folder: Path, dataset) -> dict:
             for name in target_names()
         },
         "quantized": list(gptq._quantized_here),
+        "reconstructions": [(r.layer, r.result.best_step) for r in gptq.reconstructions],
     }
 
 
@@ -389,10 +393,13 @@ def test_two_ranks_match_one_process(two_ranks, tiny_llama_folder, calibration):
 def test_two_ranks_quantize_their_shares_into_one_model(two_ranks):
     """``ARMORGPTQModifier`` after ARMOR: in each subgraph each rank quantizes its share of the
     Linears and records them; the wrappers each rank refitted are broadcast from that recorded
-    owner, and both ranks end with the same quantized model, bit for bit. (Not the single
-    process's: llm-compressor sums GPTQ's Hessians in float32, so the two-rank sums round
-    differently.)"""
+    owner, and both ranks end with the same quantized model, bit for bit, also after the
+    reconstruction after GPTQ (both ranks fit on the gathered windows, rank 0's result
+    broadcast). (Not the single process's: llm-compressor sums GPTQ's Hessians in float32, so
+    the two-rank sums round differently.)"""
     ranks = two_ranks[GPTQ]
+    assert ranks[0]["reconstructions"] == ranks[1]["reconstructions"]
+    assert len(ranks[0]["reconstructions"]) == LAYERS
     mine = [set(rank["quantized"]) for rank in ranks]
     assert mine[0] and mine[1] and not mine[0] & mine[1]
     last_layer = {f"model.layers.{LAYERS - 1}.{suffix}" for suffix in LINEAR_SUFFIXES}

@@ -1,7 +1,8 @@
 """ARMORGPTQModifier through llm-compressor's ``oneshot`` on the tiny Llama: 2:4 + W4A16 / W8A8
-GPTQ that keeps every pruned zero, the wrapper refit after it, saved as armor-ct and reloaded in
-a fresh interpreter, and every refusal (plain GPTQ after ARMOR, a group size that does not divide,
-actorder 'group', FP8, negative refit passes)."""
+GPTQ that keeps every pruned zero, the wrapper refit after it, the reconstruction after it (codes
+and masks kept, scales and wrappers moved), saved as armor-ct and reloaded in a fresh
+interpreter, and every refusal (plain GPTQ after ARMOR, a group size that does not divide,
+actorder 'group', FP8, negative refit passes, bad reconstruction settings)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ from tiny_llama import armor, calibration_dataset, run_oneshot, sample_input, w4
 pytestmark = pytest.mark.integration
 
 IGNORE = ["re:.*lm_head"]
+#: reconstruction steps after GPTQ in the ``runs`` fixture (at the default learning rate layer 0
+#: keeps step 20 of 40, 3.3 % lower guard error; layer 1 keeps its start)
+REC_STEPS = 40
 
 
 def sparse_recipe() -> list:
@@ -36,7 +40,8 @@ def _mse(model, reference_logits: torch.Tensor) -> float:
 @pytest.fixture(scope="module")
 def runs(tiny_llama_folder, tmp_path_factory) -> dict:
     """The sparse-only ARMOR model, + W4A16 RTN, + W4A16 mask-preserving GPTQ (saved; also with
-    fixed grids, in activation order, without the wrapper refit), + W8A8 GPTQ (saved):
+    fixed grids, in activation order, without the wrapper refit, with the reconstruction after
+    it (saved, its modifier as ``"gptq_w4a16_rec_modifier"``)), + W8A8 GPTQ (saved):
     ``{case: (model, folder or None)}``."""
     root = tmp_path_factory.mktemp("gptq")
     out = {"sparse": (run_oneshot(tiny_llama_folder, sparse_recipe()), None)}
@@ -48,9 +53,13 @@ def runs(tiny_llama_folder, tmp_path_factory) -> dict:
     out["gptq_w4a16_no_refit"] = (run_oneshot(tiny_llama_folder, [*sparse_recipe(), kept]), None)
     ordered = ARMORGPTQModifier(config_groups=w4a16_groups(32), ignore=IGNORE, actorder="weight")
     out["gptq_w4a16_act"] = (run_oneshot(tiny_llama_folder, [*sparse_recipe(), ordered]), None)
+    rec = ARMORGPTQModifier(config_groups=w4a16_groups(32), ignore=IGNORE,
+                            reconstruction_steps=REC_STEPS)  # fmt: skip
+    out["gptq_w4a16_rec_modifier"] = (rec, None)
     for case, gptq in {
         "gptq_w4a16": ARMORGPTQModifier(config_groups=w4a16_groups(32), ignore=IGNORE),
         "gptq_w8a8": ARMORGPTQModifier(scheme="W8A8", targets=["Linear"], ignore=IGNORE),
+        "gptq_w4a16_rec": rec,
     }.items():
         folder = root / case
         model = run_oneshot(tiny_llama_folder, [*sparse_recipe(), gptq], output_dir=str(folder))
@@ -62,7 +71,7 @@ def runs(tiny_llama_folder, tmp_path_factory) -> dict:
 
 def test_every_core_keeps_its_2of4_mask(runs):
     sparse = armor_linears(runs["sparse"][0])
-    for case in ("gptq_w4a16", "gptq_w4a16_act", "gptq_w8a8"):
+    for case in ("gptq_w4a16", "gptq_w4a16_act", "gptq_w8a8", "gptq_w4a16_rec"):
         quantized = armor_linears(runs[case][0])
         assert quantized.keys() == sparse.keys()
         for name, linear in quantized.items():
@@ -141,7 +150,12 @@ def test_group_scales_are_fitted_when_gptq_reaches_the_group(runs):
 
 
 @pytest.mark.parametrize(
-    ("case", "fmt"), [("gptq_w4a16", "pack-quantized"), ("gptq_w8a8", "int-quantized")]
+    ("case", "fmt"),
+    [
+        ("gptq_w4a16", "pack-quantized"),
+        ("gptq_w8a8", "int-quantized"),
+        ("gptq_w4a16_rec", "pack-quantized"),
+    ],
 )
 def test_saved_armor_ct_reloads_identically_in_a_fresh_interpreter(runs, case, fmt, tmp_path):
     model, folder = runs[case]
@@ -161,6 +175,55 @@ def test_saved_armor_ct_reloads_identically_in_a_fresh_interpreter(runs, case, f
         "assert torch.equal(got, expected['logits']), (got - expected['logits']).abs().max()\n",
         tmp_path,
     )
+
+
+def _on_grid(linear) -> torch.Tensor:
+    """A W4A16 (groups of 32, symmetric) core in units of its scales: its codes, up to
+    rounding."""
+    return linear.weight.detach() / linear.weight_scale.detach().repeat_interleave(32, dim=1)
+
+
+def test_reconstruction_after_gptq_moves_scales_and_wrappers_and_keeps_every_code(runs):
+    """Layer 0 sees the same inputs with and without the reconstruction after GPTQ, so GPTQ gave
+    it the same codes in both runs; the fit moved its scales and wrappers (it kept a step there)
+    and no code. Every core stays on its grid (codes within float32 rounding of integers)."""
+    modifier = runs["gptq_w4a16_rec_modifier"][0]
+    kept = {r.layer: r.result for r in modifier.reconstructions}
+    assert kept["model.layers.0"].accepted
+    base = armor_linears(runs["gptq_w4a16"][0])
+    rec = armor_linears(runs["gptq_w4a16_rec"][0])
+    scales_moved = 0
+    for name, linear in rec.items():
+        codes = _on_grid(linear)
+        # observed: within 4.8e-7 of integers (float32 division)
+        assert float((codes - codes.round()).abs().max()) < 1e-4, name
+        if name.startswith("model.layers.0."):
+            assert torch.equal(codes.round(), _on_grid(base[name]).round()), name
+            assert not torch.equal(linear.armor_A, base[name].armor_A), name
+            scales_moved += int(not torch.equal(linear.weight_scale, base[name].weight_scale))
+    assert scales_moved == 7  # every Linear of layer 0 is ARMOR's and quantized
+
+
+def test_reconstruction_after_gptq_never_raises_a_guard_error(runs):
+    """The guarantee, per layer: the kept iterate's held-out error is at most the start's, and
+    strictly lower where a step was kept."""
+    results = [r.result for r in runs["gptq_w4a16_rec_modifier"][0].reconstructions]
+    assert len(results) == 2
+    for result in results:
+        assert result.final_error <= result.initial_error
+        assert result.accepted == (result.final_error < result.initial_error)
+        assert result.steps_run == REC_STEPS
+
+
+def test_bad_reconstruction_settings_are_refused_before_work(tiny_llama_folder):
+    with pytest.raises(ValueError, match="reconstruction_steps must be an integer >= 0, got -1"):
+        ARMORGPTQModifier(scheme="W8A8", targets=["Linear"], reconstruction_steps=-1)
+    with pytest.raises(ValueError, match="reconstruction_learning_rate must be a finite number"):
+        ARMORGPTQModifier(scheme="W8A8", targets=["Linear"], reconstruction_learning_rate=0.0)
+    gptq = ARMORGPTQModifier(scheme="W8A8", targets=["Linear"], ignore=IGNORE,
+                             reconstruction_steps=5)  # fmt: skip
+    with pytest.raises(ARMORValueError, match="pass at least 8 calibration samples"):
+        run_oneshot(tiny_llama_folder, [*sparse_recipe(), gptq], dataset=calibration_dataset(4))
 
 
 def test_plain_gptq_after_armor_is_refused_naming_the_class_that_works(tiny_llama_folder):

@@ -107,6 +107,12 @@ def add_prune_arguments(p: argparse.ArgumentParser) -> None:
         "mask-preserving GPTQ (ARMORGPTQModifier; the wrappers are then refitted to the "
         "quantized cores)",
     )
+    algo.add_argument(
+        "--gptq-reconstruction-steps", type=int, default=0, metavar="N",
+        help="with --quantize *-gptq: Adam steps per decoder layer after its cores are "
+        "quantized, fitting the wrappers and scales to the layer's unquantized output (codes "
+        "and masks stay; the best held-out iterate is kept); 0 (default): off",
+    )  # fmt: skip
     add_distillation_arguments(
         p.add_argument_group(
             "model-level distillation (after quantization, from --quantize or the recipe, it "
@@ -162,6 +168,8 @@ def prune_fields(args: argparse.Namespace) -> dict[str, Any]:
         ignored = [_option_name(n) for n in given]
         if args.quantize != "none":
             ignored.append("--quantize")
+        if args.gptq_reconstruction_steps:
+            ignored.append("--gptq-reconstruction-steps")
         if ignored:
             raise ARMORValueError(
                 f"--recipe sets every ARMOR and quantization option itself; drop {ignored} or "
@@ -205,6 +213,7 @@ def run_prune(args: argparse.Namespace) -> None:
         seed=args.seed,
         recipe=args.recipe,
         quantize=args.quantize,
+        gptq_reconstruction_steps=args.gptq_reconstruction_steps,
         overwrite=args.overwrite,
         distillation=distillation,
         **fields,

@@ -102,6 +102,7 @@ def armor_recipe(
     quantize: str = "none",
     settings: SolverSettings | None = None,
     reconstruction: ReconstructionSettings | None = None,
+    gptq_reconstruction_steps: int = 0,
     **fields: Any,
 ) -> list[Any]:
     """``[ARMORModifier]`` (+ a quantization modifier) for every Linear but ``lm_head``.
@@ -110,6 +111,8 @@ def armor_recipe(
     :param quantize: one of :data:`QUANT_SCHEMES`.
     :param settings: solver settings (their fields; ``fields`` override single ones).
     :param reconstruction: decoder-layer settings (likewise).
+    :param gptq_reconstruction_steps: ``ARMORGPTQModifier.reconstruction_steps`` (a ``*-gptq``
+        ``quantize`` only): Adam steps per decoder layer after its cores are quantized.
     :param fields: ``ARMORModifier`` fields (``calibration``, ``progress_dir`` and any setting of
         ``docs/settings.md``).
     :raises ARMORValueError: an unknown field or quantization, or a value its setting refuses.
@@ -133,8 +136,16 @@ def armor_recipe(
     ReconstructionSettings.from_fields(chosen)
     recipe: list[Any] = [ARMORModifier(targets=["Linear"], ignore=[LM_HEAD], **chosen)]
     scheme = QUANT_SCHEMES[quantize]
+    if gptq_reconstruction_steps < 0:
+        raise ARMORValueError(f"gptq_reconstruction_steps={gptq_reconstruction_steps}: give 0 "
+                              "(off) or more Adam steps per decoder layer")  # fmt: skip
+    if gptq_reconstruction_steps and not quantize.endswith("-gptq"):
+        raise ARMORValueError(
+            f"gptq_reconstruction_steps={gptq_reconstruction_steps} fits the cores GPTQ "
+            f"quantized, but quantize={quantize!r}: choose w4a16-gptq or w8a8-gptq, or leave it 0"
+        )
     if scheme is not None and quantize.endswith("-gptq"):
-        recipe.append(gptq_modifier(scheme))
+        recipe.append(gptq_modifier(scheme, gptq_reconstruction_steps))
     elif scheme is not None:
         from llmcompressor.modifiers.quantization import QuantizationModifier
 
@@ -146,9 +157,10 @@ def armor_recipe(
 SOLVER_FIELDS = frozenset(f.name for f in dataclass_fields(SolverSettings))
 
 
-def gptq_modifier(preset: str) -> Any:
+def gptq_modifier(preset: str, reconstruction_steps: int = 0) -> Any:
     """``ARMORGPTQModifier`` for the ``*-gptq`` presets (W4A16 in groups of
-    :data:`GPTQ_GROUP_SIZE`, W8A8 per channel), every Linear but ``lm_head``."""
+    :data:`GPTQ_GROUP_SIZE`, W8A8 per channel), every Linear but ``lm_head``, with
+    ``reconstruction_steps`` of reconstruction after GPTQ."""
     from compressed_tensors.quantization import preset_name_to_scheme
 
     from .modifier import ARMORGPTQModifier
@@ -156,7 +168,8 @@ def gptq_modifier(preset: str) -> Any:
     scheme = preset_name_to_scheme(preset, ["Linear"])
     if preset == "W4A16" and scheme.weights is not None:
         scheme.weights.group_size = GPTQ_GROUP_SIZE
-    return ARMORGPTQModifier(config_groups={"group_0": scheme.model_dump()}, ignore=[LM_HEAD])
+    return ARMORGPTQModifier(config_groups={"group_0": scheme.model_dump()}, ignore=[LM_HEAD],
+                             reconstruction_steps=reconstruction_steps)  # fmt: skip
 
 
 def check_recipe_file(path: str | os.PathLike) -> str:
@@ -266,6 +279,7 @@ def prune(
     settings: SolverSettings | None = None,
     reconstruction: ReconstructionSettings | None = None,
     distillation: DistillationSettings | None = None,
+    gptq_reconstruction_steps: int = 0,
     **fields: Any,
 ) -> PruneResult:
     """Prune ``model`` with ARMOR 2:4 through ``oneshot`` and (with ``output``) save armor-ct.
@@ -293,6 +307,7 @@ def prune(
     :param distillation: model-level distillation after ``oneshot`` (off unless its ``steps``
         are positive; when ``quantize`` or the recipe quantizes, it runs after the quantization
         and moves ``'wrappers'`` or ``'wrappers+scales'``).
+    :param gptq_reconstruction_steps: as in :func:`armor_recipe`.
     :return: the model, tokenizer, output folder, ``oneshot`` time, the modifiers and the
         distillation's result.
     :raises ARMORValueError: bad settings, recipe, sizes or output folder, before any work.
@@ -305,9 +320,12 @@ def prune(
     progress = fields.get("progress_dir")
     target = check_output_folder(output, overwrite, progress) if output is not None else None
     if recipe is not None:
-        given = sorted(fields) + [
-            n for n, v in (("settings", settings), ("reconstruction", reconstruction)) if v
-        ] + (["quantize"] if quantize != "none" else [])
+        given = (
+            sorted(fields)
+            + [n for n, v in (("settings", settings), ("reconstruction", reconstruction)) if v]
+            + (["quantize"] if quantize != "none" else [])
+            + (["gptq_reconstruction_steps"] if gptq_reconstruction_steps else [])
+        )
         if given:
             raise ARMORValueError(
                 f"recipe sets every ARMOR and quantization setting itself; drop {given} or "
@@ -317,7 +335,7 @@ def prune(
     else:
         modifiers = armor_recipe(
             seed=seed, quantize=quantize, settings=settings, reconstruction=reconstruction,
-            **fields,
+            gptq_reconstruction_steps=gptq_reconstruction_steps, **fields,
         )  # fmt: skip
     if distilling and distillation is not None:
         quantizes = (recipe_quantizes(modifiers) if recipe is not None

@@ -26,13 +26,13 @@ from compressed_tensors.offload.dist_utils import is_distributed
 from compressed_tensors.quantization import QuantizationStrategy, QuantizationType
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 from compressed_tensors.utils import getattr_chain, match_named_modules, update_offload_parameter
-from llmcompressor.core import State
+from llmcompressor.core import Event, State
 from llmcompressor.modifiers.gptq import GPTQModifier
 from llmcompressor.modifiers.gptq.helpers import update_batch_qparams
 from llmcompressor.modifiers.quantization.quantization.mixin import QuantizationMixin
 from llmcompressor.utils.dist import broadcast_qparams_and_cleanup
 from loguru import logger
-from pydantic import PrivateAttr, field_validator
+from pydantic import PrivateAttr, field_validator, model_validator
 from torch import nn
 
 from armor_modifier.core import wrapper_refit
@@ -42,9 +42,13 @@ from armor_modifier.core.errors import (
     HessianNotPositiveDefinite,
 )
 from armor_modifier.core.gptq import masked_gptq
+from armor_modifier.core.reconstruct import ReconstructionSettings
 from armor_modifier.runtime import ARMOR_A, ARMOR_B, is_armor_linear
 
+from .checks import check_guard_windows
 from .collectives import gather_owners
+from .gptq_reconstruction import QuantizedReconstruction, replayable_targets
+from .reconstruction import LayerReconstruction, summarize_reconstructions
 
 __all__ = ["ARMORGPTQModifier", "ColumnGrid"]
 
@@ -100,8 +104,19 @@ class ARMORGPTQModifier(GPTQModifier):
     #: the calibration inputs does not rise); 0 leaves the wrappers as ``ARMORModifier`` made
     #: them. Other Linears have no wrappers and ignore it
     refit_wrappers: int = DEFAULT_REFIT_PASSES
+    #: Adam steps per decoder layer after its cores are quantized (and refitted), fitting its
+    #: ARMOR Linears' wrappers and, with ``reconstruction_scales``, the quantization scales to
+    #: the layer's output before quantization; integer codes and masks stay, the best iterate on
+    #: held-out windows is kept (docs/algorithm.md, "Reconstruction after GPTQ"; measured:
+    #: docs/results.md#gptq_reconstruction). 0: off
+    reconstruction_steps: int = 0
+    #: Adam learning rate of that fit
+    reconstruction_learning_rate: float = 1e-4
+    #: whether the scales move with the wrappers in that fit (else the wrappers alone)
+    reconstruction_scales: bool = True
     #: names of the modules this process quantized in the current ``compress_modules``
     _quantized_here: list[str] = PrivateAttr(default_factory=list)
+    _layer_fit: QuantizedReconstruction | None = PrivateAttr(default=None)
 
     @field_validator("refit_wrappers")
     @classmethod
@@ -111,6 +126,23 @@ class ARMORGPTQModifier(GPTQModifier):
                 f"refit_wrappers={value}: give the number of refit passes, 0 (off) or more"
             )
         return value
+
+    @model_validator(mode="after")
+    def _check_reconstruction(self) -> ARMORGPTQModifier:
+        self.reconstruction_settings  # noqa: B018  (checks the fields on creation)
+        return self
+
+    @property
+    def reconstruction_settings(self) -> ReconstructionSettings:
+        """The reconstruction-after-GPTQ fields as checked settings (the rest at their
+        defaults: 2 windows a step, 1/8 of the windows held out, 'auto' precision)."""
+        return ReconstructionSettings(steps=self.reconstruction_steps, parameters="wrappers",
+                                      learning_rate=self.reconstruction_learning_rate)  # fmt: skip
+
+    @property
+    def reconstructions(self) -> list[LayerReconstruction]:
+        """Per decoder layer, what the reconstruction after GPTQ did; kept after ``oneshot``."""
+        return list(self._layer_fit.reconstructions) if self._layer_fit else []
 
     @field_validator("actorder", mode="before")
     @classmethod
@@ -135,7 +167,35 @@ class ARMORGPTQModifier(GPTQModifier):
             for name, module in match_named_modules(state.model, targets, self.ignore):
                 if isinstance(module, nn.Linear):
                     check_gptq_scheme(name, module, scheme.weights)
+        check_guard_windows(self.reconstruction_settings, state.data.calib)
         return super().on_initialize(state, **kwargs)
+
+    def on_calibration_start(self, state: State, event: Event, **kwargs: Any) -> None:
+        """GPTQModifier's hooks, and with ``reconstruction_steps`` the decoder layers' capture."""
+        super().on_calibration_start(state, event, **kwargs)
+        self._layer_fit = None
+        if self.reconstruction_steps:
+            targets = replayable_targets(state.model, self._module_names)
+            self._layer_fit = QuantizedReconstruction(
+                state.model, targets, self.reconstruction_settings, self.register_hook,
+                self.reconstruction_scales,
+            )  # fmt: skip
+            self._layer_fit.register_hooks()
+
+    def on_sequential_epoch_end(
+        self, state: State, event: Event, modules: list[nn.Module], **kwargs: Any
+    ) -> None:
+        """GPTQModifier's quantization of the subgraph, then the reconstruction of its layers."""
+        super().on_sequential_epoch_end(state, event, modules, **kwargs)
+        if self._layer_fit is not None:
+            self._layer_fit.process_quantized(modules)
+
+    def on_calibration_end(self, state: State, event: Event, **kwargs: Any) -> None:
+        """GPTQModifier's end of calibration; the reconstruction's summary, its captures freed."""
+        super().on_calibration_end(state, event, **kwargs)
+        if self._layer_fit is not None:
+            self._layer_fit.release()
+            logger.info(summarize_reconstructions(self._layer_fit.reconstructions))
 
     def compress_modules(self) -> None:
         """GPTQModifier's (under torchrun each rank quantizes its share and the quantized

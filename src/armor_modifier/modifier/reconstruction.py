@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,34 +62,37 @@ class LayerReconstruction:
     :ivar layer: the layer's name, e.g. ``model.layers.3``
     :ivar result: guard errors before and after, the step kept, whether it rolled back
     :ivar num_windows: calibration windows (batches) fitted plus held out
+    :ivar what: the work's name in the log (the reconstruction after GPTQ has its own)
     """
 
     layer: str
     result: ReconstructionResult
     num_windows: int
+    what: str = "ARMOR reconstruction"
 
     def log_line(self) -> str:
         r = self.result
         if r.rolled_back:
-            what = f"non-finite at step {r.steps_run}: rolled back to the unrefined factors"
+            outcome = f"non-finite at step {r.steps_run}: rolled back to the unrefined factors"
         elif r.accepted:
-            what = f"kept step {r.best_step} ({r.gain:.1%} lower)"
+            outcome = f"kept step {r.best_step} ({r.gain:.1%} lower)"
         else:
-            what = "no step beat the start on the guard windows: unrefined factors kept"
+            outcome = "no step beat the start on the guard windows: unrefined factors kept"
         return (
-            f"ARMOR reconstruction {self.layer}: guard error {r.initial_error:.5f} -> "
-            f"{r.final_error:.5f}, {what}, {r.steps_run} steps on {self.num_windows} windows, "
+            f"{self.what} {self.layer}: guard error {r.initial_error:.5f} -> "
+            f"{r.final_error:.5f}, {outcome}, {r.steps_run} steps on {self.num_windows} windows, "
             f"{r.seconds:.1f} s" + (f", {r.precision} autocast" if r.precision != "float32" else "")
         )
 
 
 def summarize_reconstructions(layers: list[LayerReconstruction]) -> str:
     """One line: layers reconstructed, mean guard-error gain, rollbacks and time."""
+    what = layers[0].what if layers else "ARMOR reconstruction"
     if not layers:
-        return "ARMOR reconstruction: no layer reconstructed"
+        return f"{what}: no layer reconstructed"
     gains = [r.result.gain for r in layers]
     return (
-        f"ARMOR reconstruction: {len(layers)} layers, mean guard-error gain "
+        f"{what}: {len(layers)} layers, mean guard-error gain "
         f"{sum(gains) / len(gains):.1%} (best {max(gains):.1%}), "
         f"{sum(r.result.accepted for r in layers)} improved, "
         f"{sum(r.result.rolled_back for r in layers)} rolled back (non-finite), "
@@ -113,7 +116,14 @@ class Reconstruction:
     :param optional: a decoder layer that cannot be replayed turns the work off (a warning;
         every layer then compressed per Linear) instead of raising (an unset
         ``reconstruction_steps``, :mod:`.layer_defaults`).
+
+    What a fit moves, how the layer computes from it and how it is written back are
+    :meth:`_fit_parameters`, :meth:`_trainable` and :meth:`_write_back` (the reconstruction after
+    GPTQ, :mod:`.gptq_reconstruction`, moves scales instead of cores).
     """
+
+    #: the work's name in the log lines
+    what = "ARMOR reconstruction"
 
     def __init__(
         self,
@@ -272,14 +282,14 @@ class Reconstruction:
     ) -> None:
         """One unit: Adam on ``linears``' factors, ``run(i)`` against ``targets[i]`` relative to
         ``targets[i] - inputs[i]``; the kept iterate written back, the result recorded."""
-        params, masks, names = factor_parameters(linears, self.settings.parameters)
+        params, masks, names = self._fit_parameters(linears)
         settings = self.settings
         seeded = dataclasses.replace(settings, seed=derived_seed(settings.seed, name, 31))
         rank, _ = rank_and_world()
-        bar = tqdm(total=settings.fit_steps, desc=f"ARMOR reconstruction {name}", leave=False,
+        bar = tqdm(total=settings.fit_steps, desc=f"{self.what} {name}", leave=False,
                    disable=rank != 0)  # fmt: skip
         try:
-            with torch.enable_grad(), trainable_factors(linears, names, params):
+            with torch.enable_grad(), self._trainable(linears, names, params):
                 result = reconstruct_layer(run, inputs, targets, params, masks, seeded,
                                            progress=lambda step, loss: bar.update(1))  # fmt: skip
         finally:
@@ -290,12 +300,30 @@ class Reconstruction:
             # is made everyone's, so no rounding difference can split the ranks
             broadcast_tensors([p.contiguous() for p in params], src=0)
             result = all_gather_objects(result)[0]
-        done = LayerReconstruction(name, result, len(targets))
+        done = LayerReconstruction(name, result, len(targets), self.what)
         if result.accepted:
-            write_back_factors(linears, names, params)
+            self._write_back(linears, names, params)
         self.reconstructions.append(done)
         if rank == 0:
             logger.info(done.log_line())
+
+    def _fit_parameters(
+        self, linears: dict[str, nn.Linear]
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[tuple[str, nn.Linear, str]]]:
+        """What moves in ``linears`` (:func:`factor_parameters` of the settings' set)."""
+        return factor_parameters(linears, self.settings.parameters)
+
+    def _trainable(
+        self, linears: dict[str, nn.Linear], names: list, params: list[torch.Tensor]
+    ) -> AbstractContextManager[None]:
+        """Inside: ``linears`` compute from ``params`` (:func:`trainable_factors`)."""
+        return trainable_factors(linears, names, params)
+
+    def _write_back(
+        self, linears: dict[str, nn.Linear], names: list, params: list[torch.Tensor]
+    ) -> None:
+        """Give ``linears`` the kept iterate (:func:`write_back_factors`)."""
+        write_back_factors(linears, names, params)
 
 
 def factor_parameters(
