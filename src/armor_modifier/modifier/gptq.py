@@ -73,7 +73,9 @@ class ARMORGPTQModifier(GPTQModifier):
     descending Hessian diagonal during calibration only (the stored layout is unchanged and the
     mask, per entry, is kept); ``"group"`` (a stored column permutation) is refused. On ARMOR
     Linears the full-precision wrappers are then refitted to the quantized core
-    (``refit_wrappers``). Measured effect of each: ``docs/results.md`` (the GPTQ sections).
+    (``refit_wrappers``), and with ``reconstruction_steps`` each decoder layer's wrappers and
+    scales are fitted jointly to its unquantized output (:mod:`.gptq_reconstruction`). Measured
+    effect of each: ``docs/results.md`` (the GPTQ sections).
 
     Sample yaml (after ``import armor_modifier.modifier``)::
 
