@@ -197,7 +197,8 @@ class ARMORGPTQModifier(GPTQModifier):
         super().on_calibration_end(state, event, **kwargs)
         if self._layer_fit is not None:
             self._layer_fit.release()
-            logger.info(summarize_reconstructions(self._layer_fit.reconstructions))
+            fitted = self._layer_fit.reconstructions
+            logger.info(summarize_reconstructions(fitted, QuantizedReconstruction.what))
 
     def compress_modules(self) -> None:
         """GPTQModifier's (under torchrun each rank quantizes its share and the quantized

@@ -85,9 +85,10 @@ class LayerReconstruction:
         )
 
 
-def summarize_reconstructions(layers: list[LayerReconstruction]) -> str:
-    """One line: layers reconstructed, mean guard-error gain, rollbacks and time."""
-    what = layers[0].what if layers else "ARMOR reconstruction"
+def summarize_reconstructions(
+    layers: list[LayerReconstruction], what: str = "ARMOR reconstruction"
+) -> str:
+    """One line, headed ``what``: layers reconstructed, mean gain, rollbacks and time."""
     if not layers:
         return f"{what}: no layer reconstructed"
     gains = [r.result.gain for r in layers]
