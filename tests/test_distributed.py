@@ -150,7 +150,8 @@ def compress_gptq(folder: Path, dataset) -> dict:
     from armor_modifier.modifier import ARMORGPTQModifier
 
     gptq = ARMORGPTQModifier(config_groups=w4a16_groups(32), ignore=["re:.*lm_head"],
-                             reconstruction_steps=GPTQ_REC_STEPS)  # fmt: skip
+                             reconstruction_steps=GPTQ_REC_STEPS,
+                             reconstruction_precision="float32")  # fmt: skip
     model = run_oneshot(folder, [armor_recipe("sequential"), gptq], dataset=dataset)
     modules = dict(model.named_modules())
     with torch.no_grad():

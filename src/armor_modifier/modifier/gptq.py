@@ -19,7 +19,7 @@ and reloads bit for bit.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from compressed_tensors.offload.dist_utils import is_distributed
@@ -116,6 +116,9 @@ class ARMORGPTQModifier(GPTQModifier):
     reconstruction_learning_rate: float = 1e-4
     #: whether the scales move with the wrappers in that fit (else the wrappers alone)
     reconstruction_scales: bool = True
+    #: autocast dtype of that fit's steps ('auto': bfloat16 where the CPU or GPU multiplies it
+    #: natively, else float32; as ``ARMORModifier.reconstruction_precision``)
+    reconstruction_precision: Literal["auto", "float32", "bfloat16"] = "auto"
     #: names of the modules this process quantized in the current ``compress_modules``
     _quantized_here: list[str] = PrivateAttr(default_factory=list)
     _layer_fit: QuantizedReconstruction | None = PrivateAttr(default=None)
@@ -137,9 +140,10 @@ class ARMORGPTQModifier(GPTQModifier):
     @property
     def reconstruction_settings(self) -> ReconstructionSettings:
         """The reconstruction-after-GPTQ fields as checked settings (the rest at their
-        defaults: 2 windows a step, 1/8 of the windows held out, 'auto' precision)."""
+        defaults: 2 windows a step, 1/8 of the windows held out)."""
         return ReconstructionSettings(steps=self.reconstruction_steps, parameters="wrappers",
-                                      learning_rate=self.reconstruction_learning_rate)  # fmt: skip
+                                      learning_rate=self.reconstruction_learning_rate,
+                                      precision=self.reconstruction_precision)  # fmt: skip
 
     @property
     def reconstructions(self) -> list[LayerReconstruction]:
