@@ -35,9 +35,9 @@ from armor_modifier.runtime import armor_linears
 from .reconstruction import factor_parameters, trainable_factors, write_back_factors
 from .scales import (
     quantized_modules,
-    scale_parameters,
     trainable_scales,
     weight_quantized,
+    with_scale_ratios,
     write_back_scales,
 )
 
@@ -137,8 +137,7 @@ def distill_model(
         linears, "wrappers" if moving_scales else settings.parameters
     )
     if moving_scales:
-        scale_params, scale_masks, scale_names = scale_parameters(linears)
-        params, masks, names = params + scale_params, masks + scale_masks, names + scale_names
+        params, masks, names = with_scale_ratios(linears, (params, masks, names))
     low_precision = settings.precision == "bfloat16"
     device = next(model.parameters()).device.type
 

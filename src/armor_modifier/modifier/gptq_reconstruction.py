@@ -35,7 +35,7 @@ from .reconstruction import (
     trainable_factors,
     write_back_factors,
 )
-from .scales import scale_parameters, trainable_scales, weight_quantized, write_back_scales
+from .scales import trainable_scales, weight_quantized, with_scale_ratios, write_back_scales
 
 __all__ = ["QuantizedReconstruction", "replayable_targets"]
 
@@ -74,22 +74,18 @@ class QuantizedReconstruction(Reconstruction):
         super().__init__(model, targets, settings, _quantized_already, _no_statistics,
                          register_hook)  # fmt: skip
         self.scales = scales
-        self._targets_here = set(targets.values())
 
     def process_quantized(self, modules: list[nn.Module]) -> None:
         """Fit every decoder layer holding one of ``modules`` (a subgraph's, already quantized);
         free their captures."""
-        self.process([m for m in modules if isinstance(m, nn.Linear) and m in self._targets_here])
+        self.process([m for m in modules if isinstance(m, nn.Linear) and m in self._owner])
 
     def _fit_parameters(
         self, linears: dict[str, nn.Linear]
     ) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[tuple[str, nn.Linear, str]]]:
         """The wrappers of ``linears`` and, with ``scales``, a ratio of ones per quantized core."""
-        params, masks, names = factor_parameters(linears, "wrappers")
-        if self.scales:
-            more, more_masks, more_names = scale_parameters(linears)
-            params, masks, names = params + more, masks + more_masks, names + more_names
-        return params, masks, names
+        wrappers = factor_parameters(linears, "wrappers")
+        return with_scale_ratios(linears, wrappers) if self.scales else wrappers
 
     def _trainable(
         self, linears: dict[str, nn.Linear], names: list, params: list[torch.Tensor]

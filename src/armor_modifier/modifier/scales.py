@@ -35,6 +35,7 @@ __all__ = [
     "scale_parameters",
     "trainable_scales",
     "weight_quantized",
+    "with_scale_ratios",
     "write_back_scales",
 ]
 
@@ -165,6 +166,17 @@ def scale_parameters(linears: dict[str, nn.Linear]) -> tuple[list[torch.Tensor],
         params.append(torch.ones_like(_scale(module), dtype=torch.float32))
         names.append((key, module, SCALE))
     return params, [None] * len(params), names
+
+
+def with_scale_ratios(
+    linears: dict[str, nn.Linear], moving: tuple[list[torch.Tensor], list, _Names]
+) -> tuple[list[torch.Tensor], list, _Names]:
+    """``moving`` (``(params, masks, names)`` of the other tensors that move, e.g. the wrappers
+    from :func:`~.reconstruction.factor_parameters`), then :func:`scale_parameters` of
+    ``linears``."""
+    params, masks, names = moving
+    ratios, ratio_masks, ratio_names = scale_parameters(linears)
+    return params + ratios, masks + ratio_masks, names + ratio_names
 
 
 def _straight_through(
